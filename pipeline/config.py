@@ -1,0 +1,348 @@
+"""Typed pipeline configuration.
+
+A config is YAML validated by pydantic models, one model per section (``data``, ``augment``,
+``model``, ``pretrain``, ``finetune``, ``distill``, ``evaluate``, ``tune``, ``resources``,
+``storage``, ``tracking``).  Every problem — an unknown key, a wrong type, a bad value — becomes a
+:class:`ConfigError` whose message is one line naming the dotted field, e.g.::
+
+    config error: pretrain.temperature: must be > 0 (got 0.0)
+
+Overrides use ``a.b=value`` strings (the CLI's ``--set``); the value is parsed as YAML, so
+``--set finetune.label_fractions=[1,10]`` and ``--set pretrain.bf16=true`` work.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "AugmentConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "DistillConfig",
+    "EvaluateConfig",
+    "FinetuneConfig",
+    "ModelConfig",
+    "PretrainConfig",
+    "ResourcesConfig",
+    "StorageConfig",
+    "StudentConfig",
+    "TrackingConfig",
+    "TuneConfig",
+    "apply_overrides",
+    "config_hash",
+    "load_config",
+    "parse_config",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration problem; ``str(err)`` is one line naming the dotted field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+Arch = Literal["resnet18", "resnet34", "resnet50"]
+
+
+class DataConfig(_Section):
+    source: Literal["fashion-mnist", "cifar10", "image-folder", "digits"] = "digits"
+    root: str | None = Field(None, description="where the source's files are; None = its default")
+    download: bool = Field(False, description="fetch fashion-mnist/cifar10 when absent (needs the internet)")
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="part of train carved out as val")
+    shard_size: int = Field(5000, ge=1, description="samples per tar shard")
+    max_train: int | None = Field(None, ge=1, description="cap on train images (class-stratified)")
+    max_test: int | None = Field(None, ge=1, description="cap on test images (class-stratified)")
+    seed: int = 0
+    loader_workers: int = Field(1, ge=0, description="DataLoader worker processes")
+    in_memory: bool = Field(True, description="decode the shards once into a uint8 tensor")
+
+
+class AugmentConfig(_Section):
+    strength: float = Field(0.5, ge=0.0, description="colour-jitter strength s")
+    crop_min_scale: float = Field(0.2, gt=0.0, le=1.0)
+    image_size: int | None = Field(None, ge=4, description="view size; None = the native size")
+    backend: Literal["batched", "torchvision"] = Field(
+        "batched", description="batched tensor augmentation (fast) or per-sample torchvision"
+    )
+
+
+class ModelConfig(_Section):
+    arch: Arch = "resnet18"
+    width: float = Field(1.0, gt=0.0, description="channel width multiplier")
+    cifar_stem: bool = Field(True, description="3x3 stride-1 stem without max-pool (small images)")
+    head_depth: int = Field(2, ge=1, le=4, description="projection-head layers")
+    head_hidden: int | None = Field(None, ge=1, description="hidden width; None = encoder width")
+    head_out: int = Field(128, ge=1)
+    channels_last: bool = False
+
+
+class PretrainConfig(_Section):
+    method: Literal["simclr", "supcon", "semisup"] = "simclr"
+    temperature: float = Field(0.2, gt=0.0)
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(256, ge=2)
+    optimizer: Literal["lars", "sgd", "adamw"] = "lars"
+    lr: float | None = Field(None, gt=0.0, description="absolute LR; None = scaled from base_lr")
+    base_lr: float = Field(0.075, gt=0.0)
+    lr_scaling: Literal["linear", "sqrt"] = "sqrt"
+    weight_decay: float = Field(1e-6, ge=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    warmup_epochs: float = Field(1.0, ge=0.0)
+    bf16: bool = False
+    knn_every: int = Field(1, ge=0, description="online val kNN every N epochs; 0 = never")
+    label_fraction: float | None = Field(
+        None, gt=0.0, le=100.0, description="semisup: the labeled subset (percent); None = all labels"
+    )
+    max_steps_per_epoch: int | None = Field(None, ge=1)
+
+
+class FinetuneConfig(_Section):
+    label_fractions: list[float] = Field(default_factory=lambda: [1.0, 10.0])
+    from_head_layer: int = Field(1, ge=0, le=4)
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(64, ge=2)
+    optimizer: Literal["sgd", "adamw", "lars"] = "adamw"
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    min_steps: int = Field(200, ge=1, description="lower bound on steps for tiny subsets")
+    baseline: bool = True
+
+    @field_validator("label_fractions")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if not v:
+            raise ValueError("needs at least one label fraction")
+        for p in v:
+            if not 0.0 < p <= 100.0:
+                raise ValueError(f"label fraction {p} is outside (0, 100]")
+        if len(set(v)) != len(v):
+            raise ValueError(f"label fractions repeat: {v}")
+        return v
+
+
+class StudentConfig(_Section):
+    arch: Arch = "resnet18"
+    width: float = Field(0.5, gt=0.0)
+
+
+class DistillConfig(_Section):
+    enabled: bool = True
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    temperature: float = Field(1.0, gt=0.0)
+    alpha: float = Field(0.0, ge=0.0, le=1.0, description="weight of hard-label CE on the subset")
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(256, ge=2)
+    lr: float = Field(2e-3, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+
+
+class EvaluateConfig(_Section):
+    knn_k: int = Field(200, ge=1)
+    knn_temperature: float = Field(0.1, gt=0.0)
+    linear_epochs: int = Field(100, ge=1)
+    linear_lr: float = Field(0.1, gt=0.0)
+    embedding_samples: int = Field(2000, ge=10)
+
+
+class TuneConfig(_Section):
+    enabled: bool = False
+    num_trials: int = Field(4, ge=1)
+    epochs: int = Field(3, ge=1)
+    search_alg: Literal["random", "optuna", "hyperopt"] = "random"
+    temperature: tuple[float, float] = (0.05, 1.0)
+    head_depth: tuple[int, int] = (1, 4)
+    strength: tuple[float, float] = (0.25, 1.5)
+    lr: tuple[float, float] | None = None
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: int = Field(2, ge=2)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _ranges(self) -> TuneConfig:
+        for name in ("temperature", "head_depth", "strength", "lr"):
+            lo_hi = getattr(self, name)
+            if lo_hi is not None and not (0 < lo_hi[0] <= lo_hi[1]):
+                raise ValueError(f"{name}: needs 0 < low <= high (got {list(lo_hi)})")
+        if not 1 <= self.head_depth[0] <= self.head_depth[1] <= 4:
+            raise ValueError(f"head_depth: range must lie in 1..4 (got {list(self.head_depth)})")
+        return self
+
+
+class ResourcesConfig(_Section):
+    num_workers: int = Field(1, ge=1, description="Ray Train workers per training stage")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    torch_threads: int | None = Field(None, ge=1, description="intra-op threads per worker")
+    max_failures: int = Field(2, ge=0)
+
+
+class StorageConfig(_Section):
+    root: str = "runs"
+
+
+class TrackingConfig(_Section):
+    enabled: bool = True
+    uri: str | None = Field(None, description="MLflow tracking URI; None = sqlite under storage.root")
+    experiment: str = "contrastive"
+
+
+class Config(_Section):
+    name: str = "run"
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _cross(self) -> Config:
+        if self.finetune.from_head_layer > self.model.head_depth:
+            raise ValueError(
+                f"finetune.from_head_layer: {self.finetune.from_head_layer} exceeds "
+                f"model.head_depth {self.model.head_depth}"
+            )
+        return self
+
+    # -- helpers ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def section(self, *names: str) -> dict[str, Any]:
+        """The named sections as a plain dict (a stage's config slice)."""
+        d = self.to_dict()
+        return {n: d[n] for n in names}
+
+    def tracking_uri(self) -> str:
+        if self.tracking.uri:
+            return self.tracking.uri
+        root = self.storage.root
+        if "://" in root:
+            raise ConfigError("config error: tracking.uri: must be set when storage.root is a URI")
+        return "sqlite:///" + str(Path(root).expanduser().resolve() / "mlflow.db")
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if not str(p).startswith("function-")]
+    return ".".join(parts) if parts else "(top level)"
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = _format_loc(first["loc"])
+    kind, msg, got = first["type"], first["msg"], first.get("input")
+    if kind == "extra_forbidden":
+        return f"config error: {loc}: unknown key"
+    msg = msg.removeprefix("Value error, ")
+    if kind == "value_error" and isinstance(got, dict):
+        # A model validator: its message starts with the field, relative to the section.
+        prefix = "" if loc == "(top level)" else loc + "."
+        return f"config error: {prefix}{msg}"
+    for long, short in (
+        ("Input should be greater than or equal to", "must be >="),
+        ("Input should be greater than", "must be >"),
+        ("Input should be less than or equal to", "must be <="),
+        ("Input should be less than", "must be <"),
+        ("Input should be", "must be"),
+    ):
+        msg = msg.replace(long, short)
+    got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"config error: {loc}: {msg}{got_s}"
+
+
+def parse_config(raw: dict[str, Any] | None) -> Config:
+    """Validate a plain dict into a :class:`Config`, raising a one-line :class:`ConfigError`."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config error: (top level): must be a mapping (got {type(raw).__name__})")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply ``a.b=value`` overrides (value parsed as YAML) to a copy of ``raw``."""
+    out = copy.deepcopy(raw) if raw else {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"config error: --set {item!r}: expected KEY=VALUE, e.g. pretrain.epochs=5")
+        key, value_s = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not p for p in key.split(".")):
+            raise ConfigError(f"config error: --set {item!r}: empty key")
+        try:
+            value = yaml.safe_load(value_s) if value_s.strip() else None
+        except yaml.YAMLError:
+            value = value_s
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"config error: {key}: {p} is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def _read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        builtin = Path(__file__).resolve().parent.parent / "workflows" / "configs" / f"{p.stem}.yaml"
+        if p.suffix in ("", ".yaml") and not p.parent.name and builtin.is_file():
+            p = builtin
+        else:
+            raise ConfigError(f"config error: {path}: no such file")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config error: {path}:{where} is not valid YAML") from None
+    return raw or {}
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> Config:
+    """Load a YAML config (a path, or the name of a shipped config such as ``smoke``), apply
+    ``--set`` overrides, validate, and resolve ``storage.root`` to an absolute path."""
+    raw = _read_yaml(path) if path is not None else {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config error: {path}: top level must be a mapping")
+    cfg = parse_config(apply_overrides(raw, overrides))
+    root = cfg.storage.root
+    if "://" not in root:
+        cfg.storage.root = str(Path(root).expanduser().resolve())
+    return cfg
+
+
+def config_hash(obj: Any) -> str:
+    """A stable SHA-256 hex digest of a JSON-serialisable object (canonical key order)."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()

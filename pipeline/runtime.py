@@ -1,0 +1,115 @@
+"""How a training stage talks to whatever runs it, without knowing what that is.
+
+A stage receives a :class:`TrainContext`. In one process it is :class:`LocalContext`; under Ray
+Train, ``workflows.train`` supplies one backed by ``ray.train`` (report + checkpoint). Keeping this
+protocol here is what lets every stage run and be tested without Ray.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+__all__ = ["LocalContext", "StageResult", "TrainContext", "atomic_torch_save", "atomic_write_text"]
+
+
+@dataclass
+class StageResult:
+    """What a stage returns: output paths, final metrics (key metric first) and per-epoch history."""
+
+    outputs: dict[str, str]
+    metrics: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@runtime_checkable
+class TrainContext(Protocol):
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def report(self, metrics: dict[str, Any], checkpoint: dict[str, Any] | None = None) -> None:
+        """Record per-epoch metrics; with ``checkpoint`` (a state dict), persist it as the latest."""
+
+    def load_checkpoint(self) -> dict[str, Any] | None:
+        """The latest checkpoint state reported by an earlier attempt, or None."""
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Move to the device; wrap for data parallelism when world_size > 1."""
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write text to ``path`` through a temp file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
+    """``torch.save`` through a temp file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class LocalContext:
+    """One process, no process group. Checkpoints live in ``checkpoint_dir/latest.pt``.
+
+    ``on_report`` (optional) receives every metrics dict, e.g. to print progress.
+    """
+
+    def __init__(
+        self,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        device: str | torch.device = "cpu",
+        on_report: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.rank = 0
+        self.world_size = 1
+        self.device = torch.device(device)
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.on_report = on_report
+        self.reports: list[dict[str, Any]] = []
+
+    def report(self, metrics: dict[str, Any], checkpoint: dict[str, Any] | None = None) -> None:
+        self.reports.append(dict(metrics))
+        if checkpoint is not None and self.checkpoint_dir is not None:
+            atomic_torch_save(checkpoint, self.checkpoint_dir / "latest.pt")
+        if self.on_report is not None:
+            self.on_report(metrics)
+
+    def load_checkpoint(self) -> dict[str, Any] | None:
+        if self.checkpoint_dir is None:
+            return None
+        p = self.checkpoint_dir / "latest.pt"
+        if not p.is_file():
+            return None
+        return torch.load(p, map_location="cpu", weights_only=False)
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self.device)
+
+    def clear(self) -> None:
+        if self.checkpoint_dir is not None and self.checkpoint_dir.exists():
+            shutil.rmtree(self.checkpoint_dir)
