@@ -1,0 +1,54 @@
+# `make demo` and `make test` each do all set-up on a fresh machine, then run.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# The torch pair that resolves offline on the reference machines; override for other platforms.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
+DEMO_SET   ?=
+
+.PHONY: setup fashion-mnist demo smoke test lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH_SPEC)
+	$(PIP) install -q -e '.[dev]'
+	@touch $@
+
+setup: $(VENV)/.installed
+
+fashion-mnist:
+	@if [ ! -e "$(FMNIST_DIR)" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing the Fashion-MNIST Debian package"; \
+	    (apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)) >/dev/null; \
+	  else \
+	    echo "Fashion-MNIST not found in $(FMNIST_DIR): run 'sudo apt-get install dataset-fashion-mnist'," \
+	         "or set data.root, or data.download=true (needs the internet)"; exit 1; \
+	  fi; \
+	fi
+
+demo: setup fashion-mnist
+	$(VENV)/bin/contrastive run workflows/configs/demo.yaml $(DEMO_SET)
+
+smoke: setup
+	$(VENV)/bin/contrastive run workflows/configs/smoke.yaml
+
+test: setup
+	@$(PY) -m pytest -q; rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo 'pytest collected no tests: failing'; exit 1; fi; exit $$rc
+
+lint: setup
+	$(VENV)/bin/ruff check pipeline workflows tests benchmarks
+	$(VENV)/bin/ruff format --check pipeline workflows tests benchmarks
+
+bench: setup
+	$(PY) benchmarks/data_throughput.py
+	$(PY) benchmarks/step_throughput.py
+	$(PY) benchmarks/pipeline_throughput.py
+	$(PY) benchmarks/orchestration_overhead.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info
