@@ -102,8 +102,13 @@ class PretrainConfig(_Section):
     warmup_epochs: float = Field(1.0, ge=0.0)
     bf16: bool = False
     knn_every: int = Field(1, ge=0, description="online val kNN every N epochs; 0 = never")
+    knn_bank: int = Field(5000, ge=1, description="train images in the online kNN bank")
+    knn_queries: int = Field(2000, ge=1, description="val images the online kNN scores")
     label_fraction: float | None = Field(
-        None, gt=0.0, le=100.0, description="semisup: the labeled subset (percent); None = all labels"
+        None,
+        gt=0.0,
+        le=100.0,
+        description="semisup: the labeled subset (percent); None = the smallest finetune fraction",
     )
     max_steps_per_epoch: int | None = Field(None, ge=1)
 
@@ -117,6 +122,7 @@ class FinetuneConfig(_Section):
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(1e-4, ge=0.0)
     min_steps: int = Field(200, ge=1, description="lower bound on steps for tiny subsets")
+    crop_min_scale: float = Field(0.5, gt=0.0, le=1.0, description="crop+flip augmentation")
     baseline: bool = True
 
     @field_validator("label_fractions")

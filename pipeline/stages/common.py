@@ -1,0 +1,265 @@
+"""Pieces every training stage shares: data in memory, batching per rank, evaluation helpers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config import Config
+from pipeline.data import dataset_info, load_split, load_subset
+from pipeline.data.transforms import BatchTwoViewAugment, normalize_batch
+from pipeline.runtime import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "SplitData",
+    "accuracy",
+    "batches",
+    "encode",
+    "knn_predict",
+    "load_data",
+    "predict_logits",
+    "rng_state",
+    "seed_everything",
+    "set_rng_state",
+    "single_view_augment",
+    "write_json",
+]
+
+
+@dataclass
+class SplitData:
+    """A split decoded into memory: uint8 images (N, C, H, W), int64 labels (N,), keys."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    keys: list[str]
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def take(self, keys: list[str]) -> SplitData:
+        """The rows whose keys are given, in that order; a missing key is a one-line error."""
+        pos = {k: i for i, k in enumerate(self.keys)}
+        missing = [k for k in keys if k not in pos]
+        if missing:
+            raise KeyError(f"{len(missing)} subset keys are not in the split (first: {missing[0]})")
+        idx = torch.tensor([pos[k] for k in keys], dtype=torch.long)
+        return SplitData(self.images[idx], self.labels[idx], list(keys))
+
+    def limit(self, n: int | None, seed: int = 0) -> SplitData:
+        """At most n rows, drawn at random with a fixed seed (for cheap monitors)."""
+        if n is None or n >= len(self):
+            return self
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(len(self), generator=g)[:n].sort().values
+        return SplitData(self.images[idx], self.labels[idx], [self.keys[i] for i in idx.tolist()])
+
+
+def load_data(dataset_dir: str, split: str) -> SplitData:
+    images, labels, keys = load_split(dataset_dir, split)
+    return SplitData(images, labels.long(), list(keys))
+
+
+def subset_keys(dataset_dir: str, fraction: float) -> list[str]:
+    keys, _labels = load_subset(dataset_dir, fraction)
+    return list(keys)
+
+
+def num_classes(dataset_dir: str) -> int:
+    return len(dataset_info(dataset_dir)["classes"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def batches(
+    n: int, batch_size: int, *, epoch: int, seed: int, rank: int = 0, world_size: int = 1,
+    drop_last: bool = True,
+) -> Iterator[torch.Tensor]:
+    """Index batches of one epoch for this rank.
+
+    Every rank draws the same seeded permutation of ``range(n)`` and takes the strided slice
+    ``perm[rank::world_size]``, so the ranks see disjoint samples and together the whole epoch.
+    ``batch_size`` is the per-rank batch.
+    """
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g)[rank::world_size]
+    steps = len(perm) // batch_size if drop_last else math.ceil(len(perm) / batch_size)
+    for s in range(steps):
+        yield perm[s * batch_size : (s + 1) * batch_size]
+
+
+def single_view_augment(cfg: Config, channels: int, size: int, crop_min_scale: float = 0.5):
+    """Crop + flip only (no colour jitter), the supervised recipe shared by fine-tuning, the
+    baseline and the student, so the comparison is between initialisations, not recipes."""
+    aug = BatchTwoViewAugment(
+        size=size, channels=channels, strength=0.0, crop_min_scale=crop_min_scale
+    )
+
+    def one_view(x: torch.Tensor) -> torch.Tensor:
+        v1, _ = aug(x)
+        return v1
+
+    return one_view
+
+
+@torch.no_grad()
+def encode(
+    module: nn.Module, images: torch.Tensor, size: int | None = None, batch_size: int = 1024
+) -> torch.Tensor:
+    """Run ``module`` in eval mode over uint8 images in chunks; returns (N, D) float32."""
+    was_training = module.training
+    module.eval()
+    device = next(module.parameters()).device
+    out = []
+    for i in range(0, images.shape[0], batch_size):
+        x = normalize_batch(images[i : i + batch_size], size=size).to(device)
+        y = module(x)
+        if isinstance(y, tuple):
+            y = y[0]
+        out.append(y.float().cpu())
+    module.train(was_training)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def predict_logits(model: nn.Module, images: torch.Tensor, size: int | None = None) -> torch.Tensor:
+    return encode(model, images, size=size)
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor, topk: int = 1) -> float:
+    """Top-k accuracy in percent."""
+    if labels.numel() == 0:
+        return float("nan")
+    k = min(topk, logits.shape[1])
+    top = logits.topk(k, dim=1).indices
+    return float((top == labels[:, None]).any(dim=1).float().mean() * 100.0)
+
+
+@torch.no_grad()
+def knn_predict(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    query_feats: torch.Tensor,
+    num_classes: int,
+    k: int = 200,
+    temperature: float = 0.1,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """Weighted kNN class scores (Wu et al. 2018, "Unsupervised Feature Learning via
+    Non-Parametric Instance Discrimination"): cosine similarity, top-k neighbours, each voting for
+    its class with weight exp(sim / temperature). Returns scores (Q, num_classes)."""
+    bank = F.normalize(train_feats.float(), dim=1)  # (N, D)
+    k = min(k, bank.shape[0])
+    scores = []
+    for i in range(0, query_feats.shape[0], chunk):
+        q = F.normalize(query_feats[i : i + chunk].float(), dim=1)  # (q, D)
+        sim = q @ bank.T  # (q, N)
+        top_sim, top_idx = sim.topk(k, dim=1)  # (q, k)
+        weights = (top_sim / temperature).exp()
+        votes = torch.zeros(q.shape[0], num_classes)
+        votes.scatter_add_(1, train_labels[top_idx], weights)
+        scores.append(votes)
+    return torch.cat(scores) if scores else torch.empty(0, num_classes)
+
+
+def fit_linear_probe(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    num_classes: int,
+    epochs: int = 100,
+    lr: float = 0.1,
+    weight_decay: float = 1e-4,
+    batch_size: int = 1024,
+    seed: int = 0,
+) -> nn.Module:
+    """A linear classifier on frozen, standardised features (SGD + cosine schedule)."""
+    g = torch.Generator().manual_seed(seed)
+    mean = train_feats.mean(0, keepdim=True)
+    std = train_feats.std(0, keepdim=True).clamp_min(1e-6) if len(train_feats) > 1 else 1.0
+    x = (train_feats - mean) / std
+    lin = nn.Linear(x.shape[1], num_classes)
+    opt = torch.optim.SGD(lin.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    steps_per_epoch = max(1, math.ceil(len(x) / batch_size))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * steps_per_epoch)
+    for _ in range(epochs):
+        perm = torch.randperm(len(x), generator=g)
+        for s in range(steps_per_epoch):
+            idx = perm[s * batch_size : (s + 1) * batch_size]
+            loss = F.cross_entropy(lin(x[idx]), train_labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+
+    class _Probe(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("mean", mean)
+            self.register_buffer("std", std if isinstance(std, torch.Tensor) else torch.ones(1))
+            self.linear = lin
+
+        def forward(self, f: torch.Tensor) -> torch.Tensor:
+            return self.linear((f - self.mean) / self.std)
+
+    return _Probe().eval()
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=float) + "\n")
+
+
+class Throughput:
+    """Counts samples and seconds of an epoch."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.samples = 0
+
+    def add(self, n: int) -> None:
+        self.samples += n
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+    @property
+    def rate(self) -> float:
+        return self.samples / max(self.seconds, 1e-9)
+
+
+def out_path(out_dir: str | os.PathLike[str], name: str) -> str:
+    p = Path(out_dir) / name
+    p.parent.mkdir(parents=True, exist_ok=True)
+    return str(p)

@@ -1,0 +1,136 @@
+"""Distillation of the fine-tuned teacher into a (smaller) student on the unlabeled images.
+
+SimCLRv2 (Chen et al. 2020, arXiv:2006.10029, eq. 2), after Hinton et al. 2015: the teacher's
+tempered class probabilities over every train image are the student's targets,
+loss = −Σ_y P_T(y|x; τ) log P_S(y|x; τ), optionally mixed with cross-entropy on the labeled
+subset (``distill.alpha``). Teacher logits are computed once on the un-augmented images; the
+student sees augmented ones (crop + flip), the same recipe as fine-tuning.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.config import Config, ModelConfig
+from pipeline.data import dataset_info
+from pipeline.distributed import convert_sync_batchnorm
+from pipeline.losses import DistillationLoss
+from pipeline.models import Classifier, backbone_from, build_contrastive_model, count_params
+from pipeline.models import load_model, save_model
+from pipeline.runtime import LocalContext, StageResult, TrainContext
+from pipeline.stages.common import (
+    accuracy,
+    encode,
+    load_data,
+    seed_everything,
+    single_view_augment,
+    subset_keys,
+    write_json,
+)
+from pipeline.stages.pretrain import view_size
+from pipeline.stages.supervised import SupervisedPlan, fit
+
+__all__ = ["run", "student_model_config"]
+
+
+def student_model_config(cfg: Config) -> ModelConfig:
+    """The teacher's model section with the student's arch and width."""
+    return cfg.model.model_copy(
+        update={"arch": cfg.distill.student.arch, "width": cfg.distill.student.width}
+    )
+
+
+def run(
+    cfg: Config,
+    inputs: dict[str, str],
+    out_dir: str,
+    ctx: TrainContext | None = None,
+    *,
+    fraction: float,
+) -> StageResult:
+    """Distil ``inputs['teacher']`` (a classifier model file) into a student on all train
+    images. Writes ``model.pt`` (the student) and ``history.json``."""
+    ds = inputs["dataset"]
+    out = Path(out_dir)
+    ctx = ctx or LocalContext(out / "checkpoints")
+    d = cfg.distill
+    seed_everything(cfg.seed * 100 + ctx.rank)
+    info = dataset_info(ds)
+    channels, size, n_classes = int(info["channels"]), view_size(cfg, info), len(info["classes"])
+    train = load_data(ds, "train")
+    val = load_data(ds, "val")
+
+    teacher = load_model(inputs["teacher"])
+    teacher_logits = encode(teacher, train.images, size=size)  # (N, K), clean images
+    teacher_params = count_params(teacher)
+    del teacher
+    if d.alpha > 0:
+        keep = set(subset_keys(ds, fraction))
+        hard = torch.tensor(
+            [int(y) if k in keep else -1 for k, y in zip(train.keys, train.labels.tolist())]
+        )
+        targets = torch.cat([teacher_logits, hard[:, None].float()], dim=1)  # (N, K+1)
+    else:
+        targets = teacher_logits
+    loss = DistillationLoss(temperature=d.temperature, alpha=d.alpha)
+
+    def loss_fn(student_logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if d.alpha > 0:
+            return loss(student_logits, t[:, :-1], t[:, -1].long())
+        return loss(student_logits, t)
+
+    smodel_cfg = student_model_config(cfg)
+    backbone, feat_dim = backbone_from(build_contrastive_model(smodel_cfg, channels), 0)
+    student = Classifier(backbone, feat_dim, n_classes)
+    if ctx.world_size > 1:
+        student = convert_sync_batchnorm(student)
+
+    def evaluate(m: torch.nn.Module) -> dict[str, float]:
+        logits = encode(m, val.images, size=size)
+        return {"val_top1": accuracy(logits, val.labels)} if len(val) else {}
+
+    plan = SupervisedPlan(
+        epochs=d.epochs,
+        batch_size=d.batch_size,
+        lr=d.lr,
+        weight_decay=d.weight_decay,
+        optimizer="adamw",
+        seed=cfg.seed,
+        bf16=cfg.pretrain.bf16,
+        name=f"distill@{fraction:g}",
+    )
+    history = fit(
+        student,
+        train.images,
+        targets,
+        loss_fn=loss_fn,
+        augment=single_view_augment(cfg, channels, size, cfg.finetune.crop_min_scale),
+        plan=plan,
+        ctx=ctx,
+        evaluate=evaluate,
+    )
+    outputs = {"model": str(out / "model.pt"), "history": str(out / "history.json")}
+    final = history[-1]
+    metrics: dict[str, Any] = {}
+    if "val_top1" in final:
+        metrics["val_top1"] = final["val_top1"]
+    metrics.update(
+        student_params=float(count_params(student)),
+        teacher_params=float(teacher_params),
+        train_loss=final["loss"],
+    )
+    if ctx.rank == 0:
+        save_model(
+            outputs["model"],
+            kind="classifier",
+            model_section=smodel_cfg.model_dump(),
+            in_channels=channels,
+            num_classes=n_classes,
+            state_dict=student.state_dict(),
+            head_layers=0,
+        )
+        write_json(outputs["history"], history)
+    return StageResult(outputs=outputs, metrics=metrics, history=history)

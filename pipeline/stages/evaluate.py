@@ -1,0 +1,236 @@
+"""Evaluation on the test split and the label-efficiency report.
+
+Linear probe on frozen representations h (fit on all train labels and on each label fraction),
+weighted kNN (k=200, cosine, temperature-weighted votes; Wu et al. 2018), top-1/top-5 of every
+fine-tuned model, baseline and student. Writes ``report.json``, ``report.md`` and PNG plots.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.config import Config
+from pipeline.data import dataset_info, format_fraction
+from pipeline.models import count_params, load_model
+from pipeline.runtime import StageResult, TrainContext, atomic_write_text
+from pipeline.stages.common import (
+    accuracy,
+    encode,
+    fit_linear_probe,
+    knn_predict,
+    load_data,
+    seed_everything,
+    subset_keys,
+    write_json,
+)
+from pipeline.stages.pretrain import view_size
+
+log = logging.getLogger(__name__)
+
+__all__ = ["render_markdown", "run"]
+
+
+def _top(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    return {"top1": accuracy(logits, labels, 1), "top5": accuracy(logits, labels, 5)}
+
+
+def run(
+    cfg: Config,
+    inputs: dict[str, str],
+    out_dir: str,
+    ctx: TrainContext | None = None,
+    *,
+    started_at: float | None = None,
+) -> StageResult:
+    """``inputs``: 'dataset', 'pretrain' and, per fraction p (formatted), 'finetune@p',
+    'baseline@p', 'distill@p' (each a model file; any may be absent)."""
+    t0 = time.perf_counter()
+    ds = inputs["dataset"]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    e = cfg.evaluate
+    info = dataset_info(ds)
+    size, classes = view_size(cfg, info), list(info["classes"])
+    k = len(classes)
+    train, test = load_data(ds, "train"), load_data(ds, "test")
+    report: dict[str, Any] = {"dataset": info.get("name", cfg.data.source), "digest": info.get("digest")}
+
+    encoder = load_model(inputs["pretrain"]).encoder
+    f_train = encode(encoder, train.images, size=size)  # (N, D)
+    f_test = encode(encoder, test.images, size=size)  # (M, D)
+    knn = knn_predict(f_train, train.labels, f_test, k, k=e.knn_k, temperature=e.knn_temperature)
+    report["knn_top1"] = accuracy(knn, test.labels)
+    probe = fit_linear_probe(f_train, train.labels, k, epochs=e.linear_epochs, lr=e.linear_lr,
+                             seed=cfg.seed)
+    with torch.no_grad():
+        report["linear_full_top1"] = accuracy(probe(f_test), test.labels)
+    report["encoder_params"] = count_params(encoder)
+
+    fractions: dict[str, dict[str, Any]] = {}
+    pos = {key: i for i, key in enumerate(train.keys)}
+    for p in cfg.finetune.label_fractions:
+        name = format_fraction(p)
+        row: dict[str, Any] = {"labeled_images": 0}
+        keys = subset_keys(ds, p)
+        row["labeled_images"] = len(keys)
+        idx = torch.tensor([pos[x] for x in keys])
+        probe_p = fit_linear_probe(f_train[idx], train.labels[idx], k, epochs=e.linear_epochs,
+                                   lr=e.linear_lr, seed=cfg.seed)
+        with torch.no_grad():
+            row["linear_top1"] = accuracy(probe_p(f_test), test.labels)
+        for role, key in (("finetune", f"finetune@{name}"), ("baseline", f"baseline@{name}"),
+                          ("student", f"distill@{name}")):
+            if key not in inputs:
+                continue
+            model = load_model(inputs[key])
+            top = _top(encode(model, test.images, size=size), test.labels)
+            row[f"{role}_top1"], row[f"{role}_top5"] = top["top1"], top["top5"]
+            row[f"{role}_params"] = count_params(model)
+        if "finetune_params" in row:
+            row["teacher_params"] = row["finetune_params"]
+        fractions[name] = row
+    report["fractions"] = fractions
+    report["test_images"] = len(test)
+    report["train_images"] = len(train)
+    report["eval_seconds"] = time.perf_counter() - t0
+    report["wall_seconds"] = (time.time() - started_at) if started_at else report["eval_seconds"]
+
+    outputs = {"report_json": str(out / "report.json"), "report_md": str(out / "report.md")}
+    plots = _plots(cfg, inputs, report, f_test, test.labels, classes, out)
+    outputs.update(plots)
+    report["plots"] = {k_: Path(v).name for k_, v in plots.items()}
+    write_json(outputs["report_json"], report)
+    atomic_write_text(outputs["report_md"], render_markdown(report, cfg))
+    metrics = {"knn_top1": report["knn_top1"], "linear_full_top1": report["linear_full_top1"]}
+    for name, row in fractions.items():
+        for key_, v in row.items():
+            if key_.endswith("top1"):
+                metrics[f"{key_}@{name}"] = v
+    return StageResult(outputs=outputs, metrics=metrics, history=[])
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.1f}"
+    return str(v)
+
+
+def render_markdown(report: dict[str, Any], cfg: Config | None = None) -> str:
+    """The label-efficiency table: rows = label fraction, columns = baseline, SSL fine-tuned,
+    student, linear probe, kNN, parameter counts."""
+    lines = [f"# Label-efficiency report — {report['dataset']}", ""]
+    if cfg is not None:
+        lines += [
+            f"Encoder {cfg.model.arch} ×{cfg.model.width:g}, head depth {cfg.model.head_depth}, "
+            f"pretrain {cfg.pretrain.method} τ={cfg.pretrain.temperature:g} for "
+            f"{cfg.pretrain.epochs} epochs, batch {cfg.pretrain.batch_size}; seed {cfg.seed}.",
+            "",
+        ]
+    lines += [
+        "Top-1 accuracy (%) on the test split "
+        f"({report.get('test_images', '?')} images).",
+        "",
+        "| labels | labeled images | baseline (scratch) | SSL fine-tuned | Δ vs baseline "
+        "| student | linear probe | kNN | teacher params | student params |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in report["fractions"].items():
+        delta = None
+        if row.get("finetune_top1") is not None and row.get("baseline_top1") is not None:
+            delta = row["finetune_top1"] - row["baseline_top1"]
+        lines.append(
+            f"| {name}% | {row.get('labeled_images')} | {_fmt(row.get('baseline_top1'))} | "
+            f"{_fmt(row.get('finetune_top1'))} | "
+            f"{'–' if delta is None else f'{delta:+.1f}'} | {_fmt(row.get('student_top1'))} | "
+            f"{_fmt(row.get('linear_top1'))} | {_fmt(report.get('knn_top1'))} | "
+            f"{_fmt(row.get('teacher_params'))} | {_fmt(row.get('student_params'))} |"
+        )
+    lines += [
+        f"| 100% (linear probe) | {report.get('train_images')} | | | | | "
+        f"{_fmt(report.get('linear_full_top1'))} | | | |",
+        "",
+        f"kNN: k={cfg.evaluate.knn_k if cfg else 200}, cosine, temperature-weighted. "
+        f"Wall time of the run: {report.get('wall_seconds', 0):.0f} s.",
+        "",
+    ]
+    for key, fname in report.get("plots", {}).items():
+        lines.append(f"![{key}]({fname})")
+    return "\n".join(lines) + "\n"
+
+
+def _plots(cfg: Config, inputs: dict[str, str], report: dict[str, Any], f_test: torch.Tensor,
+           labels: torch.Tensor, classes: list[str], out: Path) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths: dict[str, str] = {}
+    rows = report["fractions"]
+    xs = [float(n) for n in rows]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for role, label in (("baseline", "supervised from scratch"), ("finetune", "SSL fine-tuned"),
+                        ("student", "distilled student"), ("linear", "linear probe")):
+        ys = [rows[n].get(f"{role}_top1") for n in rows]
+        if any(y is not None for y in ys):
+            ax.plot(xs, [y if y is not None else float("nan") for y in ys], marker="o", label=label)
+    ax.axhline(report["knn_top1"], ls="--", color="grey", label="kNN (all labels)")
+    ax.set_xscale("log")
+    ax.set_xlabel("labeled fraction of train (%)")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title(f"Label efficiency — {report['dataset']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths["plot_label_efficiency"] = str(out / "label_efficiency.png")
+    fig.savefig(paths["plot_label_efficiency"], dpi=120)
+    plt.close(fig)
+
+    hist_path = Path(inputs["pretrain"]).with_name("history.json")
+    if hist_path.is_file():
+        hist = json.loads(hist_path.read_text())
+        fig, ax = plt.subplots(figsize=(5.5, 3.5))
+        ax.plot([h["epoch"] for h in hist], [h["loss"] for h in hist], marker=".")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("contrastive loss")
+        ax.set_title("Pretraining loss")
+        fig.tight_layout()
+        paths["plot_pretrain_loss"] = str(out / "pretrain_loss.png")
+        fig.savefig(paths["plot_pretrain_loss"], dpi=120)
+        plt.close(fig)
+
+    n = min(cfg.evaluate.embedding_samples, len(f_test))
+    if n >= 10:
+        g = torch.Generator().manual_seed(cfg.seed)
+        idx = torch.randperm(len(f_test), generator=g)[:n]
+        emb = _embed_2d(f_test[idx].numpy(), cfg.seed)
+        fig, ax = plt.subplots(figsize=(5.5, 5))
+        sc = ax.scatter(emb[:, 0], emb[:, 1], c=labels[idx].numpy(), cmap="tab10", s=4)
+        handles = sc.legend_elements()[0]
+        ax.legend(handles, [classes[i] for i in sorted(set(labels[idx].tolist()))], fontsize=6,
+                  markerscale=0.8, loc="best")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title("Test embeddings (t-SNE of h)")
+        fig.tight_layout()
+        paths["plot_embeddings"] = str(out / "embeddings.png")
+        fig.savefig(paths["plot_embeddings"], dpi=120)
+        plt.close(fig)
+    return paths
+
+
+def _embed_2d(x, seed: int):
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    x = PCA(n_components=min(32, x.shape[1], x.shape[0])).fit_transform(x)
+    perplexity = float(min(30, max(5, (x.shape[0] - 1) // 3)))
+    return TSNE(n_components=2, init="pca", random_state=seed, perplexity=perplexity).fit_transform(x)

@@ -1,0 +1,128 @@
+"""Fine-tuning on a label fraction (SimCLRv2, Chen et al. 2020, arXiv:2006.10029) and the
+supervised-from-scratch baseline on the same labels.
+
+The fine-tuned network is the pretrained encoder plus the first ``finetune.from_head_layer``
+projection-head layers plus a linear classifier. The baseline is the very same architecture from
+random initialisation, trained with the same augmentation, optimiser, schedule and step budget.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import Config
+from pipeline.data import dataset_info
+from pipeline.distributed import convert_sync_batchnorm
+from pipeline.models import Classifier, backbone_from, count_params, load_model, save_model
+from pipeline.models import build_contrastive_model
+from pipeline.runtime import LocalContext, StageResult, TrainContext
+from pipeline.stages.common import (
+    accuracy,
+    encode,
+    load_data,
+    seed_everything,
+    single_view_augment,
+    subset_keys,
+)
+from pipeline.stages.pretrain import view_size
+from pipeline.stages.supervised import SupervisedPlan, fit
+
+__all__ = ["build_network", "plan_for", "run"]
+
+
+def plan_for(cfg: Config, name: str) -> SupervisedPlan:
+    f = cfg.finetune
+    return SupervisedPlan(
+        epochs=f.epochs,
+        batch_size=f.batch_size,
+        lr=f.lr,
+        weight_decay=f.weight_decay,
+        optimizer=f.optimizer,
+        min_steps=f.min_steps,
+        seed=cfg.seed,
+        bf16=cfg.pretrain.bf16,
+        name=name,
+    )
+
+
+def build_network(
+    cfg: Config, channels: int, n_classes: int, pretrained: str | None
+) -> Classifier:
+    """Encoder + first j head layers + linear classifier; from ``pretrained`` (a 'contrastive'
+    model file) or randomly initialised (the baseline)."""
+    j = cfg.finetune.from_head_layer
+    if pretrained is not None:
+        source = load_model(pretrained)
+    else:
+        source = build_contrastive_model(cfg.model, in_channels=channels)
+    backbone, feat_dim = backbone_from(source, j)
+    return Classifier(backbone, feat_dim, n_classes)
+
+
+def run(
+    cfg: Config,
+    inputs: dict[str, str],
+    out_dir: str,
+    ctx: TrainContext | None = None,
+    *,
+    fraction: float,
+    baseline: bool = False,
+) -> StageResult:
+    """Train on the ``fraction`` % labeled subset; from ``inputs['pretrain']`` unless
+    ``baseline``. Writes ``model.pt`` (kind 'classifier') and ``history.json``."""
+    ds = inputs["dataset"]
+    out = Path(out_dir)
+    ctx = ctx or LocalContext(out / "checkpoints")
+    name = f"{'baseline' if baseline else 'finetune'}@{fraction:g}"
+    seed_everything(cfg.seed * 100 + ctx.rank)
+    info = dataset_info(ds)
+    channels, size, n_classes = int(info["channels"]), view_size(cfg, info), len(info["classes"])
+    train = load_data(ds, "train")
+    labeled = train.take(subset_keys(ds, fraction))
+    val = load_data(ds, "val")
+    model = build_network(cfg, channels, n_classes, None if baseline else inputs["pretrain"])
+    if ctx.world_size > 1:
+        model = convert_sync_batchnorm(model)
+
+    def evaluate(m: torch.nn.Module) -> dict[str, float]:
+        logits = encode(m, val.images, size=size)
+        return {"val_top1": accuracy(logits, val.labels)} if len(val) else {}
+
+    history = fit(
+        model,
+        labeled.images,
+        labeled.labels,
+        loss_fn=F.cross_entropy,
+        augment=single_view_augment(cfg, channels, size, cfg.finetune.crop_min_scale),
+        plan=plan_for(cfg, name),
+        ctx=ctx,
+        evaluate=evaluate,
+    )
+    outputs = {"model": str(out / "model.pt"), "history": str(out / "history.json")}
+    metrics: dict[str, Any] = {}
+    final = history[-1]
+    if "val_top1" in final:
+        metrics["val_top1"] = final["val_top1"]
+    metrics.update(
+        labeled_images=float(len(labeled)),
+        params=float(count_params(model)),
+        train_loss=final["loss"],
+    )
+    if ctx.rank == 0:
+        from pipeline.stages.common import write_json
+
+        save_model(
+            outputs["model"],
+            kind="classifier",
+            model_section=cfg.model.model_dump(),
+            in_channels=channels,
+            num_classes=n_classes,
+            state_dict=model.state_dict(),
+            head_layers=cfg.finetune.from_head_layer,
+        )
+        write_json(outputs["history"], history)
+    return StageResult(outputs=outputs, metrics=metrics, history=history)

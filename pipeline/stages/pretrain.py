@@ -1,0 +1,213 @@
+"""Contrastive pretraining: SimCLR, SupCon (L_out) or the semi-supervised mix of both.
+
+SimCLR: Chen et al. 2020, arXiv:2002.05709. SupCon: Khosla et al. 2020, arXiv:2004.11362.
+Semi-supervised: labeled anchors take class positives, unlabeled ones (label -1) only their own
+other view — the same ``SupConLoss`` covers all three.
+
+One process or many: with ``ctx.world_size > 1`` each rank takes a disjoint slice of every epoch,
+BatchNorm is synchronised and the loss gathers every rank's views with gradients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.config import Config
+from pipeline.data import dataset_info
+from pipeline.data.transforms import BatchTwoViewAugment
+from pipeline.distributed import convert_sync_batchnorm
+from pipeline.losses import SupConLoss
+from pipeline.models import build_contrastive_model, count_params, save_model
+from pipeline.optim import build_optimizer, scale_lr, warmup_cosine
+from pipeline.runtime import LocalContext, StageResult, TrainContext
+from pipeline.stages.common import (
+    SplitData,
+    Throughput,
+    accuracy,
+    batches,
+    encode,
+    knn_predict,
+    load_data,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    subset_keys,
+    write_json,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["pretrain_labels", "run", "view_size"]
+
+
+def view_size(cfg: Config, info: dict[str, Any]) -> int:
+    return int(cfg.augment.image_size or info["height"])
+
+
+def pretrain_labels(cfg: Config, dataset_dir: str, train: SplitData) -> torch.Tensor | None:
+    """The labels the loss sees: None (SimCLR), all (SupCon), or the labeled subset with -1
+    elsewhere (semi-supervised; the subset is ``pretrain.label_fraction``, by default the smallest
+    fine-tuning fraction, so no evaluated fraction sees more labels than it is credited with)."""
+    method = cfg.pretrain.method
+    if method == "simclr":
+        return None
+    if method == "supcon":
+        return train.labels.clone()
+    fraction = cfg.pretrain.label_fraction or min(cfg.finetune.label_fractions)
+    keep = set(subset_keys(dataset_dir, fraction))
+    mask = torch.tensor([k in keep for k in train.keys], dtype=torch.bool)
+    labels = torch.full_like(train.labels, -1)
+    labels[mask] = train.labels[mask]
+    return labels
+
+
+def _lr(cfg: Config) -> float:
+    p = cfg.pretrain
+    if p.lr is not None:
+        return p.lr
+    return scale_lr(p.base_lr, p.batch_size, p.lr_scaling)
+
+
+def run(
+    cfg: Config,
+    inputs: dict[str, str],
+    out_dir: str,
+    ctx: TrainContext | None = None,
+) -> StageResult:
+    """Pretrain the encoder + projection head on the train split of ``inputs['dataset']``.
+
+    Writes ``model.pt`` (kind 'contrastive') and ``history.json`` into ``out_dir`` (rank 0).
+    """
+    ds = inputs["dataset"]
+    out = Path(out_dir)
+    ctx = ctx or LocalContext(out / "checkpoints")
+    p = cfg.pretrain
+    rank, world = ctx.rank, ctx.world_size
+    if p.batch_size % world:
+        raise ValueError(
+            f"pretrain.batch_size {p.batch_size} is not divisible by {world} workers"
+        )
+    local_bs = p.batch_size // world
+    seed_everything(cfg.seed * 100 + rank)
+
+    info = dataset_info(ds)
+    channels, size = int(info["channels"]), view_size(cfg, info)
+    train = load_data(ds, "train")
+    if len(train) < p.batch_size:
+        raise ValueError(
+            f"pretrain.batch_size {p.batch_size} exceeds the {len(train)} train images"
+        )
+    labels = pretrain_labels(cfg, ds, train)
+    val = load_data(ds, "val") if p.knn_every else None
+
+    model = build_contrastive_model(cfg.model, in_channels=channels)
+    n_params = count_params(model)
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if world > 1:
+        model = convert_sync_batchnorm(model)
+    net = ctx.prepare_model(model)
+    device = ctx.device
+    steps_per_epoch = len(train) // world // local_bs
+    if p.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, p.max_steps_per_epoch)
+    total_steps = steps_per_epoch * p.epochs
+    opt = build_optimizer(p.optimizer, model, lr=_lr(cfg), weight_decay=p.weight_decay,
+                          momentum=p.momentum)
+    sched = warmup_cosine(opt, warmup_steps=int(p.warmup_epochs * steps_per_epoch),
+                          total_steps=total_steps)
+    loss_fn = SupConLoss(temperature=p.temperature, gather_distributed=world > 1)
+    aug = BatchTwoViewAugment(size=size, channels=channels, strength=cfg.augment.strength,
+                              crop_min_scale=cfg.augment.crop_min_scale)
+
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    ckpt = ctx.load_checkpoint()
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"])
+        start_epoch = int(ckpt["epoch"]) + 1
+        history = list(ckpt.get("history", []))
+        log.info("pretrain: resuming after epoch %d", start_epoch)
+
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        if p.bf16 else contextlib.nullcontext()
+    )
+    for epoch in range(start_epoch, p.epochs):
+        net.train()
+        meter = Throughput()
+        loss_sum, n_steps = 0.0, 0
+        for step, idx in enumerate(batches(len(train), local_bs, epoch=epoch, seed=cfg.seed,
+                                           rank=rank, world_size=world)):
+            if step >= steps_per_epoch:
+                break
+            v1, v2 = aug(train.images[idx])  # 2 x (b, C, S, S) float
+            x = torch.cat([v1, v2]).to(device, non_blocking=True)
+            if cfg.model.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast:
+                _, z = net(x)  # (2b, D)
+            z = z.float().view(2, -1, z.shape[-1]).transpose(0, 1)  # (b, 2, D)
+            y = labels[idx].to(device) if labels is not None else None
+            loss = loss_fn(z, y)
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"pretrain: loss is {loss.item()} at epoch {epoch} step {step}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += loss.item()
+            n_steps += 1
+            meter.add(2 * len(idx) * world)
+        metrics: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "loss": loss_sum / max(n_steps, 1),
+            "lr": opt.param_groups[0]["lr"],
+            "views_per_s": meter.rate,
+            "images_per_s": meter.rate / 2,
+            "epoch_seconds": meter.seconds,
+        }
+        if val is not None and ((epoch + 1) % p.knn_every == 0 or epoch + 1 == p.epochs):
+            metrics["val_knn_top1"] = knn_accuracy(cfg, model.encoder, train, val, size,
+                                                   int(len(info["classes"])))
+        history.append(metrics)
+        state = None
+        if rank == 0:
+            state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                     "scheduler": sched.state_dict(), "epoch": epoch, "rng": rng_state(),
+                     "history": history}
+        ctx.report(metrics, checkpoint=state)
+        log.info("pretrain epoch %d/%d loss %.4f %.0f views/s%s", epoch + 1, p.epochs,
+                 metrics["loss"], metrics["views_per_s"],
+                 f" val kNN {metrics['val_knn_top1']:.2f}%" if "val_knn_top1" in metrics else "")
+
+    outputs = {"model": str(out / "model.pt"), "history": str(out / "history.json")}
+    final = dict(history[-1]) if history else {}
+    metrics_out = {k: float(v) for k, v in final.items() if isinstance(v, (int, float))}
+    metrics_out["params"] = float(n_params)
+    if rank == 0:
+        save_model(outputs["model"], kind="contrastive", model_section=cfg.model.model_dump(),
+                   in_channels=channels, num_classes=None, state_dict=model.state_dict())
+        write_json(outputs["history"], history)
+    return StageResult(outputs=outputs, metrics=metrics_out, history=history)
+
+
+def knn_accuracy(cfg: Config, encoder: torch.nn.Module, train: SplitData, val: SplitData,
+                 size: int, n_classes: int) -> float:
+    """Online monitor: weighted kNN top-1 (%) of val against (a sample of) train."""
+    bank = train.limit(cfg.pretrain.knn_bank, seed=cfg.seed)
+    query = val.limit(cfg.pretrain.knn_queries, seed=cfg.seed)
+    f_bank = encode(encoder, bank.images, size=size)
+    f_q = encode(encoder, query.images, size=size)
+    scores = knn_predict(f_bank, bank.labels, f_q, n_classes, k=cfg.evaluate.knn_k,
+                         temperature=cfg.evaluate.knn_temperature)
+    return accuracy(scores, query.labels)

@@ -1,0 +1,142 @@
+"""One supervised training loop for fine-tuning, the from-scratch baseline and distillation.
+
+The three differ only in where the network starts and what the targets are; sharing the loop
+(same augmentation, optimiser, schedule and step budget) keeps the baseline honest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.optim import build_optimizer, warmup_cosine
+from pipeline.runtime import TrainContext
+from pipeline.stages.common import Throughput, rng_state, set_rng_state
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SupervisedPlan", "fit"]
+
+
+@dataclass
+class SupervisedPlan:
+    """The budget and recipe of a supervised run."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    optimizer: str = "adamw"
+    min_steps: int = 1
+    warmup_fraction: float = 0.05
+    seed: int = 0
+    bf16: bool = False
+    name: str = "train"
+
+    def steps_per_epoch(self, n: int, world: int = 1) -> int:
+        per_rank = max(1, self.batch_size // world)
+        natural = math.ceil(n / world / per_rank)
+        return max(natural, math.ceil(self.min_steps / self.epochs))
+
+
+def fit(
+    model: nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    augment: Callable[[torch.Tensor], torch.Tensor],
+    plan: SupervisedPlan,
+    ctx: TrainContext,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+    extra_state: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Train ``model`` on ``images`` (uint8, N×C×H×W) against ``targets`` (row-aligned: hard
+    labels (N,) or teacher logits (N, K)). Each step draws ``batch_size / world`` random rows per
+    rank (without replacement within the step; the subset may be smaller than the batch).
+    Checkpoints every epoch through ``ctx``; resumes from ``ctx.load_checkpoint()``.
+    Returns the per-epoch history."""
+    n = int(images.shape[0])
+    if n == 0:
+        raise ValueError(f"{plan.name}: no training images")
+    rank, world = ctx.rank, ctx.world_size
+    per_rank = max(1, plan.batch_size // world)
+    steps_per_epoch = plan.steps_per_epoch(n, world)
+    total = steps_per_epoch * plan.epochs
+    net = ctx.prepare_model(model)
+    device = ctx.device
+    opt = build_optimizer(plan.optimizer, model, lr=plan.lr, weight_decay=plan.weight_decay)
+    sched = warmup_cosine(opt, warmup_steps=int(plan.warmup_fraction * total), total_steps=total)
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    ckpt = ctx.load_checkpoint()
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"])
+        start_epoch = int(ckpt["epoch"]) + 1
+        history = list(ckpt.get("history", []))
+        log.info("%s: resuming after epoch %d", plan.name, start_epoch)
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        if plan.bf16
+        else contextlib.nullcontext()
+    )
+    b = min(per_rank, n)
+    for epoch in range(start_epoch, plan.epochs):
+        net.train()
+        g = torch.Generator().manual_seed((plan.seed * 7919 + epoch) * 131 + rank)
+        meter = Throughput()
+        loss_sum = 0.0
+        correct = 0.0
+        seen = 0
+        for _ in range(steps_per_epoch):
+            idx = torch.randperm(n, generator=g)[:b]
+            x = augment(images[idx]).to(device, non_blocking=True)
+            t = targets[idx].to(device)
+            with autocast:
+                logits = net(x)
+            logits = logits.float()
+            loss = loss_fn(logits, t)
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"{plan.name}: loss is {loss.item()} at epoch {epoch}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += loss.item()
+            hard = t if t.ndim == 1 else t[:, : logits.shape[1]].argmax(1)
+            correct += float((logits.argmax(1) == hard).float().sum())
+            seen += len(idx)
+            meter.add(len(idx) * world)
+        metrics: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "loss": loss_sum / steps_per_epoch,
+            "train_top1": 100.0 * correct / max(seen, 1),
+            "lr": opt.param_groups[0]["lr"],
+            "images_per_s": meter.rate,
+            "epoch_seconds": meter.seconds,
+        }
+        if evaluate is not None and epoch + 1 == plan.epochs:
+            metrics.update(evaluate(model))
+        history.append(metrics)
+        state = None
+        if rank == 0:
+            state = {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "epoch": epoch,
+                "rng": rng_state(),
+                "history": history,
+                **(extra_state or {}),
+            }
+        ctx.report(metrics, checkpoint=state)
+    return history

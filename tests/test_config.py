@@ -1,0 +1,92 @@
+"""Config validation: every bad value is a one-line error naming the dotted field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import Config, ConfigError, apply_overrides, config_hash, load_config, parse_config
+
+CONFIGS = Path(__file__).resolve().parent.parent / "workflows" / "configs"
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("pretrain.temperature=0", "pretrain.temperature"),
+        ("pretrain.temperature=-0.5", "pretrain.temperature"),
+        ("finetune.label_fractions=[0, 10]", "finetune.label_fractions"),
+        ("finetune.label_fractions=[1, 150]", "finetune.label_fractions"),
+        ("pretrain.batch_size=1", "pretrain.batch_size"),
+        ("pretrain.epochs=0", "pretrain.epochs"),
+        ("model.head_depth=0", "model.head_depth"),
+        ("model.head_depth=5", "model.head_depth"),
+        ("augment.strength=-0.1", "augment.strength"),
+        ("pretrain.method=byol", "pretrain.method"),
+        ("pretrain.epochs=abc", "pretrain.epochs"),
+        ("data.source=imagenet", "data.source"),
+        ("pretrain.temprature=0.1", "pretrain.temprature"),
+        ("bogus.key=1", "bogus"),
+        ("tune.temperature=[2, 1]", "tune.temperature"),
+        ("finetune.from_head_layer=4", "finetune.from_head_layer"),
+    ],
+)
+def test_bad_value_is_one_line_naming_the_field(override: str, field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(apply_overrides({}, [override]))
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"config error: {field}:"), msg
+
+
+def test_unknown_key_says_unknown() -> None:
+    with pytest.raises(ConfigError, match=r"pretrain\.lrr: unknown key"):
+        parse_config({"pretrain": {"lrr": 1}})
+
+
+def test_overrides_parse_yaml_values() -> None:
+    raw = apply_overrides({"pretrain": {"epochs": 3}}, ["pretrain.epochs=7", "pretrain.bf16=true",
+                                                        "finetune.label_fractions=[0.1, 1]"])
+    cfg = parse_config(raw)
+    assert cfg.pretrain.epochs == 7 and cfg.pretrain.bf16 is True
+    assert cfg.finetune.label_fractions == [0.1, 1.0]
+
+
+def test_override_without_equals_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        apply_overrides({}, ["pretrain.epochs"])
+
+
+@pytest.mark.parametrize("name", ["smoke", "demo"])
+def test_shipped_configs_validate(name: str) -> None:
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    assert isinstance(cfg, Config)
+    assert Path(cfg.storage.root).is_absolute()
+
+
+def test_shipped_config_by_name_and_missing_file(tmp_path: Path) -> None:
+    assert load_config("smoke").name == "smoke"
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_invalid_yaml_names_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pretrain: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(bad)
+
+
+def test_round_trip_and_hash_stability() -> None:
+    cfg = load_config("smoke")
+    again = parse_config(cfg.to_dict())
+    assert again == cfg
+    assert config_hash(cfg.section("pretrain")) == config_hash(again.section("pretrain"))
+    changed = parse_config(apply_overrides(cfg.to_dict(), ["pretrain.temperature=0.3"]))
+    assert config_hash(changed.section("pretrain")) != config_hash(cfg.section("pretrain"))
+
+
+def test_default_tracking_uri_is_sqlite_under_storage(tmp_path: Path) -> None:
+    cfg = load_config(None, [f"storage.root={tmp_path}"])
+    assert cfg.tracking_uri() == f"sqlite:///{tmp_path}/mlflow.db"

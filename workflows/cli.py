@@ -1,0 +1,243 @@
+"""The ``contrastive`` command line.
+
+Every command validates its config before anything starts: a bad value is one line naming the
+dotted field, exit code 2. Heavy imports (torch, ray, mlflow) happen inside the commands so that
+``--help`` and ``config show`` are instant.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from pipeline.config import Config, ConfigError, load_config
+
+EXIT_USAGE = 2
+DEFAULT_STORAGE = "runs"
+
+
+class UserError(click.ClickException):
+    """A one-line error for the user, exit code 2 (bad input) unless told otherwise."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file=None) -> None:  # one line, no "Error:" prefix noise
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("alembic", "mlflow", "urllib3", "filelock", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _load(config: str | None, overrides: tuple[str, ...]) -> Config:
+    try:
+        return load_config(config, list(overrides))
+    except ConfigError as err:
+        raise UserError(str(err)) from None
+
+
+set_option = click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a config field, e.g. --set pretrain.epochs=5 (repeatable).",
+)
+storage_option = click.option(
+    "--storage",
+    default=None,
+    metavar="ROOT",
+    help=f"Storage root holding runs/ (default: {DEFAULT_STORAGE!r}, or $CONTRASTIVE_STORAGE).",
+)
+tracking_option = click.option(
+    "--tracking-uri",
+    default=None,
+    metavar="URI",
+    help="MLflow tracking URI (default: the one recorded in the run).",
+)
+
+
+def _storage(storage: str | None) -> str:
+    root = storage or os.environ.get("CONTRASTIVE_STORAGE") or DEFAULT_STORAGE
+    return root if "://" in root else str(Path(root).expanduser().resolve())
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.version_option(package_name="contrastive-pipeline")
+def main(verbose: bool) -> None:
+    """Contrastive pretraining -> label-efficient classifiers, as a resumable Ray workflow
+    tracked in MLflow.
+
+    \b
+    Typical use:
+      contrastive run workflows/configs/smoke.yaml
+      contrastive status
+      contrastive resume RUN_ID
+      contrastive lineage RUN_ID
+      contrastive ui
+    """
+    _setup_logging(verbose)
+
+
+@main.group("config")
+def config_group() -> None:
+    """Inspect configurations."""
+
+
+@config_group.command("show")
+@click.argument("config", required=False)
+@set_option
+def config_show(config: str | None, overrides: tuple[str, ...]) -> None:
+    """Print the resolved CONFIG (a path, or a shipped name like 'smoke') as YAML."""
+    click.echo(_load(config, overrides).to_yaml(), nl=False)
+
+
+@main.command()
+@click.option("--config", "config", required=True, help="Config file or shipped config name.")
+@click.option("--out", default=None, help="Output folder (default: <storage.root>/datasets/<name>).")
+@set_option
+def shard(config: str, out: str | None, overrides: tuple[str, ...]) -> None:
+    """Write WebDataset shards, the Parquet manifest and label subsets (Ray tasks)."""
+    cfg = _load(config, overrides)
+    import ray
+
+    from workflows.sharding import shard_with_ray
+
+    out_dir = out or str(Path(cfg.storage.root) / "datasets" / f"{cfg.data.source}-seed{cfg.data.seed}")
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+    try:
+        result = shard_with_ray(cfg, out_dir)
+    except (FileNotFoundError, ValueError) as err:
+        raise UserError(str(err).splitlines()[0], exit_code=1) from None
+    for k, v in result.metrics.items():
+        click.echo(f"{k}: {v:g}" if isinstance(v, float) else f"{k}: {v}")
+    click.echo(f"dataset: {result.outputs.get('dataset', out_dir)}")
+
+
+@main.command()
+@click.argument("config")
+@set_option
+@click.option("--run-id", default=None, help="Use this run id (must be new).")
+@click.option("--reuse", is_flag=True, help="Reuse finished stages of earlier runs by cache key.")
+@click.option("--address", default=None, help="Ray address: auto, ray://HOST:10001 (default: local).")
+@click.option("--from-tune", "from_tune", default=None, metavar="SEARCH_ID",
+              help="Start from the best config of a Tune search.")
+def run(config: str, overrides: tuple[str, ...], run_id: str | None, reuse: bool,
+        address: str | None, from_tune: str | None) -> None:
+    """Run the whole pipeline for CONFIG: shard -> pretrain -> finetune/baseline -> distill ->
+    evaluate."""
+    from workflows import orchestrate
+
+    if from_tune:
+        cfg0 = _load(config, overrides)
+        config = orchestrate.best_config_path(cfg0.storage.root, from_tune)
+    cfg = _load(config, overrides)
+    sys.exit(orchestrate.run_pipeline(cfg, run_id=run_id, reuse=reuse, address=address))
+
+
+@main.command()
+@click.argument("run_id")
+@storage_option
+@tracking_option
+@click.option("--address", default=None, help="Ray address (default: local).")
+def resume(run_id: str, storage: str | None, tracking_uri: str | None, address: str | None) -> None:
+    """Continue a failed or killed run: finished stages are not run again."""
+    from workflows import orchestrate
+
+    sys.exit(orchestrate.resume_pipeline(_storage(storage), run_id, tracking_uri=tracking_uri,
+                                         address=address))
+
+
+@main.command()
+@click.argument("run_id", required=False)
+@storage_option
+def status(run_id: str | None, storage: str | None) -> None:
+    """A run's stages (state, attempts, duration, key metric, MLflow run), or the list of runs."""
+    from workflows import orchestrate
+
+    click.echo(orchestrate.status_text(_storage(storage), run_id))
+
+
+@main.command()
+@click.argument("run_id")
+@storage_option
+def lineage(run_id: str, storage: str | None) -> None:
+    """The stage graph of RUN_ID with each stage's inputs, outputs, digest and MLflow run."""
+    from workflows import orchestrate
+
+    click.echo(orchestrate.lineage_text(_storage(storage), run_id))
+
+
+@main.command()
+@click.argument("config")
+@click.option("--address", required=True, help="Ray dashboard address, http://HEAD:8265.")
+@set_option
+def submit(config: str, address: str, overrides: tuple[str, ...]) -> None:
+    """Submit CONFIG as a Ray Job to a cluster; prints the job and run ids at once."""
+    cfg = _load(config, overrides)
+    from workflows.submit import submit_job
+
+    try:
+        job_id, run_id = submit_job(config, list(overrides), address, storage_root=cfg.storage.root)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise UserError(str(err).splitlines()[0], exit_code=1) from None
+    click.echo(f"job: {job_id}\nrun: {run_id}")
+
+
+@main.command()
+@click.argument("config", required=False)
+@set_option
+@click.option("--trials", type=int, default=None, help="Number of trials (tune.num_trials).")
+@click.option("--resume", "resume_id", default=None, metavar="SEARCH_ID",
+              help="Continue an interrupted search.")
+@click.option("--show", "show_id", default=None, metavar="SEARCH_ID", help="Print a results table.")
+@storage_option
+def tune(config: str | None, overrides: tuple[str, ...], trials: int | None,
+         resume_id: str | None, show_id: str | None, storage: str | None) -> None:
+    """Ray Tune search over temperature, head depth and augmentation strength."""
+    from workflows import tune as tune_mod
+
+    if show_id:
+        click.echo(tune_mod.show(_storage(storage), show_id))
+        return
+    if resume_id:
+        sys.exit(tune_mod.resume(_storage(storage), resume_id))
+    if config is None:
+        raise UserError("tune: give a CONFIG (or --resume / --show SEARCH_ID)")
+    cfg = _load(config, overrides + ((f"tune.num_trials={trials}",) if trials else ()))
+    sys.exit(tune_mod.search(cfg))
+
+
+@main.command()
+@storage_option
+@tracking_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address.")
+@click.option("--port", default=5000, show_default=True, type=int)
+def ui(storage: str | None, tracking_uri: str | None, host: str, port: int) -> None:
+    """Start the MLflow UI on the pipeline's store (bound to 127.0.0.1 by default)."""
+    import subprocess
+
+    uri = tracking_uri or "sqlite:///" + str(Path(_storage(storage)) / "mlflow.db")
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    cmd = [str(mlflow_bin) if mlflow_bin.exists() else "mlflow", "ui",
+           "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    click.echo(f"MLflow UI on http://{host}:{port} (store {uri}); Ctrl-C stops it")
+    sys.exit(subprocess.call(cmd))
+
+
+if __name__ == "__main__":
+    main()
