@@ -1,0 +1,175 @@
+"""The stage graph: shape per config, validation errors, cache keys."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import parse_config
+from workflows.dag import (
+    Graph,
+    GraphError,
+    StageNode,
+    build_graph,
+    cache_key,
+    compute_keys,
+    format_fraction,
+)
+
+
+def cfg_with(**sections):
+    return parse_config({"finetune": {"label_fractions": [1, 10]}, **sections})
+
+
+def test_format_fraction():
+    assert format_fraction(1.0) == "1"
+    assert format_fraction(10.0) == "10"
+    assert format_fraction(0.1) == "0.1"
+    assert format_fraction(100) == "100"
+    with pytest.raises(GraphError, match="must be > 0"):
+        format_fraction(0)
+
+
+def test_full_graph_shape():
+    g = build_graph(cfg_with())
+    assert g.names == [
+        "shard",
+        "pretrain",
+        "finetune@1",
+        "baseline@1",
+        "distill@1",
+        "finetune@10",
+        "baseline@10",
+        "distill@10",
+        "evaluate",
+    ]
+    assert g["pretrain"].deps == {"dataset": "shard"}
+    assert g["finetune@10"].deps == {"dataset": "shard", "pretrain": "pretrain"}
+    assert g["finetune@10"].params == {"fraction": 10.0}
+    assert g["baseline@1"].deps == {"dataset": "shard"}
+    assert g["distill@1"].deps == {"dataset": "shard", "teacher": "finetune@1"}
+    ev = g["evaluate"].deps
+    assert ev["dataset"] == "shard" and ev["pretrain"] == "pretrain"
+    assert set(ev.values()) == set(g.names) - {"evaluate"}
+    assert [n.training for n in g] == [False, True, True, True, True, True, True, True, False]
+    order = [n.name for n in g.topological_order()]
+    for n in g:
+        for up in n.deps.values():
+            assert order.index(up) < order.index(n.name)
+
+
+def test_graph_without_distill_and_baseline():
+    g = build_graph(
+        cfg_with(
+            distill={"enabled": False}, finetune={"label_fractions": [1, 10], "baseline": False}
+        )
+    )
+    assert g.names == ["shard", "pretrain", "finetune@1", "finetune@10", "evaluate"]
+    assert set(g["evaluate"].deps.values()) == {"shard", "pretrain", "finetune@1", "finetune@10"}
+
+
+def test_graph_with_baseline_without_distill():
+    g = build_graph(cfg_with(distill={"enabled": False}))
+    assert g.names == [
+        "shard",
+        "pretrain",
+        "finetune@1",
+        "baseline@1",
+        "finetune@10",
+        "baseline@10",
+        "evaluate",
+    ]
+
+
+def test_ready_and_dependants():
+    g = build_graph(cfg_with(distill={"enabled": False}))
+    assert [n.name for n in g.ready(set())] == ["shard"]
+    assert [n.name for n in g.ready({"shard"})] == ["pretrain", "baseline@1", "baseline@10"]
+    assert [n.name for n in g.ready({"shard", "pretrain"})] == [
+        "finetune@1",
+        "baseline@1",
+        "finetune@10",
+        "baseline@10",
+    ]
+    assert g.dependants("pretrain") == ["finetune@1", "finetune@10", "evaluate"]
+
+
+def test_cycle_detected():
+    g = Graph(
+        [
+            StageNode("a", "x", {"in": "c"}),
+            StageNode("b", "x", {"in": "a"}),
+            StageNode("c", "x", {"in": "b"}),
+        ]
+    )
+    with pytest.raises(GraphError, match=r"cycle: a -> c -> b -> a|cycle: .*a.*") as e:
+        g.validate()
+    assert "\n" not in str(e.value)
+
+
+def test_missing_input_detected():
+    g = Graph([StageNode("a", "x"), StageNode("b", "x", {"model": "nowhere"})])
+    with pytest.raises(
+        GraphError, match="stage 'b' input 'model' needs stage 'nowhere', which no stage produces"
+    ):
+        g.validate()
+
+
+def test_duplicate_and_self_dependency():
+    with pytest.raises(GraphError, match="'a' is defined twice"):
+        Graph([StageNode("a", "x"), StageNode("a", "y")]).validate()
+    with pytest.raises(GraphError, match="'a' depends on itself"):
+        Graph([StageNode("a", "x", {"i": "a"})]).validate()
+
+
+def test_cache_key_changes_only_with_relevant_sections():
+    base = compute_keys(build_graph(cfg_with()), cfg_with())
+
+    def keys(**sections):
+        c = cfg_with(**sections)
+        return compute_keys(build_graph(c), c)
+
+    # evaluate settings: only evaluate changes
+    k = keys(evaluate={"knn_k": 20})
+    assert [n for n in base if base[n] != k[n]] == ["evaluate"]
+    # pretrain temperature: everything downstream of pretrain, not shard/baseline
+    k = keys(pretrain={"temperature": 0.5})
+    changed = {n for n in base if base[n] != k[n]}
+    assert changed == {
+        "pretrain",
+        "finetune@1",
+        "finetune@10",
+        "distill@1",
+        "distill@10",
+        "evaluate",
+    }
+    # distill settings: only distill and evaluate
+    k = keys(distill={"temperature": 2.0})
+    assert {n for n in base if base[n] != k[n]} == {"distill@1", "distill@10", "evaluate"}
+    # data: everything
+    k = keys(data={"seed": 3})
+    assert all(base[n] != k[n] for n in base)
+    # runtime-only keys change nothing
+    k = keys(
+        resources={"num_workers": 2}, tracking={"experiment": "other"}, data={"loader_workers": 3}
+    )
+    assert k == base
+    # adding a fraction leaves existing stages' keys alone (except evaluate, whose deps grow)
+    c = parse_config({"finetune": {"label_fractions": [1, 10, 50]}})
+    k = compute_keys(build_graph(c), c)
+    assert all(k[n] == base[n] for n in base if n != "evaluate")
+    assert k["evaluate"] != base["evaluate"]
+
+
+def test_cache_key_includes_version_params_and_upstream():
+    c = cfg_with()
+    n = build_graph(c)["finetune@1"]
+    ups = {"dataset": "k1", "pretrain": "k2"}
+    k = cache_key(n, c, ups, version="1")
+    assert len(k) == 64
+    assert k == cache_key(n, c, ups, version="1")
+    assert k != cache_key(n, c, ups, version="2")
+    assert k != cache_key(n, c, {"dataset": "k1", "pretrain": "k3"}, version="1")
+    other = StageNode(n.name, n.kind, n.deps, {"fraction": 2.0}, n.sections, n.training)
+    assert k != cache_key(other, c, ups, version="1")
+    with pytest.raises(GraphError, match="no cache key for upstream 'pretrain'"):
+        cache_key(n, c, {"dataset": "k1"})
