@@ -1,0 +1,17 @@
+"""Contrastive and distillation losses: one pure function per loss plus an ``nn.Module`` wrapper.
+
+- :func:`nt_xent` / :class:`NTXentLoss`: SimCLR's NT-Xent (Chen et al. 2020, arXiv:2002.05709).
+- :func:`supcon` / :class:`SupConLoss`: SupCon L_out (Khosla et al. 2020, arXiv:2004.11362), with
+  unlabeled images (label -1) for SimCLR and the semi-supervised mix.
+- :func:`distillation` / :class:`DistillationLoss`: SimCLRv2 distillation (Chen et al. 2020,
+  arXiv:2006.10029; Hinton et al. 2015).
+
+The contrastive losses normalise their inputs, compute in float32 (float64 for float64 inputs)
+even under autocast, and gather across ranks when asked (see ``pipeline.distributed``).
+"""
+
+from pipeline.losses.distill import DistillationLoss, distillation
+from pipeline.losses.ntxent import NTXentLoss, nt_xent
+from pipeline.losses.supcon import SupConLoss, supcon
+
+__all__ = ["DistillationLoss", "NTXentLoss", "SupConLoss", "distillation", "nt_xent", "supcon"]

@@ -1,0 +1,126 @@
+"""Knowledge distillation loss of SimCLRv2 (self-training with a fine-tuned teacher).
+
+Chen, Kornblith, Swersky, Norouzi, Hinton 2020, "Big Self-Supervised Models are Strong
+Semi-Supervised Learners", arXiv:2006.10029, eq. (2):
+
+    L_distill = - sum_{x} sum_y  P_T(y | x; tau) log P_S(y | x; tau),
+    P(y | x; tau) = softmax(logits / tau),
+
+averaged over the batch here, following Hinton, Vinyals, Dean 2015, "Distilling the Knowledge in a
+Neural Network", arXiv:1503.02531 (soft targets at temperature tau). Unlike Hinton et al., no
+tau^2 factor is applied (SimCLRv2 uses the plain form). With labeled examples the paper mixes in
+the ground-truth cross-entropy: (1 - alpha) · L_distill + alpha · CE(student, labels).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.losses.ntxent import check_temperature, compute_dtype
+
+__all__ = ["DistillationLoss", "distillation"]
+
+
+def _check_alpha(alpha: float) -> float:
+    a = float(alpha)
+    if not (math.isfinite(a) and 0.0 <= a <= 1.0):
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    return a
+
+
+def distillation(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 1.0,
+    labels: Tensor | None = None,
+    alpha: float = 0.0,
+) -> Tensor:
+    """SimCLRv2 distillation loss (arXiv:2006.10029 eq. 2), optionally mixed with cross-entropy.
+
+    Args:
+        student_logits: (B, C) student outputs (gets the gradient).
+        teacher_logits: (B, C) teacher outputs (treated as constant: detached).
+        temperature: tau > 0, applied to both teacher and student logits.
+        labels: (B,) integer classes, -1 for unlabeled entries; used only when ``alpha > 0``.
+        alpha: weight of the cross-entropy on labeled entries, in [0, 1]. Without labels, or with
+            ``alpha == 0``, the loss is the distillation term alone.
+
+    Returns:
+        Scalar: ``mean_b[-sum_y softmax(t_b / tau)_y · log_softmax(s_b / tau)_y]``, mixed as
+        ``(1 - alpha) · that + alpha · CE(student, labels)`` over entries with label >= 0 (a batch
+        without any labeled entry adds 0). Computed in at least float32, also under autocast.
+        Its gradient w.r.t. the student logits is ``(softmax(s / tau) - softmax(t / tau)) / (tau·B)``
+        for the distillation term: 0 when student == teacher.
+    """
+    tau = check_temperature(temperature)
+    a = _check_alpha(alpha)
+    if not isinstance(student_logits, Tensor) or not isinstance(teacher_logits, Tensor):
+        raise ValueError("distillation expects student_logits and teacher_logits tensors (B, C)")
+    if student_logits.dim() != 2 or student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"distillation expects student and teacher logits of the same shape (B, C), got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+        )
+    b, c = student_logits.shape
+    if b < 1 or c < 1:
+        raise ValueError(
+            f"distillation needs a non-empty batch, got logits {tuple(student_logits.shape)}"
+        )
+    if labels is not None:
+        if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.shape[0] != b:
+            shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+            raise ValueError(
+                f"distillation expects labels of shape (B,) = ({b},) for logits "
+                f"{tuple(student_logits.shape)}, got {shape}"
+            )
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ValueError(f"distillation expects integer labels, got dtype {labels.dtype}")
+        if labels.numel() and int(labels.max()) >= c:
+            raise ValueError(
+                f"distillation labels must be < {c} classes, got max {int(labels.max())}"
+            )
+    dtype = compute_dtype(student_logits)
+
+    with torch.autocast(device_type=student_logits.device.type, enabled=False):
+        s = student_logits.to(dtype)  # (B, C)
+        p_teacher = F.softmax(teacher_logits.detach().to(dtype) / tau, dim=1)  # (B, C)
+        log_p_student = F.log_softmax(s / tau, dim=1)  # (B, C)
+        kd = -(p_teacher * log_p_student).sum(dim=1).mean()  # ()
+        if labels is None or a == 0.0:
+            return kd
+        labels = labels.to(device=s.device, dtype=torch.long)
+        labeled = labels >= 0  # (B,)
+        if bool(labeled.any()):
+            ce = F.cross_entropy(s[labeled], labels[labeled])  # () mean over labeled entries
+        else:
+            ce = s.sum() * 0.0  # no labeled entry: 0, graph kept
+        return (1.0 - a) * kd + a * ce
+
+
+class DistillationLoss(nn.Module):
+    """SimCLRv2 distillation loss (Chen et al. 2020, arXiv:2006.10029; Hinton et al. 2015).
+
+    See :func:`distillation`. ``forward(student_logits, teacher_logits, labels=None)``.
+
+    Args:
+        temperature: tau > 0 for the soft targets.
+        alpha: weight in [0, 1] of the ground-truth cross-entropy on labeled entries.
+    """
+
+    def __init__(self, temperature: float = 1.0, alpha: float = 0.0) -> None:
+        super().__init__()
+        self.temperature = check_temperature(temperature)
+        self.alpha = _check_alpha(alpha)
+
+    def forward(
+        self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None
+    ) -> Tensor:
+        """Loss for (B, C) student and teacher logits and optional (B,) labels (-1 = unlabeled)."""
+        return distillation(student_logits, teacher_logits, self.temperature, labels, self.alpha)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, alpha={self.alpha}"
