@@ -1,0 +1,397 @@
+"""Durable run records under ``<storage.root>/runs/<run_id>/``, through ``pyarrow.fs``.
+
+Layout of one run::
+
+    runs/<run_id>/config.yaml                 the resolved config
+    runs/<run_id>/run.json                    run id, created, status, MLflow parent run, address
+    runs/<run_id>/stages/<name>/state.json    pending|running|succeeded|failed|skipped, attempts, ...
+    runs/<run_id>/stages/<name>/error.txt     the traceback of the last failure
+    runs/<run_id>/stages/<name>/out/          the stage's outputs
+    runs/<run_id>/stages/<name>/manifest.json written LAST: a stage with a manifest is finished
+
+``storage.root`` is a local path or a URI (``s3://bucket/prefix``, ``gs://...``, ``file:///...``)
+that :func:`pyarrow.fs.FileSystem.from_uri` understands. Every write is atomic: on a local file
+system through a temp file and a rename; on an object store the final object is written in one put
+(an object appears only once its upload completes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow.fs as pafs
+import yaml
+
+from pipeline.config import Config, parse_config
+
+__all__ = [
+    "STAGE_STATES",
+    "RunInfo",
+    "RunStore",
+    "StageState",
+    "StateError",
+    "new_run_id",
+    "now_iso",
+]
+
+STAGE_STATES = ("pending", "running", "succeeded", "failed", "skipped")
+RUN_STATES = ("created", "running", "succeeded", "failed")
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class StateError(RuntimeError):
+    """A problem with the run records; ``str(err)`` is one line."""
+
+
+def now_iso() -> str:
+    """The current UTC time, ISO 8601 with seconds."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def new_run_id() -> str:
+    """A fresh run id, unique and sortable by creation time: ``20261123-101500-ab12cd``."""
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+def check_run_id(run_id: str) -> str:
+    """Return ``run_id`` if it is a safe folder name, else raise a one-line :class:`StateError`."""
+    if not isinstance(run_id, str) or not _RUN_ID.match(run_id) or ".." in run_id:
+        raise StateError(
+            f"state error: run id {run_id!r} is not valid (letters, digits, '.', '_', '-'; up to 128)"
+        )
+    return run_id
+
+
+@dataclass
+class StageState:
+    """The durable state of one stage (``state.json``)."""
+
+    name: str
+    state: str = "pending"
+    attempts: int = 0
+    started: str | None = None
+    ended: str | None = None
+    duration_s: float | None = None
+    error: str | None = None
+    traceback_file: str | None = None
+    cache_key: str | None = None
+    mlflow_run_id: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    key_metric: str | None = None
+    reused_from: dict[str, str] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StageState:
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+@dataclass
+class RunInfo:
+    """What ``run.json`` holds, plus the run's folder."""
+
+    run_id: str
+    created: str
+    status: str = "created"
+    name: str = "run"
+    mlflow_run_id: str | None = None
+    tracking_uri: str | None = None
+    address: str | None = None
+    updated: str | None = None
+    error: str | None = None
+    path: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("path")
+        return d
+
+
+class RunStore:
+    """Run records under ``<root>/runs/``; ``root`` is a local path or a pyarrow.fs URI.
+
+    ``filesystem`` (optional) replaces the file system derived from ``root`` (``root`` is then a
+    path inside it); tests use it to exercise the object-store code paths.
+    """
+
+    def __init__(
+        self, root: str | os.PathLike[str], filesystem: pafs.FileSystem | None = None
+    ) -> None:
+        root = os.fspath(root)
+        if not root:
+            raise StateError("state error: storage.root is empty")
+        self.root = root
+        if filesystem is not None:
+            self.fs, base = filesystem, root
+        elif "://" in root:
+            try:
+                self.fs, base = pafs.FileSystem.from_uri(root)
+            except (OSError, ValueError) as err:
+                first = str(err).splitlines()[0] if str(err) else type(err).__name__
+                raise StateError(f"state error: storage.root {root!r}: {first}") from None
+        else:
+            self.fs, base = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(root))
+        self.base = base.rstrip("/") or "/"
+        self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
+
+    # -- paths -----------------------------------------------------------------------------
+    def _join(self, *parts: str) -> str:
+        return "/".join([self.base.rstrip("/"), *parts])
+
+    @property
+    def runs_dir(self) -> str:
+        return self._join("runs")
+
+    def run_dir(self, run_id: str) -> str:
+        return self._join("runs", check_run_id(run_id))
+
+    def stage_dir(self, run_id: str, stage: str) -> str:
+        if not stage or "/" in stage or stage in (".", ".."):
+            raise StateError(f"state error: stage name {stage!r} is not valid")
+        return f"{self.run_dir(run_id)}/stages/{stage}"
+
+    def out_dir(self, run_id: str, stage: str) -> str:
+        """The stage's output folder, as a path inside :attr:`fs`."""
+        return self.stage_dir(run_id, stage) + "/out"
+
+    def uri(self, path: str) -> str:
+        """A path inside :attr:`fs` as something other processes can open (local path or URI)."""
+        if self.is_local:
+            return path
+        if "://" in self.root:
+            scheme = self.root.split("://", 1)[0]
+            return f"{scheme}://{path.lstrip('/')}"
+        return path
+
+    # -- low-level I/O ---------------------------------------------------------------------
+    def _exists(self, path: str) -> bool:
+        return self.fs.get_file_info(path).type != pafs.FileType.NotFound
+
+    def _read_text(self, path: str) -> str | None:
+        try:
+            with self.fs.open_input_stream(path) as f:
+                return f.read().decode()
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            if not self._exists(path):
+                return None
+            raise StateError(f"state error: cannot read {self.uri(path)}: {err}") from None
+
+    def write_text(self, path: str, text: str) -> None:
+        """Write ``text`` to ``path`` atomically (temp + rename locally, one put on object stores)."""
+        parent = path.rsplit("/", 1)[0]
+        self.fs.create_dir(parent, recursive=True)
+        data = text.encode()
+        if not self.is_local:
+            with self.fs.open_output_stream(path) as f:
+                f.write(data)
+            return
+        name = path.rsplit("/", 1)[1]
+        tmp = f"{parent}/.{name}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            with self.fs.open_output_stream(tmp) as f:
+                f.write(data)
+            self.fs.move(tmp, path)  # rename(2): atomic on one file system
+        except BaseException:
+            try:
+                self.fs.delete_file(tmp)
+            except OSError:
+                pass
+            raise
+
+    def _write_json(self, path: str, obj: Any) -> None:
+        self.write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+    def _read_json(self, path: str) -> dict[str, Any] | None:
+        text = self._read_text(path)
+        if text is None:
+            return None
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise StateError(
+                f"state error: {self.uri(path)} is not valid JSON ({err.msg})"
+            ) from None
+        if not isinstance(obj, dict):
+            raise StateError(f"state error: {self.uri(path)} does not hold a JSON object")
+        return obj
+
+    def _mkdir_exclusive(self, path: str) -> bool:
+        """Create ``path``; False if it already exists (exclusive on local file systems)."""
+        if self.is_local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            try:
+                os.mkdir(path)
+            except FileExistsError:
+                return False
+            return True
+        # Object stores have no exclusive create: check, then claim with a marker object. With a
+        # random suffix in generated ids two writers picking the same id is practically impossible.
+        if self._exists(path + "/run.json") or self._exists(path + "/.claimed"):
+            return False
+        self.write_text(path + "/.claimed", now_iso() + "\n")
+        return True
+
+    # -- runs ------------------------------------------------------------------------------
+    def create_run(
+        self,
+        cfg: Config,
+        run_id: str | None = None,
+        *,
+        tracking_uri: str | None = None,
+        address: str | None = None,
+    ) -> str:
+        """Create a new run folder (exclusively), write ``config.yaml`` and ``run.json``.
+
+        With ``run_id`` given, an existing run of that id is an error; without it a fresh
+        time-sortable id is generated.
+        """
+        if run_id is not None:
+            check_run_id(run_id)
+            if not self._mkdir_exclusive(self.run_dir(run_id)):
+                raise StateError(f"state error: run {run_id!r} already exists under {self.root}")
+        else:
+            for _ in range(20):
+                run_id = new_run_id()
+                if self._mkdir_exclusive(self.run_dir(run_id)):
+                    break
+            else:  # pragma: no cover - 20 collisions of a 24-bit random suffix
+                raise StateError(
+                    f"state error: could not create a fresh run folder under {self.root}"
+                )
+        assert run_id is not None
+        self.fs.create_dir(self.run_dir(run_id) + "/stages", recursive=True)
+        self.write_text(self.run_dir(run_id) + "/config.yaml", cfg.to_yaml())
+        info = RunInfo(
+            run_id=run_id,
+            created=now_iso(),
+            status="created",
+            name=cfg.name,
+            tracking_uri=tracking_uri,
+            address=address,
+        )
+        self._write_json(self.run_dir(run_id) + "/run.json", info.to_dict())
+        return run_id
+
+    def load_run(self, run_id: str) -> RunInfo:
+        """The run's record; an unknown id is a one-line error naming the storage root."""
+        d = self._read_json(self.run_dir(run_id) + "/run.json")
+        if d is None:
+            raise StateError(f"state error: no run {run_id!r} under {self.root}/runs")
+        known = {k: v for k, v in d.items() if k in RunInfo.__dataclass_fields__ and k != "path"}
+        return RunInfo(**known, path=self.uri(self.run_dir(run_id)))
+
+    def load_config(self, run_id: str) -> Config:
+        """The run's resolved config (``config.yaml``)."""
+        text = self._read_text(self.run_dir(run_id) + "/config.yaml")
+        if text is None:
+            raise StateError(f"state error: run {run_id!r} under {self.root} has no config.yaml")
+        return parse_config(yaml.safe_load(text))
+
+    def update_run(self, run_id: str, **fields: Any) -> RunInfo:
+        """Change fields of ``run.json`` (e.g. ``status``, ``mlflow_run_id``) and write it back."""
+        info = self.load_run(run_id)
+        for k, v in fields.items():
+            if k not in RunInfo.__dataclass_fields__ or k in ("run_id", "path"):
+                raise StateError(f"state error: run.json has no field {k!r}")
+            if k == "status" and v not in RUN_STATES:
+                raise StateError(
+                    f"state error: run status {v!r} is not one of {', '.join(RUN_STATES)}"
+                )
+            setattr(info, k, v)
+        info.updated = now_iso()
+        self._write_json(self.run_dir(run_id) + "/run.json", info.to_dict())
+        return info
+
+    def list_runs(self) -> list[RunInfo]:
+        """Every run under the root, oldest first (run ids sort by time)."""
+        sel = pafs.FileSelector(self.runs_dir, allow_not_found=True, recursive=False)
+        out = []
+        for fi in sorted(self.fs.get_file_info(sel), key=lambda f: f.base_name):
+            if fi.type != pafs.FileType.Directory or not _RUN_ID.match(fi.base_name):
+                continue
+            try:
+                out.append(self.load_run(fi.base_name))
+            except StateError:
+                continue  # a folder being created right now, or not a run
+        return out
+
+    # -- stages ----------------------------------------------------------------------------
+    def stage_names(self, run_id: str) -> list[str]:
+        sel = pafs.FileSelector(self.run_dir(run_id) + "/stages", allow_not_found=True)
+        return sorted(
+            fi.base_name for fi in self.fs.get_file_info(sel) if fi.type == pafs.FileType.Directory
+        )
+
+    def read_state(self, run_id: str, stage: str) -> StageState:
+        """The stage's state; a stage never started reads as ``pending``."""
+        d = self._read_json(self.stage_dir(run_id, stage) + "/state.json")
+        return StageState(name=stage) if d is None else StageState.from_dict(d)
+
+    def write_state(self, run_id: str, st: StageState) -> None:
+        if st.state not in STAGE_STATES:
+            raise StateError(
+                f"state error: stage {st.name!r}: state {st.state!r} is not one of {STAGE_STATES}"
+            )
+        self._write_json(self.stage_dir(run_id, st.name) + "/state.json", st.to_dict())
+
+    def stage_states(self, run_id: str) -> dict[str, StageState]:
+        return {name: self.read_state(run_id, name) for name in self.stage_names(run_id)}
+
+    def read_manifest(self, run_id: str, stage: str) -> dict[str, Any] | None:
+        """The stage's manifest, or None when the stage has not finished."""
+        return self._read_json(self.stage_dir(run_id, stage) + "/manifest.json")
+
+    def write_manifest(self, run_id: str, stage: str, manifest: dict[str, Any]) -> None:
+        """Write the manifest (atomically, last): from now on the stage is finished."""
+        if not isinstance(manifest.get("outputs"), dict):
+            raise StateError(f"state error: stage {stage!r}: manifest needs an 'outputs' mapping")
+        self._write_json(self.stage_dir(run_id, stage) + "/manifest.json", manifest)
+
+    def delete_manifest(self, run_id: str, stage: str) -> None:
+        """Mark a stage unfinished again (e.g. its cache key changed)."""
+        try:
+            self.fs.delete_file(self.stage_dir(run_id, stage) + "/manifest.json")
+        except FileNotFoundError:
+            pass
+        except OSError:
+            if self._exists(self.stage_dir(run_id, stage) + "/manifest.json"):
+                raise
+
+    def write_error(self, run_id: str, stage: str, traceback_text: str) -> str:
+        """Write the failure's traceback to ``error.txt``; return where it is."""
+        path = self.stage_dir(run_id, stage) + "/error.txt"
+        self.write_text(path, traceback_text)
+        return self.uri(path)
+
+    def find_finished_by_key(
+        self, cache_key: str, exclude_run_id: str | None = None
+    ) -> tuple[str, str, dict[str, Any]] | None:
+        """A finished stage of any run (newest run first) whose manifest has ``cache_key``.
+
+        Returns ``(run_id, stage, manifest)`` or None. A manifest that was itself reused from an
+        earlier run still counts (it points at the original outputs).
+        """
+        for info in reversed(self.list_runs()):
+            if info.run_id == exclude_run_id:
+                continue
+            for stage in self.stage_names(info.run_id):
+                try:
+                    m = self.read_manifest(info.run_id, stage)
+                except StateError:
+                    continue
+                if m is not None and m.get("cache_key") == cache_key:
+                    return info.run_id, stage, m
+        return None
