@@ -56,6 +56,19 @@ def make_model() -> nn.Module:
     return nn.Sequential(nn.Linear(D_IN, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 4))
 
 
+def make_bn2d() -> nn.Module:
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(3)
+    nn.init.normal_(bn.weight)
+    nn.init.normal_(bn.bias)
+    return bn
+
+
+def make_images() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    return 3 + 2 * torch.randn(4, 3, 2, 2, generator=g), torch.randn(4, 3, 2, 2, generator=g)
+
+
 def make_batch() -> torch.Tensor:
     return torch.randn(N, V, D_IN, generator=torch.Generator().manual_seed(1))  # (N, V, D_IN)
 
@@ -100,6 +113,22 @@ def _worker(rank: int, out_dir: str) -> None:
         assert torch.equal(x.grad, expected[:, None].expand(-1, 2)), x.grad
 
         results: dict[str, dict] = {}
+        # Global BN on 4-D input (N, C, H, W), uneven split 3 / 1
+        lo, hi = (0, 3) if rank == 0 else (3, 4)
+        bn = convert_sync_batchnorm(make_bn2d())
+        img, weight = make_images()
+        img = img[lo:hi].clone().requires_grad_(True)
+        out = bn(img)
+        (out * weight[lo:hi]).sum().backward()
+        dist.all_reduce(bn.weight.grad)  # the loss is the sum over ranks: sum the grads
+        dist.all_reduce(bn.bias.grad)
+        results["bn2d"] = {
+            "out": out.detach(),
+            "x_grad": img.grad,
+            "w_grad": bn.weight.grad,
+            "b_grad": bn.bias.grad,
+            "running_var": bn.running_var.clone(),
+        }
         xb = make_batch()
         for name, (kind, labels, split) in CASES.items():
             lo, hi = (0, split) if rank == 0 else (split, N)
@@ -145,6 +174,19 @@ def test_two_gloo_ranks_match_one_process(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("MASTER_PORT", str(_free_port()))
     mp.spawn(_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+
+    bn = make_bn2d()
+    img, weight = make_images()
+    img.requires_grad_(True)
+    out = bn(img)
+    (out * weight).sum().backward()
+    got = [r["bn2d"] for r in ranks]
+    torch.testing.assert_close(torch.cat([g["out"] for g in got]), out.detach(), **TOL)
+    torch.testing.assert_close(torch.cat([g["x_grad"] for g in got]), img.grad, **TOL)
+    for g in got:
+        torch.testing.assert_close(g["w_grad"], bn.weight.grad, **TOL)
+        torch.testing.assert_close(g["b_grad"], bn.bias.grad, **TOL)
+        torch.testing.assert_close(g["running_var"], bn.running_var, **TOL)
 
     xb = make_batch()
     for name, (kind, labels, _) in CASES.items():

@@ -55,6 +55,9 @@ def nt_xent(
 ) -> Tensor:
     """NT-Xent loss (SimCLR eq. 1, arXiv:2002.05709), mean over this rank's 2N anchors.
 
+    Distributed, the rank's sum is divided by (2 · images over all ranks) / world: the local mean
+    when every rank has the same batch, and in every case the mean over ranks is the global loss.
+
     Args:
         z_a: (N, D) projections of the first view of each image (normalised here).
         z_b: (N, D) projections of the second view, row i the partner of ``z_a[i]``.
