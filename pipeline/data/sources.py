@@ -1,0 +1,639 @@
+"""Image sources: where the pixels come from, before sharding.
+
+Four sources, selected by ``cfg.data.source``:
+
+``fashion-mnist``
+    The idx files (``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``, ``t10k-*``, plain or
+    ``.gz``). Looked up in ``data.root`` when it is set (and only there), else in
+    ``/usr/share/datasets/fashion-mnist`` (Debian package ``dataset-fashion-mnist``), else in
+    ``~/.cache/contrastive/fashion-mnist``. ``data.download=true`` fetches the files from the
+    official mirror into ``data.root`` (or the cache folder) when they are absent.
+``cifar10``
+    The CIFAR-10 python pickle folder (``data_batch_1..5``, ``test_batch``, ``batches.meta``), in
+    ``data.root`` (the folder itself or its parent holding ``cifar-10-batches-py``), else in
+    ``~/.cache/contrastive/cifar10``; ``data.download=true`` fetches and unpacks the official archive.
+``image-folder``
+    ``root/<class>/**/*.{jpg,jpeg,png,webp}``; with ``root/train`` and ``root/test`` sub-folders those
+    are the splits, else a seeded, class-stratified 20 % test split is drawn. Unreadable, corrupt and
+    non-image files are skipped, counted and listed (path, reason); no readable image at all is an
+    error. Greyscale-only folders give one-channel images, anything else RGB. Images whose size differs
+    from the most common size are resized (shorter side) and centre-cropped to it, and counted.
+``digits``
+    scikit-learn's ``load_digits`` (8x8, values 0..16 scaled to uint8 0..255), seeded class-stratified
+    80/20 train/test split. Needs no files: the smoke-test source.
+
+Every source gives class names and, per split (``train``, ``test``), a deterministic list of
+:class:`Record` with stable keys (no dots or slashes, so they are valid WebDataset keys).
+:func:`prepare_splits` then applies the ``max_train`` / ``max_test`` caps (class-stratified, seeded;
+``max_train`` caps the train pool *before* validation is carved out) and carves ``val`` from train.
+
+Problems are :class:`DataError` with a one-line message naming the file or folder.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+import os
+import pickle
+import re
+import tarfile
+import tempfile
+import urllib.request
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "CIFAR10_URL",
+    "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_FILES",
+    "FASHION_MNIST_URL",
+    "IMAGE_EXTENSIONS",
+    "DataError",
+    "Record",
+    "Skip",
+    "SourceData",
+    "default_fashion_mnist_dirs",
+    "load_cifar10",
+    "load_digits_source",
+    "load_fashion_mnist",
+    "load_image_folder",
+    "load_source",
+    "prepare_splits",
+    "read_idx",
+    "stratified_indices",
+    "stratified_split",
+]
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """A data problem; ``str(err)`` is one line naming the culprit (file, shard, folder or field)."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One labelled image. ``image`` is uint8, ``HxW`` (one channel) or ``HxWxC``."""
+
+    key: str
+    image: np.ndarray
+    label: int
+
+
+@dataclass(frozen=True)
+class Skip:
+    """An input that was left out, and why."""
+
+    path: str
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"path": self.path, "reason": self.reason}
+
+
+@dataclass
+class SourceData:
+    """A loaded source: class names, records per split, and what was skipped.
+
+    ``info`` holds source-specific facts worth recording (e.g. the folder read, resized count).
+    """
+
+    name: str
+    classes: list[str]
+    splits: dict[str, list[Record]]
+    skipped: list[Skip] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def channels(self) -> int:
+        img = self._first_image()
+        return 1 if img.ndim == 2 else int(img.shape[2])
+
+    @property
+    def height(self) -> int:
+        return int(self._first_image().shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self._first_image().shape[1])
+
+    def _first_image(self) -> np.ndarray:
+        for recs in self.splits.values():
+            if recs:
+                return recs[0].image
+        raise DataError(f"source {self.name}: no images in any split")
+
+
+# --------------------------------------------------------------------------------------------
+# stratified selection
+# --------------------------------------------------------------------------------------------
+
+
+def _allocate(counts: np.ndarray, total: int) -> np.ndarray:
+    """Split ``total`` among classes proportionally to ``counts`` (largest remainder), capped."""
+    n = int(counts.sum())
+    total = max(0, min(int(total), n))
+    if n == 0 or total == 0:
+        return np.zeros_like(counts)
+    exact = counts * (total / n)
+    alloc = np.floor(exact).astype(np.int64)
+    rem = total - int(alloc.sum())
+    if rem > 0:
+        # Largest fractional part first; ties broken by class index (deterministic).
+        order = np.lexsort((np.arange(len(counts)), -(exact - alloc)))
+        for c in order:
+            if rem == 0:
+                break
+            if alloc[c] < counts[c]:
+                alloc[c] += 1
+                rem -= 1
+    return np.minimum(alloc, counts)
+
+
+def _class_perm(idx: np.ndarray, seed: int, cls: int, salt: int) -> np.ndarray:
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(cls), int(salt)])
+    return idx[rng.permutation(len(idx))]
+
+
+def stratified_indices(
+    labels: Sequence[int] | np.ndarray, n: int, seed: int, salt: int = 0
+) -> np.ndarray:
+    """Indices (sorted, i.e. in source order) of a seeded class-stratified sample of size ``n``."""
+    y = np.asarray(labels, dtype=np.int64)
+    if n >= len(y):
+        return np.arange(len(y))
+    classes = np.unique(y)
+    counts = np.array([(y == c).sum() for c in classes], dtype=np.int64)
+    alloc = _allocate(counts, n)
+    picked = [
+        _class_perm(np.flatnonzero(y == c), seed, int(c), salt)[:k]
+        for c, k in zip(classes, alloc, strict=True)
+    ]
+    return np.sort(np.concatenate(picked)) if picked else np.arange(0)
+
+
+def stratified_split(
+    labels: Sequence[int] | np.ndarray, fraction: float, seed: int, salt: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded class-stratified split: ``(keep, carved)`` index arrays (each in source order), where
+    ``carved`` holds about ``fraction`` of the items of every class."""
+    if not 0.0 <= fraction < 1.0:
+        raise DataError(f"split fraction must lie in [0, 1) (got {fraction})")
+    y = np.asarray(labels, dtype=np.int64)
+    carved = stratified_indices(y, round(fraction * len(y)), seed, salt) if fraction > 0 else []
+    mask = np.zeros(len(y), dtype=bool)
+    mask[np.asarray(carved, dtype=np.int64)] = True
+    return np.flatnonzero(~mask), np.flatnonzero(mask)
+
+
+# --------------------------------------------------------------------------------------------
+# atomic download helper
+# --------------------------------------------------------------------------------------------
+
+
+def _download(url: str, dest: Path) -> None:
+    """Fetch ``url`` into ``dest`` through a temp file in the same folder and a rename."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    log.info("downloading %s -> %s", url, dest)
+    try:
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=120) as r:  # noqa: S310
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+        os.replace(tmp, dest)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise DataError(f"download of {url} failed: {err}") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --------------------------------------------------------------------------------------------
+# fashion-mnist
+# --------------------------------------------------------------------------------------------
+
+FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
+
+
+def default_fashion_mnist_dirs() -> list[Path]:
+    """Where Fashion-MNIST is looked for when ``data.root`` is not set, in order."""
+    return [
+        Path("/usr/share/datasets/fashion-mnist"),
+        Path("~/.cache/contrastive/fashion-mnist").expanduser(),
+    ]
+
+
+def read_idx(path: str | os.PathLike[str], expect_dims: int) -> np.ndarray:
+    """Read an idx file (plain or ``.gz``) of unsigned bytes with ``expect_dims`` dimensions,
+    checking the magic number and the size; a wrong file is a one-line :class:`DataError`."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+        if path.suffix == ".gz":
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, gzip.BadGzipFile) as err:
+        raise DataError(f"{path}: cannot read idx file ({err})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise DataError(f"{path}: not an idx file (bad magic number)")
+    dtype_code, ndim = raw[2], raw[3]
+    if dtype_code != 0x08:
+        raise DataError(f"{path}: idx data type 0x{dtype_code:02x}, expected unsigned bytes (0x08)")
+    if ndim != expect_dims:
+        raise DataError(f"{path}: idx file has {ndim} dimensions, expected {expect_dims}")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path}: truncated idx header")
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    expected = header + int(np.prod(dims))
+    if len(raw) != expected:
+        raise DataError(f"{path}: idx size {len(raw)} bytes, expected {expected} for shape {dims}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _find_idx(folder: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _fm_complete(folder: Path) -> bool:
+    return all(
+        _find_idx(folder, s) is not None for pair in FASHION_MNIST_FILES.values() for s in pair
+    )
+
+
+def load_fashion_mnist(
+    root: str | os.PathLike[str] | None = None,
+    download: bool = False,
+    search_dirs: Sequence[str | os.PathLike[str]] | None = None,
+) -> SourceData:
+    """Fashion-MNIST from idx files.
+
+    ``root`` set: only that folder is consulted (and downloaded into). ``root`` None: the folders
+    ``search_dirs`` (default :func:`default_fashion_mnist_dirs`) in order; a download goes to the last.
+    """
+    if root is not None:
+        dirs = [Path(root).expanduser()]
+    else:
+        dirs = [Path(d).expanduser() for d in (search_dirs or default_fashion_mnist_dirs())]
+    if not dirs:
+        raise DataError("fashion-mnist: no folder to look in")
+    folder = next((d for d in dirs if _fm_complete(d)), None)
+    if folder is None and download:
+        folder = dirs[-1]
+        for pair in FASHION_MNIST_FILES.values():
+            for stem in pair:
+                if _find_idx(folder, stem) is None:
+                    _download(FASHION_MNIST_URL + stem + ".gz", folder / (stem + ".gz"))
+    if folder is None:
+        where = ", ".join(str(d) for d in dirs)
+        raise DataError(
+            f"fashion-mnist: idx files not found in {where}; get them with "
+            "`apt-get install dataset-fashion-mnist`, or set data.download=true (needs the internet), "
+            "or point data.root at a folder holding train-images-idx3-ubyte[.gz] etc."
+        )
+    splits: dict[str, list[Record]] = {}
+    for split, (img_stem, lbl_stem) in FASHION_MNIST_FILES.items():
+        img_path = _find_idx(folder, img_stem)
+        lbl_path = _find_idx(folder, lbl_stem)
+        assert img_path is not None and lbl_path is not None
+        images = read_idx(img_path, 3)
+        labels = read_idx(lbl_path, 1)
+        if images.shape[0] != labels.shape[0]:
+            raise DataError(
+                f"{lbl_path}: {labels.shape[0]} labels for {images.shape[0]} images in {img_path.name}"
+            )
+        if labels.size and int(labels.max()) >= len(FASHION_MNIST_CLASSES):
+            raise DataError(f"{lbl_path}: label {int(labels.max())} outside 0..9")
+        splits[split] = [
+            Record(f"{split}_{i:06d}", images[i], int(labels[i])) for i in range(images.shape[0])
+        ]
+    return SourceData(
+        "fashion-mnist", list(FASHION_MNIST_CLASSES), splits, info={"root": str(folder)}
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# cifar10
+# --------------------------------------------------------------------------------------------
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+_CIFAR_DIR = "cifar-10-batches-py"
+_CIFAR_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+
+
+def _cifar_folder(root: Path) -> Path | None:
+    for cand in (root, root / _CIFAR_DIR):
+        if (cand / "batches.meta").is_file():
+            return cand
+    return None
+
+
+def _unpickle(path: Path) -> dict[Any, Any]:
+    try:
+        with path.open("rb") as f:
+            obj = pickle.load(f, encoding="bytes")  # noqa: S301 - the official CIFAR format
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing CIFAR-10 batch file") from None
+    except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file
+        raise DataError(f"{path}: not a CIFAR-10 pickle ({type(err).__name__}: {err})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: not a CIFAR-10 pickle (top level is {type(obj).__name__})")
+    return obj
+
+
+def load_cifar10(root: str | os.PathLike[str] | None = None, download: bool = False) -> SourceData:
+    """CIFAR-10 from its python pickle folder (HxWx3 uint8 images)."""
+    base = Path(root).expanduser() if root else Path("~/.cache/contrastive/cifar10").expanduser()
+    folder = _cifar_folder(base)
+    if folder is None and download:
+        archive = base / "cifar-10-python.tar.gz"
+        if not archive.is_file():
+            _download(CIFAR10_URL, archive)
+        try:
+            with tarfile.open(archive, "r:gz") as tf:
+                tf.extractall(base, filter="data")
+        except (tarfile.TarError, OSError, EOFError) as err:
+            raise DataError(f"{archive}: cannot unpack ({err})") from None
+        folder = _cifar_folder(base)
+    if folder is None:
+        raise DataError(
+            f"cifar10: no batches.meta in {base} or {base / _CIFAR_DIR}; download and unpack "
+            f"{CIFAR10_URL} there, or set data.download=true (needs the internet), or point data.root "
+            "at the cifar-10-batches-py folder"
+        )
+    meta = _unpickle(folder / "batches.meta")
+    names = meta.get(b"label_names")
+    if not isinstance(names, list) or not names:
+        raise DataError(f"{folder / 'batches.meta'}: no label_names")
+    classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+    splits: dict[str, list[Record]] = {}
+    for split, files in _CIFAR_FILES.items():
+        recs: list[Record] = []
+        for fname in files:
+            batch = _unpickle(folder / fname)
+            data, labels = batch.get(b"data"), batch.get(b"labels")
+            if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3072:
+                raise DataError(f"{folder / fname}: 'data' is not an N x 3072 array")
+            if labels is None or len(labels) != data.shape[0]:
+                raise DataError(f"{folder / fname}: 'labels' missing or of the wrong length")
+            imgs = np.ascontiguousarray(
+                data.astype(np.uint8, copy=False).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+            )
+            for i in range(imgs.shape[0]):
+                lab = int(labels[i])
+                if not 0 <= lab < len(classes):
+                    raise DataError(
+                        f"{folder / fname}: label {lab} at row {i} outside 0..{len(classes) - 1}"
+                    )
+                recs.append(Record(f"{split}_{len(recs):05d}", imgs[i], lab))
+        splits[split] = recs
+    return SourceData("cifar10", classes, splits, info={"root": str(folder)})
+
+
+# --------------------------------------------------------------------------------------------
+# image folder
+# --------------------------------------------------------------------------------------------
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+_GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
+_KEY_BAD = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def _make_key(rel: str, used: set[str]) -> str:
+    key = _KEY_BAD.sub("_", rel).strip("_") or "img"
+    if len(key) > 80:
+        key = key[:60] + "_" + hashlib.sha1(rel.encode()).hexdigest()[:12]
+    base, n = key, 1
+    while key in used:
+        n += 1
+        key = f"{base}-{n}"
+    used.add(key)
+    return key
+
+
+def _decode_file(path: Path) -> tuple[np.ndarray, bool]:
+    """Decode an image file into (uint8 array HxW or HxWx3, was_grey); raises on a bad file."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        im.load()
+        im = ImageOps.exif_transpose(im)
+        grey = im.mode in _GREY_MODES
+        if grey:
+            if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+                arr = np.asarray(im, dtype=np.float64)
+                hi = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+                return np.clip(np.rint(arr * (255.0 / hi)), 0, 255).astype(np.uint8), True
+            return np.asarray(im.convert("L"), dtype=np.uint8), True
+        return np.asarray(im.convert("RGB"), dtype=np.uint8), False
+
+
+def _fit_size(img: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Resize the shorter side to cover ``h x w`` and centre-crop."""
+    from PIL import Image
+
+    ih, iw = img.shape[:2]
+    scale = max(h / ih, w / iw)
+    nh, nw = max(h, round(ih * scale)), max(w, round(iw * scale))
+    im = Image.fromarray(img).resize((nw, nh), Image.Resampling.BICUBIC)
+    top, left = (nh - h) // 2, (nw - w) // 2
+    return np.asarray(im.crop((left, top, left + w, top + h)), dtype=np.uint8)
+
+
+def _is_hidden(p: Path) -> bool:
+    return p.name.startswith(".")
+
+
+def _scan_classes(folder: Path, skipped: list[Skip]) -> dict[str, list[Path]]:
+    """class name -> sorted image candidate paths under ``folder/<class>/`` (recursively)."""
+    out: dict[str, list[Path]] = {}
+    for entry in sorted(folder.iterdir()):
+        if entry.is_dir():
+            if _is_hidden(entry):
+                skipped.append(Skip(str(entry), "hidden folder ignored"))
+                continue
+            files = sorted(p for p in entry.rglob("*") if p.is_file())
+            out[entry.name] = files
+        elif entry.is_file():
+            skipped.append(Skip(str(entry), "file outside a class folder"))
+    return out
+
+
+def load_image_folder(
+    root: str | os.PathLike[str] | None, seed: int = 0, test_fraction: float = 0.2
+) -> SourceData:
+    """Images in ``root/<class>/`` (or ``root/{train,test}/<class>/``); see the module docstring."""
+    if root is None:
+        raise DataError("data.root: must name the image folder for source image-folder")
+    base = Path(root).expanduser()
+    if not base.is_dir():
+        raise DataError(f"data.root: image folder {base} does not exist")
+    skipped: list[Skip] = []
+    presplit = (base / "train").is_dir() and (base / "test").is_dir()
+    if presplit:
+        scans = {s: _scan_classes(base / s, skipped) for s in ("train", "test")}
+        # Anything else at the top level is not part of the dataset.
+        for entry in sorted(base.iterdir()):
+            if entry.name not in ("train", "test"):
+                skipped.append(Skip(str(entry), "outside the train/test folders"))
+    else:
+        scans = {"all": _scan_classes(base, skipped)}
+    classes = sorted({c for scan in scans.values() for c in scan})
+    if not classes:
+        raise DataError(
+            f"image folder {base}: no class sub-folders (expected root/<class>/*.png ...)"
+        )
+    class_idx = {c: i for i, c in enumerate(classes)}
+
+    used: set[str] = set()
+    decoded: dict[str, list[tuple[str, np.ndarray, int, bool]]] = {}
+    for split, scan in scans.items():
+        items: list[tuple[str, np.ndarray, int, bool]] = []
+        for cls in sorted(scan):
+            for path in scan[cls]:
+                if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                    skipped.append(
+                        Skip(str(path), f"not an image (extension {path.suffix or 'none'!r})")
+                    )
+                    continue
+                try:
+                    arr, grey = _decode_file(path)
+                except Exception as err:  # noqa: BLE001 - every decoder failure is a counted skip
+                    msg = " ".join(str(err).split()) or type(err).__name__
+                    skipped.append(
+                        Skip(str(path), f"unreadable image ({type(err).__name__}: {msg})")
+                    )
+                    continue
+                if arr.ndim < 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
+                    skipped.append(Skip(str(path), "empty image"))
+                    continue
+                key = _make_key(path.relative_to(base).as_posix(), used)
+                items.append((key, arr, class_idx[cls], grey))
+        decoded[split] = items
+    all_items = [it for items in decoded.values() for it in items]
+    if not all_items:
+        example = f"; e.g. {skipped[0].path}: {skipped[0].reason}" if skipped else ""
+        raise DataError(
+            f"image folder {base}: no readable images ({len(skipped)} skipped{example})"
+        )
+
+    all_grey = all(it[3] for it in all_items)
+    size_counts = Counter(it[1].shape[:2] for it in all_items)
+    (th, tw), _ = max(size_counts.items(), key=lambda kv: (kv[1], kv[0]))
+    resized = 0
+
+    def finish(arr: np.ndarray) -> np.ndarray:
+        nonlocal resized
+        if all_grey:
+            arr = arr if arr.ndim == 2 else arr[..., 0]
+        elif arr.ndim == 2:
+            arr = np.repeat(arr[..., None], 3, axis=2)
+        if arr.shape[:2] != (th, tw):
+            resized += 1
+            arr = _fit_size(arr, th, tw)
+        return np.ascontiguousarray(arr)
+
+    records = {
+        s: [Record(k, finish(a), lab) for k, a, lab, _ in items] for s, items in decoded.items()
+    }
+    if not presplit:
+        recs = records.pop("all")
+        keep, test = stratified_split([r.label for r in recs], test_fraction, seed, salt=7)
+        records = {"train": [recs[i] for i in keep], "test": [recs[i] for i in test]}
+    if skipped:
+        log.warning("image folder %s: %d inputs skipped (see skipped.json)", base, len(skipped))
+    info = {"root": str(base), "resized": resized, "presplit": presplit}
+    return SourceData("image-folder", classes, records, skipped, info)
+
+
+# --------------------------------------------------------------------------------------------
+# digits
+# --------------------------------------------------------------------------------------------
+
+
+def load_digits_source(seed: int = 0, test_fraction: float = 0.2) -> SourceData:
+    """scikit-learn's 8x8 digits, scaled 0..16 -> 0..255, seeded stratified train/test split."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = np.clip(np.rint(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    labels = d.target.astype(np.int64)
+    recs = [Record(f"digits_{i:04d}", images[i], int(labels[i])) for i in range(len(labels))]
+    keep, test = stratified_split(labels, test_fraction, seed, salt=7)
+    splits = {"train": [recs[i] for i in keep], "test": [recs[i] for i in test]}
+    return SourceData("digits", [str(i) for i in range(10)], splits)
+
+
+# --------------------------------------------------------------------------------------------
+# selection by config
+# --------------------------------------------------------------------------------------------
+
+
+def load_source(
+    data_cfg: Any, fashion_mnist_dirs: Sequence[str | os.PathLike[str]] | None = None
+) -> SourceData:
+    """The raw ``train``/``test`` splits of ``data_cfg.source`` (a :class:`DataConfig`).
+
+    ``fashion_mnist_dirs`` replaces the default search folders (used when ``data.root`` is unset).
+    """
+    source = data_cfg.source
+    if source == "fashion-mnist":
+        return load_fashion_mnist(data_cfg.root, data_cfg.download, fashion_mnist_dirs)
+    if source == "cifar10":
+        return load_cifar10(data_cfg.root, data_cfg.download)
+    if source == "image-folder":
+        return load_image_folder(data_cfg.root, data_cfg.seed)
+    if source == "digits":
+        return load_digits_source(data_cfg.seed)
+    raise DataError(f"data.source: unknown source {source!r}")
+
+
+def prepare_splits(
+    data_cfg: Any, fashion_mnist_dirs: Sequence[str | os.PathLike[str]] | None = None
+) -> SourceData:
+    """Load the source, cap ``train``/``test`` (class-stratified, seeded) and carve ``val`` from train.
+
+    The result has the splits ``train``, ``val`` (possibly empty) and ``test``, each in source order.
+    """
+    data = load_source(data_cfg, fashion_mnist_dirs)
+    seed = int(data_cfg.seed)
+    train, test = data.splits.get("train", []), data.splits.get("test", [])
+    if data_cfg.max_train is not None and len(train) > data_cfg.max_train:
+        idx = stratified_indices([r.label for r in train], data_cfg.max_train, seed, salt=11)
+        train = [train[i] for i in idx]
+    if data_cfg.max_test is not None and len(test) > data_cfg.max_test:
+        idx = stratified_indices([r.label for r in test], data_cfg.max_test, seed, salt=13)
+        test = [test[i] for i in idx]
+    keep, val = stratified_split(
+        [r.label for r in train], float(data_cfg.val_fraction), seed, salt=17
+    )
+    if not len(keep):
+        raise DataError(f"data.val_fraction: leaves no training images ({len(train)} in train)")
+    data.splits = {"train": [train[i] for i in keep], "val": [train[i] for i in val], "test": test}
+    return data

@@ -1,0 +1,76 @@
+"""The ``shard`` stage: source -> WebDataset tar shards + manifest + subsets + dataset.json.
+
+``run(cfg, out_dir, map_fn=map)`` runs in one process with the builtin ``map``;
+``workflows.sharding.shard_with_ray`` passes a ``map_fn`` that writes the shards as Ray tasks.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline.data.shards import DATASET_JSON, MANIFEST, SKIPPED_JSON, ShardResult, build_dataset
+from pipeline.data.sources import prepare_splits
+from pipeline.runtime import StageResult
+
+__all__ = ["label_fractions", "run"]
+
+
+def label_fractions(cfg: Any) -> list[float]:
+    """The label percentages that need subsets: ``finetune.label_fractions`` and, when set,
+    ``pretrain.label_fraction`` (duplicates removed, order kept)."""
+    fr = [float(p) for p in cfg.finetune.label_fractions]
+    if cfg.pretrain.label_fraction is not None:
+        fr.append(float(cfg.pretrain.label_fraction))
+    return list(dict.fromkeys(fr))
+
+
+def run(
+    cfg: Any,
+    out_dir: str | os.PathLike[str],
+    map_fn: Callable[..., Iterable[ShardResult]] = map,
+    fashion_mnist_dirs: Sequence[str | os.PathLike[str]] | None = None,
+) -> StageResult:
+    """Shard ``cfg.data.source`` into ``out_dir``.
+
+    ``map_fn(write_shard, specs)`` writes the shards (any ``map``-like callable, e.g. Ray tasks).
+    ``fashion_mnist_dirs`` overrides where Fashion-MNIST is looked for when ``data.root`` is unset.
+    Metrics: sample counts per split, shard count, skipped count and images/s.
+    """
+    out = Path(out_dir)
+    t0 = time.perf_counter()
+    data = prepare_splits(cfg.data, fashion_mnist_dirs)
+    t_load = time.perf_counter() - t0
+    fractions = label_fractions(cfg)
+    info = build_dataset(
+        data,
+        out,
+        cfg.data.shard_size,
+        fractions,
+        cfg.data.seed,
+        map_fn,
+        extra={"val_fraction": float(cfg.data.val_fraction)},
+    )
+    elapsed = time.perf_counter() - t0
+    total = sum(info["counts"].values())
+    outputs = {
+        "dataset": str(out),
+        "dataset_json": str(out / DATASET_JSON),
+        "manifest": str(out / MANIFEST),
+        "skipped": str(out / SKIPPED_JSON),
+    }
+    for fmt, sub in info["subsets"].items():
+        outputs[f"subset_{fmt}"] = str(out / sub["path"])
+    metrics: dict[str, float] = {
+        "num_images": float(total),
+        **{f"num_{s}": float(n) for s, n in info["counts"].items()},
+        "num_shards": float(sum(len(v) for v in info["shards"].values())),
+        "num_skipped": float(info["skipped"]),
+        "load_seconds": round(t_load, 3),
+        "seconds": round(elapsed, 3),
+        "images_per_s": total / elapsed if elapsed > 0 else 0.0,
+    }
+    return StageResult(outputs=outputs, metrics=metrics, history=[])
