@@ -1,0 +1,286 @@
+"""SimCLR augmentations (Chen et al. 2020, appendix A) and the deterministic eval transform.
+
+The distribution, for colour strength ``s``:
+
+1. random resized crop: area fraction in ``[crop_min_scale, 1]``, aspect ratio in ``[3/4, 4/3]``
+   (log-uniform), resized to ``size`` x ``size``; horizontal flip with p = 0.5;
+2. colour jitter with p = 0.8: brightness 0.8s, contrast 0.8s, saturation 0.8s, hue 0.2s;
+3. random greyscale with p = 0.2;
+4. Gaussian blur with p = 0.5 (sigma in [0.1, 2.0], kernel 10 % of the size) only when
+   ``size >= 64`` (SimCLR drops it for CIFAR-sized images).
+
+One-channel images: saturation, hue and greyscale do not exist for them and are skipped;
+brightness and contrast still apply, so a greyscale image stays one-channel (the encoder is built
+with ``in_channels=1``) rather than being replicated to RGB.
+
+Two implementations of that distribution:
+
+* :class:`TwoViewTransform` - per sample with ``torchvision.transforms.v2`` (a DataLoader
+  ``transform``);
+* :class:`BatchTwoViewAugment` - a whole uint8 batch at once with tensor ops: the crop and flip are
+  one batched ``affine_grid`` + ``grid_sample`` (bilinear), the jitter factors are per-sample
+  vectors, greyscale is a mask, blur a grouped convolution. The fast default
+  (``augment.backend == "batched"``). Differences from torchvision, all small: a crop whose side
+  would exceed the image is clamped to the image instead of re-drawn (torchvision retries 10 times),
+  the jitter operations run in the fixed order brightness, contrast, saturation, hue (torchvision
+  permutes them), and hue is a rotation of the chroma plane in YIQ space (linear, vectorised) rather
+  than an HSV round trip.
+
+Both return float views normalised as ``(x / 255 - mean) / std`` (default mean 0.5, std 0.25:
+roughly zero-mean, unit-scale); :func:`normalize_batch` / :class:`EvalTransform` do the same
+deterministically for evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "MEAN",
+    "STD",
+    "BatchTwoViewAugment",
+    "EvalTransform",
+    "TwoViewTransform",
+    "normalize_batch",
+]
+
+MEAN = 0.5
+STD = 0.25
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def _check(size: int, channels: int, strength: float, crop_min_scale: float) -> None:
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"size: must be a positive int (got {size!r})")
+    if channels not in (1, 3):
+        raise ValueError(f"channels: must be 1 or 3 (got {channels!r})")
+    if not strength >= 0.0:
+        raise ValueError(f"strength: must be >= 0 (got {strength!r})")
+    if not 0.0 < crop_min_scale <= 1.0:
+        raise ValueError(f"crop_min_scale: must lie in (0, 1] (got {crop_min_scale!r})")
+
+
+def _to_unit(x: torch.Tensor) -> torch.Tensor:
+    """uint8 -> float in [0, 1]; float input is taken as already in [0, 1]."""
+    if x.dtype == torch.uint8:
+        return x.float().div_(255.0)
+    if not x.is_floating_point():
+        raise ValueError(f"images: expected uint8 or float, got {x.dtype}")
+    return x.float()
+
+
+def normalize_batch(
+    images: torch.Tensor, size: int | None = None, mean: float = MEAN, std: float = STD
+) -> torch.Tensor:
+    """Deterministic eval preprocessing of a batch ``(B, C, H, W)`` (uint8 or float in [0, 1]):
+    resize to ``size`` x ``size`` when given and different (bilinear, antialiased), then
+    ``(x - mean) / std``."""
+    if images.ndim != 4:
+        raise ValueError(f"images: expected (B, C, H, W), got shape {tuple(images.shape)}")
+    x = _to_unit(images)
+    if size is not None and tuple(x.shape[-2:]) != (size, size):
+        x = F.interpolate(
+            x, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+        )
+    return (x - mean) / std
+
+
+class EvalTransform:
+    """Per-sample deterministic transform: uint8 ``(C, H, W)`` -> normalised float."""
+
+    def __init__(self, size: int | None = None, mean: float = MEAN, std: float = STD) -> None:
+        if size is not None and size < 1:
+            raise ValueError(f"size: must be >= 1 (got {size})")
+        self.size, self.mean, self.std = size, mean, std
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return normalize_batch(image.unsqueeze(0), self.size, self.mean, self.std)[0]
+
+
+class TwoViewTransform:
+    """Per-sample SimCLR transform (torchvision v2): uint8 ``(C, H, W)`` -> two float views."""
+
+    def __init__(
+        self,
+        size: int,
+        channels: int,
+        strength: float = 0.5,
+        crop_min_scale: float = 0.2,
+        mean: float = MEAN,
+        std: float = STD,
+    ) -> None:
+        from torchvision.transforms import v2
+
+        _check(size, channels, strength, crop_min_scale)
+        self.size, self.channels = size, channels
+        s = float(strength)
+        if channels == 3:
+            jitter = v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, min(0.2 * s, 0.5))
+        else:  # one channel: no saturation / hue (see module docstring)
+            jitter = v2.ColorJitter(0.8 * s, 0.8 * s)
+        ops: list[torch.nn.Module] = [
+            v2.RandomResizedCrop(size, scale=(crop_min_scale, 1.0), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.RandomApply([jitter], p=0.8),
+        ]
+        if channels == 3:
+            ops.append(v2.RandomGrayscale(p=0.2))
+        if size >= 64:
+            k = max(3, int(0.1 * size) // 2 * 2 + 1)
+            ops.append(v2.RandomApply([v2.GaussianBlur(k, sigma=(0.1, 2.0))], p=0.5))
+        ops += [
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize([mean] * channels, [std] * channels),
+        ]
+        self.pipeline = v2.Compose(ops)
+
+    def __call__(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if image.ndim != 3 or image.shape[0] != self.channels:
+            raise ValueError(
+                f"image: expected ({self.channels}, H, W), got shape {tuple(image.shape)}"
+            )
+        return self.pipeline(image), self.pipeline(image)
+
+
+class BatchTwoViewAugment:
+    """The SimCLR distribution on a whole batch with tensor ops (see the module docstring).
+
+    ``aug(x, generator=None) -> (view1, view2)``: ``x`` is ``(B, C, H, W)`` uint8 (or float in
+    [0, 1]) on any device; the views are float ``(B, C, size, size)`` on the same device.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        channels: int,
+        strength: float = 0.5,
+        crop_min_scale: float = 0.2,
+        mean: float = MEAN,
+        std: float = STD,
+    ) -> None:
+        _check(size, channels, strength, crop_min_scale)
+        self.size, self.channels = size, channels
+        self.strength, self.crop_min_scale = float(strength), float(crop_min_scale)
+        self.mean, self.std = mean, std
+
+    def __repr__(self) -> str:
+        return (
+            f"BatchTwoViewAugment(size={self.size}, channels={self.channels}, "
+            f"strength={self.strength}, crop_min_scale={self.crop_min_scale})"
+        )
+
+    def __call__(
+        self, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if images.ndim != 4 or images.shape[1] != self.channels:
+            raise ValueError(
+                f"images: expected (B, {self.channels}, H, W), got shape {tuple(images.shape)}"
+            )
+        x = _to_unit(images)
+        return self.view(x, generator), self.view(x, generator)
+
+    # -- one view ---------------------------------------------------------------------------
+    def _rand(self, n: int, dev: torch.device, g: torch.Generator | None) -> torch.Tensor:
+        # Draw on the CPU (a CPU generator works for any device), then move.
+        return torch.rand(n, generator=g).to(dev)
+
+    def view(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One augmented, normalised view of a float batch in [0, 1]."""
+        b, _, h, w = x.shape
+        dev = x.device
+        r = lambda: self._rand(b, dev, generator)  # noqa: E731
+
+        # random resized crop + flip, as one affine map of normalised coordinates
+        area = self.crop_min_scale + (1.0 - self.crop_min_scale) * r()
+        log_ratio = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * r()
+        ratio = torch.exp(log_ratio)
+        cw = torch.sqrt(area * ratio * (h / w)).clamp(max=1.0)  # crop width / image width
+        ch = torch.sqrt(area / ratio * (w / h)).clamp(max=1.0)
+        cx = (2 * r() - 1) * (1 - cw)  # crop centre, normalised coords
+        cy = (2 * r() - 1) * (1 - ch)
+        flip = torch.where(r() < 0.5, -1.0, 1.0)
+        theta = torch.zeros(b, 2, 3, device=dev)
+        theta[:, 0, 0] = cw * flip
+        theta[:, 0, 2] = cx
+        theta[:, 1, 1] = ch
+        theta[:, 1, 2] = cy
+        grid = F.affine_grid(theta, [b, self.channels, self.size, self.size], align_corners=False)
+        v = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+        s = self.strength
+        if s > 0:
+            apply = (r() < 0.8).view(b, 1, 1, 1)
+            jit = self._jitter(v, s, r)
+            v = torch.where(apply, jit, v)
+        if self.channels == 3:
+            grey = (r() < 0.2).view(b, 1, 1, 1)
+            v = torch.where(grey, _luma(v).expand_as(v), v)
+        if self.size >= 64:
+            v = self._blur(v, r)
+        return (v - self.mean) / self.std
+
+    def _jitter(self, v: torch.Tensor, s: float, r) -> torch.Tensor:
+        b = v.shape[0]
+
+        def factor(amount: float) -> torch.Tensor:
+            lo = max(0.0, 1.0 - amount)
+            return (lo + (1.0 + amount - lo) * r()).view(b, 1, 1, 1)
+
+        v = (v * factor(0.8 * s)).clamp_(0, 1)
+        grey_mean = _luma(v).mean(dim=(1, 2, 3), keepdim=True)
+        v = ((v - grey_mean) * factor(0.8 * s) + grey_mean).clamp_(0, 1)
+        if self.channels == 3:
+            g = _luma(v)
+            v = ((v - g) * factor(0.8 * s) + g).clamp_(0, 1)
+            hue = min(0.2 * s, 0.5)
+            if hue > 0:
+                angle = (2 * r() - 1) * hue * 2 * math.pi
+                v = _hue_rotate(v, angle).clamp_(0, 1)
+        return v
+
+    def _blur(self, v: torch.Tensor, r) -> torch.Tensor:
+        b, c, h, w = v.shape
+        k = max(3, int(0.1 * self.size) // 2 * 2 + 1)
+        sigma = (0.1 + 1.9 * r()).view(b, 1)
+        apply = (r() < 0.5).view(b, 1, 1, 1)
+        xs = torch.arange(k, device=v.device, dtype=v.dtype) - (k - 1) / 2
+        kern = torch.exp(-(xs.view(1, k) ** 2) / (2 * sigma**2))
+        kern = (kern / kern.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # (b*c, k)
+        pad = k // 2
+        y = v.reshape(1, b * c, h, w)
+        y = F.conv2d(
+            F.pad(y, (pad, pad, 0, 0), mode="reflect"), kern.view(b * c, 1, 1, k), groups=b * c
+        )
+        y = F.conv2d(
+            F.pad(y, (0, 0, pad, pad), mode="reflect"), kern.view(b * c, 1, k, 1), groups=b * c
+        )
+        return torch.where(apply, y.view(b, c, h, w), v)
+
+
+def _luma(v: torch.Tensor) -> torch.Tensor:
+    if v.shape[1] == 1:
+        return v
+    wts = torch.tensor(_LUMA, device=v.device, dtype=v.dtype).view(1, 3, 1, 1)
+    return (v * wts).sum(dim=1, keepdim=True)
+
+
+_RGB2YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+
+
+def _hue_rotate(v: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+    """Rotate the chroma (I, Q) plane of each image by ``angle`` radians (per sample)."""
+    b = v.shape[0]
+    m = _RGB2YIQ.to(v.device, v.dtype)
+    minv = torch.linalg.inv(m)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    rot = torch.zeros(b, 3, 3, device=v.device, dtype=v.dtype)
+    rot[:, 0, 0] = 1
+    rot[:, 1, 1] = cos
+    rot[:, 1, 2] = -sin
+    rot[:, 2, 1] = sin
+    rot[:, 2, 2] = cos
+    t = minv @ rot @ m  # (b, 3, 3)
+    return torch.einsum("bij,bjhw->bihw", t, v)
