@@ -133,6 +133,8 @@ def _iter_raw(
                 break
             if hdr[257:262] != b"ustar":
                 raise DataError(f"{path}: corrupt shard (bad tar header at byte {offset})")
+            if _octal(hdr[148:156], path, offset) != sum(hdr) - sum(hdr[148:156]) + 256:
+                raise DataError(f"{path}: corrupt shard (tar header checksum at byte {offset})")
             size = _octal(hdr[124:136], path, offset)
             typ = hdr[156:157]
             padded = (size + _BLOCK - 1) // _BLOCK * _BLOCK
@@ -425,6 +427,8 @@ def _scan_fast(path: str) -> list[tuple[str, dict[str, bytes]]]:
     out: list[tuple[str, dict[str, bytes]]] = []
     last_key: str | None = None
     parts: dict[str, bytes] = {}
+    headers: list[int] = []
+    sums: list[int] = []
     while True:
         if pos + _BLOCK > end:
             raise _Unusual  # truncated: the streaming parser names it precisely
@@ -435,6 +439,8 @@ def _scan_fast(path: str) -> list[tuple[str, dict[str, bytes]]]:
         if data[pos + 345] != 0:  # ustar prefix field in use
             raise _Unusual
         size = int(data[pos + 124 : pos + 136].rstrip(b"\0 "), 8)
+        headers.append(pos)
+        sums.append(int(data[pos + 148 : pos + 156].rstrip(b"\0 "), 8))
         name = data[pos : pos + 100].split(b"\0", 1)[0].decode()
         body = pos + _BLOCK
         pos = body + (size + _BLOCK - 1) // _BLOCK * _BLOCK
@@ -450,6 +456,16 @@ def _scan_fast(path: str) -> list[tuple[str, dict[str, bytes]]]:
         parts[ext] = data[body : body + size]
     if last_key is not None:
         out.append((last_key, parts))
+    if headers:  # header checksums, all at once
+        whole = np.frombuffer(data, dtype=np.uint8, count=end // _BLOCK * _BLOCK)
+        blocks = whole.reshape(-1, _BLOCK)[np.asarray(headers, dtype=np.int64) // _BLOCK]
+        got = (
+            blocks.sum(axis=1, dtype=np.int64)
+            - blocks[:, 148:156].sum(axis=1, dtype=np.int64)
+            + 256
+        )
+        if not np.array_equal(got, np.asarray(sums, dtype=np.int64)):
+            raise _Unusual
     return out
 
 

@@ -1,0 +1,168 @@
+"""Loader: rank x worker split (each sample once), corrupt/truncated shards, in-memory reads."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+
+import pytest
+import torch
+
+from pipeline.config import parse_config
+from pipeline.data import dataset_info, iter_samples, load_split, make_loader, shard_paths
+from pipeline.data.sources import DataError
+from pipeline.data.transforms import TwoViewTransform
+from pipeline.stages import shard as shard_stage
+
+
+def _make(out, shard_size: int, max_train: int = 200):
+    cfg = parse_config(
+        {
+            "data": {
+                "source": "digits",
+                "shard_size": shard_size,
+                "max_train": max_train,
+                "max_test": 50,
+                "val_fraction": 0.0,
+            },
+            "finetune": {"label_fractions": [10]},
+        }
+    )
+    shard_stage.run(cfg, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def many_shards(tmp_path_factory):
+    return _make(tmp_path_factory.mktemp("many"), shard_size=30)  # 7 train shards (last short)
+
+
+@pytest.fixture(scope="module")
+def few_shards(tmp_path_factory):
+    return _make(tmp_path_factory.mktemp("few"), shard_size=90)  # 3 train shards < 4 consumers
+
+
+def _epoch_keys(ds_dir, num_workers: int, world: int, mode: str = "auto") -> list[Counter]:
+    per_rank = []
+    for rank in range(world):
+        loader = make_loader(
+            ds_dir,
+            "train",
+            None,
+            batch_size=16,
+            rank=rank,
+            world_size=world,
+            num_workers=num_workers,
+            mode=mode,
+            with_keys=True,
+        )
+        per_rank.append(Counter(k for _, _, keys in loader for k in keys))
+    return per_rank
+
+
+@pytest.mark.parametrize("fixture", ["many_shards", "few_shards"])
+def test_each_sample_once_two_ranks_two_workers(fixture, request):
+    ds_dir = request.getfixturevalue(fixture)
+    all_keys = load_split(ds_dir, "train")[2]
+    per_rank = _epoch_keys(ds_dir, num_workers=2, world=2)
+    total = sum(per_rank, Counter())
+    assert sorted(total) == sorted(all_keys)
+    assert set(total.values()) == {1}
+    assert all(sum(c.values()) > 0 for c in per_rank)
+
+
+def test_sample_mode_balances_ranks(many_shards):
+    per_rank = _epoch_keys(many_shards, num_workers=0, world=3, mode="sample")
+    sizes = [sum(c.values()) for c in per_rank]
+    assert sum(sizes) == 200 and max(sizes) - min(sizes) <= 1
+    assert set(sum(per_rank, Counter()).values()) == {1}
+
+
+def test_streamed_samples_equal_load_split(few_shards):
+    images, labels, keys = load_split(few_shards, "train")
+    got = {k: (x, y) for x, y, k in iter_samples(shard_paths(few_shards, "train"), with_keys=True)}
+    assert len(got) == len(keys)
+    for i in (0, 57, len(keys) - 1):
+        x, y = got[keys[i]]
+        assert x.dtype == torch.uint8 and x.shape == (1, 8, 8)
+        assert torch.equal(x, images[i]) and y == labels[i].item()
+
+
+def test_shuffle_is_a_seeded_permutation(many_shards):
+    ds = iter_samples(shard_paths(many_shards, "train"), shuffle=True, seed=3, with_keys=True)
+    a = [k for _, _, k in ds]
+    b = [k for _, _, k in ds]
+    ds.set_epoch(1)
+    c = [k for _, _, k in ds]
+    assert (
+        a == b and a != c and sorted(a) == sorted(c) == sorted(load_split(many_shards, "train")[2])
+    )
+
+
+def test_loader_with_two_view_transform(few_shards):
+    loader = make_loader(few_shards, "test", TwoViewTransform(8, 1, 0.5, 0.2), batch_size=10)
+    (v1, v2), y = next(iter(loader))
+    assert v1.shape == v2.shape == (10, 1, 8, 8) and v1.dtype == torch.float32 and y.shape == (10,)
+
+
+def test_load_split_keys_and_info(few_shards):
+    _, labels, keys = load_split(few_shards, "train")
+    pick = [keys[5], keys[0], keys[150]]
+    imgs, lab, got = load_split(few_shards, "train", keys=pick)
+    assert got == pick and lab.tolist() == [labels[5].item(), labels[0].item(), labels[150].item()]
+    with pytest.raises(DataError, match="key 'nope' is not in"):
+        load_split(few_shards, "train", keys=["nope"])
+    assert dataset_info(few_shards)["counts"]["train"] == 200
+    with pytest.raises(DataError, match="split 'dev'"):
+        shard_paths(few_shards, "dev")
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_truncated_shard_names_the_file(few_shards, tmp_path):
+    ds = _copy(few_shards, tmp_path / "ds")
+    shard = ds / "train-000001.tar"
+    data = shard.read_bytes()
+    for cut in (len(data) // 2, 512 * 6):  # mid-member, and exactly at a member boundary
+        shard.write_bytes(data[:cut])
+        with pytest.raises(DataError, match=r"train-000001\.tar: truncated shard") as ei:
+            load_split(ds, "train")
+        assert "\n" not in str(ei.value)
+        with pytest.raises(DataError, match=r"train-000001\.tar: truncated shard"):
+            list(iter_samples([str(shard)]))
+
+
+def test_corrupt_shard_names_the_file(few_shards, tmp_path):
+    ds = _copy(few_shards, tmp_path / "ds")
+    shard = ds / "train-000002.tar"
+    data = bytearray(shard.read_bytes())
+    data[512 * 2 + 300 : 512 * 2 + 310] = b"garbage!!!"  # inside the 2nd header
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"train-000002\.tar: corrupt shard"):
+        load_split(ds, "train")
+    # a damaged PNG payload: the error names the shard and the sample
+    data = bytearray((few_shards / "train-000002.tar").read_bytes())
+    data[512 + 45 : 512 + 60] = bytes(15)
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"train-000002\.tar: sample \w+: cannot decode PNG"):
+        load_split(ds, "train")
+    with pytest.raises(DataError, match=r"train-000002\.tar: sample \w+: cannot decode PNG"):
+        list(iter_samples([str(shard)]))
+
+
+def test_missing_shard_and_unfinished_folder(few_shards, tmp_path):
+    ds = _copy(few_shards, tmp_path / "ds")
+    (ds / "test-000000.tar").unlink()
+    with pytest.raises(
+        DataError, match=r"test-000000\.tar: shard listed in dataset.json is missing"
+    ):
+        load_split(ds, "test")
+    info = json.loads((ds / "dataset.json").read_text())
+    (ds / "dataset.json").unlink()
+    with pytest.raises(DataError, match="dataset.json: missing"):
+        dataset_info(ds)
+    assert info["counts"]["test"] == 50
