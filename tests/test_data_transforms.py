@@ -1,0 +1,116 @@
+"""Two-view SimCLR transforms: shapes, ranges, determinism, differing views, channel handling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.data.transforms import (
+    MEAN,
+    STD,
+    BatchTwoViewAugment,
+    EvalTransform,
+    TwoViewTransform,
+    normalize_batch,
+)
+
+LO, HI = (0 - MEAN) / STD, (1 - MEAN) / STD
+
+
+def _batch(b=16, c=1, h=28, w=28, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (b, c, h, w), generator=g, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("channels,size", [(1, 28), (3, 32), (3, 64), (1, 16)])
+def test_batched_shapes_ranges_channels(channels, size):
+    x = _batch(c=channels, h=40, w=36)
+    v1, v2 = BatchTwoViewAugment(size, channels, strength=1.0, crop_min_scale=0.2)(x)
+    for v in (v1, v2):
+        assert v.shape == (16, channels, size, size) and v.dtype == torch.float32
+        assert v.min() >= LO - 1e-5 and v.max() <= HI + 1e-5
+        assert torch.isfinite(v).all()
+
+
+def test_batched_deterministic_under_seeded_generator_and_views_differ():
+    x = _batch()
+    aug = BatchTwoViewAugment(28, 1, 0.5, 0.2)
+    a1, a2 = aug(x, torch.Generator().manual_seed(7))
+    b1, b2 = aug(x, torch.Generator().manual_seed(7))
+    c1, _ = aug(x, torch.Generator().manual_seed(8))
+    assert torch.equal(a1, b1) and torch.equal(a2, b2)
+    assert not torch.equal(a1, c1)
+    per_sample_diff = (a1 - a2).abs().flatten(1).amax(dim=1)
+    assert (per_sample_diff > 1e-3).all()  # every sample's two views differ
+
+
+def test_batched_crop_and_flip_geometry():
+    # A horizontal ramp: crops change the value range, flips reverse the ramp direction.
+    ramp = (
+        torch.linspace(0, 255, 32).round().to(torch.uint8).view(1, 1, 1, 32).expand(64, 1, 32, 32)
+    )
+    aug = BatchTwoViewAugment(32, 1, strength=0.0, crop_min_scale=0.2)
+    v, _ = aug(ramp.contiguous(), torch.Generator().manual_seed(0))
+    slope = v[:, 0, 16, -1] - v[:, 0, 16, 0]
+    assert (slope > 0).any() and (slope < 0).any()  # both orientations occur
+    widths = slope.abs()
+    assert widths.max() - widths.min() > 0.5  # crops of different sizes
+    # crop_min_scale=1 and a square image: the whole image, so both ends of the ramp survive
+    full = BatchTwoViewAugment(32, 1, strength=0.0, crop_min_scale=1.0)
+    v, _ = full(ramp.contiguous(), torch.Generator().manual_seed(0))
+    assert (v[:, 0, 16, [0, -1]].abs() > 1.5).all()
+
+
+def test_one_channel_jitter_changes_intensity_only_and_strength_zero_no_colour():
+    x = torch.full((32, 1, 8, 8), 128, dtype=torch.uint8)
+    v, _ = BatchTwoViewAugment(8, 1, strength=1.0, crop_min_scale=1.0)(
+        x, torch.Generator().manual_seed(1)
+    )
+    means = v.mean(dim=(1, 2, 3))
+    assert means.std() > 0.05  # brightness varies across samples
+    v0, _ = BatchTwoViewAugment(8, 1, strength=0.0, crop_min_scale=1.0)(x)
+    assert torch.allclose(v0, torch.full_like(v0, (128 / 255 - MEAN) / STD), atol=1e-5)
+
+
+def test_rgb_greyscale_applied_to_about_a_fifth():
+    x = _batch(b=400, c=3, h=8, w=8)
+    v, _ = BatchTwoViewAugment(8, 3, strength=0.0, crop_min_scale=1.0)(
+        x, torch.Generator().manual_seed(0)
+    )
+    grey = ((v[:, 0] - v[:, 1]).abs().amax(dim=(1, 2)) < 1e-6) & (
+        (v[:, 1] - v[:, 2]).abs().amax(dim=(1, 2)) < 1e-6
+    )
+    assert 0.12 < grey.float().mean() < 0.28
+
+
+def test_torchvision_two_view():
+    x = _batch(b=1, c=1)[0]
+    tf = TwoViewTransform(24, 1, 0.5, 0.3)
+    torch.manual_seed(0)
+    a1, a2 = tf(x)
+    torch.manual_seed(0)
+    b1, b2 = tf(x)
+    assert a1.shape == (1, 24, 24) and a1.dtype == torch.float32
+    assert torch.equal(a1, b1) and torch.equal(a2, b2) and not torch.equal(a1, a2)
+    assert a1.min() >= LO - 1e-5 and a1.max() <= HI + 1e-5
+    rgb = TwoViewTransform(64, 3, 1.0, 0.2)(_batch(b=1, c=3, h=70, w=70)[0])
+    assert rgb[0].shape == (3, 64, 64)
+    with pytest.raises(ValueError, match=r"expected \(3, H, W\)"):
+        TwoViewTransform(32, 3)(x)
+
+
+def test_eval_transform_and_normalize_batch():
+    x = _batch(b=4)
+    n = normalize_batch(x)
+    assert torch.allclose(n, (x.float() / 255 - MEAN) / STD)
+    assert normalize_batch(x, size=16).shape == (4, 1, 16, 16)
+    assert torch.equal(EvalTransform()(x[0]), n[0])
+
+
+def test_validation():
+    with pytest.raises(ValueError, match="crop_min_scale"):
+        BatchTwoViewAugment(28, 1, 0.5, 0.0)
+    with pytest.raises(ValueError, match="channels"):
+        BatchTwoViewAugment(28, 2)
+    with pytest.raises(ValueError, match=r"expected \(B, 1, H, W\)"):
+        BatchTwoViewAugment(28, 1)(torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
