@@ -198,16 +198,17 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         pipeline_step(x1, x2)
         if not args.no_baseline:
             bare_step(x1, x2)
-    t_pipe = t_bare = 0.0
-    for _ in range(args.steps):
+    # Interleaved, the order swapped every step, so that bursts of load hit both variants alike.
+    times = {"pipeline": 0.0, "bare": 0.0}
+    steps_fns = {"pipeline": pipeline_step, "bare": bare_step}
+    for i in range(args.steps):
         x1, x2 = views()
-        t0 = time.perf_counter()
-        pipeline_step(x1, x2)
-        t_pipe += time.perf_counter() - t0
-        if not args.no_baseline:
+        order = ["pipeline"] if args.no_baseline else (["pipeline", "bare"][:: 1 - 2 * (i % 2)])
+        for name in order:
             t0 = time.perf_counter()
-            bare_step(x1, x2)
-            t_bare += time.perf_counter() - t0
+            steps_fns[name](x1, x2)
+            times[name] += time.perf_counter() - t0
+    t_pipe, t_bare = times["pipeline"], times["bare"]
     n_views = 2 * n * args.steps
     v_pipe = n_views / t_pipe
     v_bare = n_views / t_bare if not args.no_baseline else None
