@@ -1,0 +1,205 @@
+"""Each training stage on digits, in one process (no Ray)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import Config, load_config
+from pipeline.data import load_subset
+from pipeline.models import count_params, load_model
+from pipeline.runtime import LocalContext
+from pipeline.stages import distill, evaluate, finetune, pretrain
+from pipeline.stages import shard as shard_stage
+from pipeline.stages.common import knn_predict, load_data
+
+FAST = [
+    "pretrain.epochs=2",
+    "pretrain.batch_size=64",
+    "pretrain.max_steps_per_epoch=4",
+    "pretrain.knn_every=1",
+    "pretrain.knn_bank=300",
+    "pretrain.knn_queries=100",
+    "finetune.epochs=2",
+    "finetune.min_steps=4",
+    "distill.epochs=1",
+    "evaluate.linear_epochs=3",
+    "evaluate.embedding_samples=60",
+]
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory: pytest.TempPathFactory) -> Config:
+    root = tmp_path_factory.mktemp("storage")
+    torch.set_num_threads(1)
+    return load_config("smoke", [*FAST, f"storage.root={root}"])
+
+
+@pytest.fixture(scope="module")
+def dataset(cfg: Config, tmp_path_factory: pytest.TempPathFactory) -> str:
+    out = tmp_path_factory.mktemp("dataset")
+    result = shard_stage.run(cfg, str(out))
+    return result.outputs["dataset"]
+
+
+@pytest.fixture(scope="module")
+def pretrained(cfg: Config, dataset: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    out = tmp_path_factory.mktemp("pretrain")
+    result = pretrain.run(cfg, {"dataset": dataset}, str(out))
+    return result.outputs["model"]
+
+
+def test_pretrain_writes_model_history_and_metrics(pretrained: str) -> None:
+    model = load_model(pretrained)
+    hist = json.loads(Path(pretrained).with_name("history.json").read_text())
+    assert [h["epoch"] for h in hist] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in hist)
+    assert 0.0 <= hist[-1]["val_knn_top1"] <= 100.0
+    h, z = model(torch.zeros(2, 1, 8, 8))
+    assert h.shape[0] == 2 and z.shape == (2, 32)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+class _StopAfter(LocalContext):
+    """A LocalContext whose process 'dies' right after the first checkpoint is written."""
+
+    def report(self, metrics, checkpoint=None):
+        super().report(metrics, checkpoint)
+        raise _Interrupt
+
+
+def test_pretrain_resumes_from_checkpoint(cfg: Config, dataset: str, tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(_Interrupt):
+        pretrain.run(cfg, {"dataset": dataset}, str(tmp_path / "out"), _StopAfter(ckpt))
+    saved = torch.load(ckpt / "latest.pt", weights_only=False)
+    assert saved["epoch"] == 0
+    ctx = LocalContext(ckpt)
+    result = pretrain.run(cfg, {"dataset": dataset}, str(tmp_path / "out"), ctx)
+    # Only the second epoch ran after the restart; the history still holds both.
+    assert [m["epoch"] for m in ctx.reports] == [2]
+    assert [h["epoch"] for h in result.history] == [1, 2]
+
+
+def test_semisup_labels_only_on_the_subset(cfg: Config, dataset: str) -> None:
+    semi = cfg.model_copy(deep=True)
+    semi.pretrain.method = "semisup"
+    train = load_data(dataset, "train")
+    labels = pretrain.pretrain_labels(semi, dataset, train)
+    keys, _ = load_subset(dataset, min(cfg.finetune.label_fractions))
+    labeled = {k for k, y in zip(train.keys, labels.tolist()) if y >= 0}
+    assert labeled == set(keys)
+    assert pretrain.pretrain_labels(cfg, dataset, train) is None  # simclr
+
+
+def test_finetune_starts_from_pretrained_weights(
+    cfg: Config, dataset: str, pretrained: str
+) -> None:
+    net = finetune.build_network(cfg, 1, 10, pretrained)
+    source = load_model(pretrained)
+    src = source.encoder.state_dict()
+    got = {
+        k.removeprefix("backbone.encoder."): v
+        for k, v in net.state_dict().items()
+        if k.startswith("backbone.encoder.")
+    }
+    assert got and all(torch.equal(got[k], src[k]) for k in src)
+    scratch = finetune.build_network(cfg, 1, 10, None)
+    assert count_params(scratch) == count_params(net)
+
+
+@pytest.mark.parametrize("baseline", [False, True])
+def test_finetune_and_baseline_train_a_classifier(
+    cfg: Config, dataset: str, pretrained: str, tmp_path: Path, baseline: bool
+) -> None:
+    frac = cfg.finetune.label_fractions[0]
+    result = finetune.run(
+        cfg,
+        {"dataset": dataset, "pretrain": pretrained},
+        str(tmp_path),
+        fraction=frac,
+        baseline=baseline,
+    )
+    model = load_model(result.outputs["model"])
+    assert model(torch.zeros(3, 1, 8, 8)).shape == (3, 10)
+    keys, _ = load_subset(dataset, frac)
+    assert result.metrics["labeled_images"] == len(keys)
+    assert 0.0 <= result.metrics["val_top1"] <= 100.0
+
+
+def test_distill_student_is_smaller_than_teacher(
+    cfg: Config, dataset: str, pretrained: str, tmp_path: Path
+) -> None:
+    frac = cfg.finetune.label_fractions[0]
+    teacher = finetune.run(
+        cfg, {"dataset": dataset, "pretrain": pretrained}, str(tmp_path / "t"), fraction=frac
+    )
+    result = distill.run(
+        cfg,
+        {"dataset": dataset, "teacher": teacher.outputs["model"]},
+        str(tmp_path / "s"),
+        fraction=frac,
+    )
+    assert result.metrics["student_params"] < result.metrics["teacher_params"]
+    student = load_model(result.outputs["model"])
+    assert student(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_evaluate_report_has_every_number(
+    cfg: Config, dataset: str, pretrained: str, tmp_path: Path
+) -> None:
+    inputs = {"dataset": dataset, "pretrain": pretrained}
+    for p in cfg.finetune.label_fractions:
+        name = f"{p:g}"
+        ft = finetune.run(
+            cfg,
+            {"dataset": dataset, "pretrain": pretrained},
+            str(tmp_path / f"ft{name}"),
+            fraction=p,
+        )
+        bl = finetune.run(
+            cfg, {"dataset": dataset}, str(tmp_path / f"bl{name}"), fraction=p, baseline=True
+        )
+        st = distill.run(
+            cfg,
+            {"dataset": dataset, "teacher": ft.outputs["model"]},
+            str(tmp_path / f"st{name}"),
+            fraction=p,
+        )
+        inputs |= {
+            f"finetune@{name}": ft.outputs["model"],
+            f"baseline@{name}": bl.outputs["model"],
+            f"distill@{name}": st.outputs["model"],
+        }
+    result = evaluate.run(cfg, inputs, str(tmp_path / "eval"))
+    report = json.loads(Path(result.outputs["report_json"]).read_text())
+    assert report["dataset"] == "digits"
+    for key in ("linear_full_top1", "knn_top1", "wall_seconds"):
+        assert isinstance(report[key], float)
+    assert set(report["fractions"]) == {f"{p:g}" for p in cfg.finetune.label_fractions}
+    for row in report["fractions"].values():
+        for key in ("baseline_top1", "finetune_top1", "student_top1", "linear_top1"):
+            assert 0.0 <= row[key] <= 100.0
+        assert row["student_params"] < row["teacher_params"]
+    md = Path(result.outputs["report_md"]).read_text()
+    assert "| labels |" in md and "SSL fine-tuned" in md
+    for key in ("plot_label_efficiency", "plot_pretrain_loss", "plot_embeddings"):
+        assert Path(result.outputs[key]).stat().st_size > 1000
+
+
+def test_knn_votes_by_weighted_neighbours() -> None:
+    bank = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+    labels = torch.tensor([0, 0, 1])
+    scores = knn_predict(
+        bank, labels, torch.tensor([[1.0, 0.05], [0.05, 1.0]]), 2, k=2, temperature=0.1
+    )
+    assert scores.argmax(1).tolist() == [0, 1]
+    # k=1 picks the single nearest neighbour's class with weight exp(sim / T).
+    s1 = knn_predict(bank, labels, torch.tensor([[0.0, 1.0]]), 2, k=1, temperature=0.5)
+    assert torch.allclose(s1, torch.tensor([[0.0, torch.exp(torch.tensor(2.0)).item()]]))
