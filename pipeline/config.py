@@ -59,7 +59,9 @@ Arch = Literal["resnet18", "resnet34", "resnet50"]
 class DataConfig(_Section):
     source: Literal["fashion-mnist", "cifar10", "image-folder", "digits"] = "digits"
     root: str | None = Field(None, description="where the source's files are; None = its default")
-    download: bool = Field(False, description="fetch fashion-mnist/cifar10 when absent (needs the internet)")
+    download: bool = Field(
+        False, description="fetch fashion-mnist/cifar10 when absent (needs the internet)"
+    )
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="part of train carved out as val")
     shard_size: int = Field(5000, ge=1, description="samples per tar shard")
     max_train: int | None = Field(None, ge=1, description="cap on train images (class-stratified)")
@@ -200,7 +202,9 @@ class StorageConfig(_Section):
 
 class TrackingConfig(_Section):
     enabled: bool = True
-    uri: str | None = Field(None, description="MLflow tracking URI; None = sqlite under storage.root")
+    uri: str | None = Field(
+        None, description="MLflow tracking URI; None = sqlite under storage.root"
+    )
     experiment: str = "contrastive"
 
 
@@ -282,7 +286,9 @@ def parse_config(raw: dict[str, Any] | None) -> Config:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"config error: (top level): must be a mapping (got {type(raw).__name__})")
+        raise ConfigError(
+            f"config error: (top level): must be a mapping (got {type(raw).__name__})"
+        )
     try:
         return Config.model_validate(raw)
     except ValidationError as err:
@@ -294,7 +300,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
     out = copy.deepcopy(raw) if raw else {}
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"config error: --set {item!r}: expected KEY=VALUE, e.g. pretrain.epochs=5")
+            raise ConfigError(
+                f"config error: --set {item!r}: expected KEY=VALUE, e.g. pretrain.epochs=5"
+            )
         key, value_s = item.split("=", 1)
         key = key.strip()
         if not key or any(not p for p in key.split(".")):
@@ -319,7 +327,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
 def _read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
-        builtin = Path(__file__).resolve().parent.parent / "workflows" / "configs" / f"{p.stem}.yaml"
+        builtin = (
+            Path(__file__).resolve().parent.parent / "workflows" / "configs" / f"{p.stem}.yaml"
+        )
         if p.suffix in ("", ".yaml") and not p.parent.name and builtin.is_file():
             p = builtin
         else:

@@ -28,9 +28,19 @@ def test_config_show_resolves_overrides() -> None:
 
 def test_bad_config_value_exits_2_with_one_line() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "workflows.cli", "config", "show", "smoke", "--set",
-         "pretrain.temperature=0"],
-        capture_output=True, text=True, check=False,
+        [
+            sys.executable,
+            "-m",
+            "workflows.cli",
+            "config",
+            "show",
+            "smoke",
+            "--set",
+            "pretrain.temperature=0",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
@@ -38,7 +48,16 @@ def test_bad_config_value_exits_2_with_one_line() -> None:
 
 
 def test_every_subcommand_has_help() -> None:
-    for cmd in (["run"], ["resume"], ["status"], ["lineage"], ["shard"], ["submit"], ["tune"],
-                ["ui"], ["config", "show"]):
+    for cmd in (
+        ["run"],
+        ["resume"],
+        ["status"],
+        ["lineage"],
+        ["shard"],
+        ["submit"],
+        ["tune"],
+        ["ui"],
+        ["config", "show"],
+    ):
         out = CliRunner().invoke(main, [*cmd, "--help"])
         assert out.exit_code == 0, (cmd, out.output)

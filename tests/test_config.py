@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import Config, ConfigError, apply_overrides, config_hash, load_config, parse_config
+from pipeline.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    config_hash,
+    load_config,
+    parse_config,
+)
 
 CONFIGS = Path(__file__).resolve().parent.parent / "workflows" / "configs"
 
@@ -46,8 +53,10 @@ def test_unknown_key_says_unknown() -> None:
 
 
 def test_overrides_parse_yaml_values() -> None:
-    raw = apply_overrides({"pretrain": {"epochs": 3}}, ["pretrain.epochs=7", "pretrain.bf16=true",
-                                                        "finetune.label_fractions=[0.1, 1]"])
+    raw = apply_overrides(
+        {"pretrain": {"epochs": 3}},
+        ["pretrain.epochs=7", "pretrain.bf16=true", "finetune.label_fractions=[0.1, 1]"],
+    )
     cfg = parse_config(raw)
     assert cfg.pretrain.epochs == 7 and cfg.pretrain.bf16 is True
     assert cfg.finetune.label_fractions == [0.1, 1.0]

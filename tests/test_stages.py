@@ -93,7 +93,7 @@ def test_semisup_labels_only_on_the_subset(cfg: Config, dataset: str) -> None:
     train = load_data(dataset, "train")
     labels = pretrain.pretrain_labels(semi, dataset, train)
     keys, _ = load_subset(dataset, min(cfg.finetune.label_fractions))
-    labeled = {k for k, y in zip(train.keys, labels.tolist()) if y >= 0}
+    labeled = {k for k, y in zip(train.keys, labels.tolist(), strict=False) if y >= 0}
     assert labeled == set(keys)
     assert pretrain.pretrain_labels(cfg, dataset, train) is None  # simclr
 

@@ -107,7 +107,9 @@ def config_show(config: str | None, overrides: tuple[str, ...]) -> None:
 
 @main.command()
 @click.option("--config", "config", required=True, help="Config file or shipped config name.")
-@click.option("--out", default=None, help="Output folder (default: <storage.root>/datasets/<name>).")
+@click.option(
+    "--out", default=None, help="Output folder (default: <storage.root>/datasets/<name>)."
+)
 @set_option
 def shard(config: str, out: str | None, overrides: tuple[str, ...]) -> None:
     """Write WebDataset shards, the Parquet manifest and label subsets (Ray tasks)."""
@@ -116,7 +118,9 @@ def shard(config: str, out: str | None, overrides: tuple[str, ...]) -> None:
 
     from workflows.sharding import shard_with_ray
 
-    out_dir = out or str(Path(cfg.storage.root) / "datasets" / f"{cfg.data.source}-seed{cfg.data.seed}")
+    out_dir = out or str(
+        Path(cfg.storage.root) / "datasets" / f"{cfg.data.source}-seed{cfg.data.seed}"
+    )
     if not ray.is_initialized():
         ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
@@ -133,11 +137,24 @@ def shard(config: str, out: str | None, overrides: tuple[str, ...]) -> None:
 @set_option
 @click.option("--run-id", default=None, help="Use this run id (must be new).")
 @click.option("--reuse", is_flag=True, help="Reuse finished stages of earlier runs by cache key.")
-@click.option("--address", default=None, help="Ray address: auto, ray://HOST:10001 (default: local).")
-@click.option("--from-tune", "from_tune", default=None, metavar="SEARCH_ID",
-              help="Start from the best config of a Tune search.")
-def run(config: str, overrides: tuple[str, ...], run_id: str | None, reuse: bool,
-        address: str | None, from_tune: str | None) -> None:
+@click.option(
+    "--address", default=None, help="Ray address: auto, ray://HOST:10001 (default: local)."
+)
+@click.option(
+    "--from-tune",
+    "from_tune",
+    default=None,
+    metavar="SEARCH_ID",
+    help="Start from the best config of a Tune search.",
+)
+def run(
+    config: str,
+    overrides: tuple[str, ...],
+    run_id: str | None,
+    reuse: bool,
+    address: str | None,
+    from_tune: str | None,
+) -> None:
     """Run the whole pipeline for CONFIG: shard -> pretrain -> finetune/baseline -> distill ->
     evaluate."""
     from workflows import orchestrate
@@ -158,8 +175,11 @@ def resume(run_id: str, storage: str | None, tracking_uri: str | None, address: 
     """Continue a failed or killed run: finished stages are not run again."""
     from workflows import orchestrate
 
-    sys.exit(orchestrate.resume_pipeline(_storage(storage), run_id, tracking_uri=tracking_uri,
-                                         address=address))
+    sys.exit(
+        orchestrate.resume_pipeline(
+            _storage(storage), run_id, tracking_uri=tracking_uri, address=address
+        )
+    )
 
 
 @main.command()
@@ -202,12 +222,23 @@ def submit(config: str, address: str, overrides: tuple[str, ...]) -> None:
 @click.argument("config", required=False)
 @set_option
 @click.option("--trials", type=int, default=None, help="Number of trials (tune.num_trials).")
-@click.option("--resume", "resume_id", default=None, metavar="SEARCH_ID",
-              help="Continue an interrupted search.")
+@click.option(
+    "--resume",
+    "resume_id",
+    default=None,
+    metavar="SEARCH_ID",
+    help="Continue an interrupted search.",
+)
 @click.option("--show", "show_id", default=None, metavar="SEARCH_ID", help="Print a results table.")
 @storage_option
-def tune(config: str | None, overrides: tuple[str, ...], trials: int | None,
-         resume_id: str | None, show_id: str | None, storage: str | None) -> None:
+def tune(
+    config: str | None,
+    overrides: tuple[str, ...],
+    trials: int | None,
+    resume_id: str | None,
+    show_id: str | None,
+    storage: str | None,
+) -> None:
     """Ray Tune search over temperature, head depth and augmentation strength."""
     from workflows import tune as tune_mod
 
@@ -233,8 +264,16 @@ def ui(storage: str | None, tracking_uri: str | None, host: str, port: int) -> N
 
     uri = tracking_uri or "sqlite:///" + str(Path(_storage(storage)) / "mlflow.db")
     mlflow_bin = Path(sys.executable).with_name("mlflow")
-    cmd = [str(mlflow_bin) if mlflow_bin.exists() else "mlflow", "ui",
-           "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    cmd = [
+        str(mlflow_bin) if mlflow_bin.exists() else "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
     click.echo(f"MLflow UI on http://{host}:{port} (store {uri}); Ctrl-C stops it")
     sys.exit(subprocess.call(cmd))
 

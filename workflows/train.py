@@ -118,7 +118,9 @@ class RayTrainContext:
         ckpt = ray.train.get_checkpoint()
         if ckpt is not None:
             with ckpt.as_directory() as d:
-                return torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=False)
+                return torch.load(
+                    os.path.join(d, "state.pt"), map_location="cpu", weights_only=False
+                )
         return self._durable.load()
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -154,8 +156,15 @@ def _train_loop(config: dict[str, Any]) -> None:
         _write_result(config["out_dir"], result)
 
 
-def _task_body(fn: StageFn, cfg: Config, inputs: dict[str, str], out_dir: str,
-               params: dict[str, Any], checkpoint_dir: str, sink) -> StageResult:
+def _task_body(
+    fn: StageFn,
+    cfg: Config,
+    inputs: dict[str, str],
+    out_dir: str,
+    params: dict[str, Any],
+    checkpoint_dir: str,
+    sink,
+) -> StageResult:
     _set_threads(cfg)
     ctx = TaskContext(checkpoint_dir, sink, use_gpu=cfg.resources.use_gpu)
     result = fn(cfg, inputs, out_dir, ctx, **params)
@@ -193,10 +202,18 @@ def run_training_stage(
 
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={"fn": fn, "cfg": cfg, "inputs": inputs, "out_dir": out_dir,
-                           "params": params, "checkpoint_dir": checkpoint_dir, "sink": sink},
+        train_loop_config={
+            "fn": fn,
+            "cfg": cfg,
+            "inputs": inputs,
+            "out_dir": out_dir,
+            "params": params,
+            "checkpoint_dir": checkpoint_dir,
+            "sink": sink,
+        },
         scaling_config=ScalingConfig(
-            num_workers=workers, use_gpu=res.use_gpu,
+            num_workers=workers,
+            use_gpu=res.use_gpu,
             resources_per_worker={"CPU": res.cpus_per_worker},
         ),
         torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),

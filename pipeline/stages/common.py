@@ -105,7 +105,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def batches(
-    n: int, batch_size: int, *, epoch: int, seed: int, rank: int = 0, world_size: int = 1,
+    n: int,
+    batch_size: int,
+    *,
+    epoch: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
     drop_last: bool = True,
 ) -> Iterator[torch.Tensor]:
     """Index batches of one epoch for this rank.

@@ -18,8 +18,14 @@ from pipeline.config import Config, ModelConfig
 from pipeline.data import dataset_info
 from pipeline.distributed import convert_sync_batchnorm
 from pipeline.losses import DistillationLoss
-from pipeline.models import Classifier, backbone_from, build_contrastive_model, count_params
-from pipeline.models import load_model, save_model
+from pipeline.models import (
+    Classifier,
+    backbone_from,
+    build_contrastive_model,
+    count_params,
+    load_model,
+    save_model,
+)
 from pipeline.runtime import LocalContext, StageResult, TrainContext
 from pipeline.stages.common import (
     accuracy,
@@ -70,7 +76,10 @@ def run(
     if d.alpha > 0:
         keep = set(subset_keys(ds, fraction))
         hard = torch.tensor(
-            [int(y) if k in keep else -1 for k, y in zip(train.keys, train.labels.tolist())]
+            [
+                int(y) if k in keep else -1
+                for k, y in zip(train.keys, train.labels.tolist(), strict=False)
+            ]
         )
         targets = torch.cat([teacher_logits, hard[:, None].float()], dim=1)  # (N, K+1)
     else:

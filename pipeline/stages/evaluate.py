@@ -60,15 +60,19 @@ def run(
     size, classes = view_size(cfg, info), list(info["classes"])
     k = len(classes)
     train, test = load_data(ds, "train"), load_data(ds, "test")
-    report: dict[str, Any] = {"dataset": info.get("name", cfg.data.source), "digest": info.get("digest")}
+    report: dict[str, Any] = {
+        "dataset": info.get("name", cfg.data.source),
+        "digest": info.get("digest"),
+    }
 
     encoder = load_model(inputs["pretrain"]).encoder
     f_train = encode(encoder, train.images, size=size)  # (N, D)
     f_test = encode(encoder, test.images, size=size)  # (M, D)
     knn = knn_predict(f_train, train.labels, f_test, k, k=e.knn_k, temperature=e.knn_temperature)
     report["knn_top1"] = accuracy(knn, test.labels)
-    probe = fit_linear_probe(f_train, train.labels, k, epochs=e.linear_epochs, lr=e.linear_lr,
-                             seed=cfg.seed)
+    probe = fit_linear_probe(
+        f_train, train.labels, k, epochs=e.linear_epochs, lr=e.linear_lr, seed=cfg.seed
+    )
     with torch.no_grad():
         report["linear_full_top1"] = accuracy(probe(f_test), test.labels)
     report["encoder_params"] = count_params(encoder)
@@ -81,12 +85,21 @@ def run(
         keys = subset_keys(ds, p)
         row["labeled_images"] = len(keys)
         idx = torch.tensor([pos[x] for x in keys])
-        probe_p = fit_linear_probe(f_train[idx], train.labels[idx], k, epochs=e.linear_epochs,
-                                   lr=e.linear_lr, seed=cfg.seed)
+        probe_p = fit_linear_probe(
+            f_train[idx],
+            train.labels[idx],
+            k,
+            epochs=e.linear_epochs,
+            lr=e.linear_lr,
+            seed=cfg.seed,
+        )
         with torch.no_grad():
             row["linear_top1"] = accuracy(probe_p(f_test), test.labels)
-        for role, key in (("finetune", f"finetune@{name}"), ("baseline", f"baseline@{name}"),
-                          ("student", f"distill@{name}")):
+        for role, key in (
+            ("finetune", f"finetune@{name}"),
+            ("baseline", f"baseline@{name}"),
+            ("student", f"distill@{name}"),
+        ):
             if key not in inputs:
                 continue
             model = load_model(inputs[key])
@@ -136,8 +149,7 @@ def render_markdown(report: dict[str, Any], cfg: Config | None = None) -> str:
             "",
         ]
     lines += [
-        "Top-1 accuracy (%) on the test split "
-        f"({report.get('test_images', '?')} images).",
+        f"Top-1 accuracy (%) on the test split ({report.get('test_images', '?')} images).",
         "",
         "| labels | labeled images | baseline (scratch) | SSL fine-tuned | Δ vs baseline "
         "| student | linear probe | kNN | teacher params | student params |",
@@ -167,8 +179,15 @@ def render_markdown(report: dict[str, Any], cfg: Config | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plots(cfg: Config, inputs: dict[str, str], report: dict[str, Any], f_test: torch.Tensor,
-           labels: torch.Tensor, classes: list[str], out: Path) -> dict[str, str]:
+def _plots(
+    cfg: Config,
+    inputs: dict[str, str],
+    report: dict[str, Any],
+    f_test: torch.Tensor,
+    labels: torch.Tensor,
+    classes: list[str],
+    out: Path,
+) -> dict[str, str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -178,8 +197,12 @@ def _plots(cfg: Config, inputs: dict[str, str], report: dict[str, Any], f_test: 
     rows = report["fractions"]
     xs = [float(n) for n in rows]
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for role, label in (("baseline", "supervised from scratch"), ("finetune", "SSL fine-tuned"),
-                        ("student", "distilled student"), ("linear", "linear probe")):
+    for role, label in (
+        ("baseline", "supervised from scratch"),
+        ("finetune", "SSL fine-tuned"),
+        ("student", "distilled student"),
+        ("linear", "linear probe"),
+    ):
         ys = [rows[n].get(f"{role}_top1") for n in rows]
         if any(y is not None for y in ys):
             ax.plot(xs, [y if y is not None else float("nan") for y in ys], marker="o", label=label)
@@ -215,8 +238,13 @@ def _plots(cfg: Config, inputs: dict[str, str], report: dict[str, Any], f_test: 
         fig, ax = plt.subplots(figsize=(5.5, 5))
         sc = ax.scatter(emb[:, 0], emb[:, 1], c=labels[idx].numpy(), cmap="tab10", s=4)
         handles = sc.legend_elements()[0]
-        ax.legend(handles, [classes[i] for i in sorted(set(labels[idx].tolist()))], fontsize=6,
-                  markerscale=0.8, loc="best")
+        ax.legend(
+            handles,
+            [classes[i] for i in sorted(set(labels[idx].tolist()))],
+            fontsize=6,
+            markerscale=0.8,
+            loc="best",
+        )
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_title("Test embeddings (t-SNE of h)")
@@ -233,4 +261,6 @@ def _embed_2d(x, seed: int):
 
     x = PCA(n_components=min(32, x.shape[1], x.shape[0])).fit_transform(x)
     perplexity = float(min(30, max(5, (x.shape[0] - 1) // 3)))
-    return TSNE(n_components=2, init="pca", random_state=seed, perplexity=perplexity).fit_transform(x)
+    return TSNE(n_components=2, init="pca", random_state=seed, perplexity=perplexity).fit_transform(
+        x
+    )

@@ -17,8 +17,14 @@ import torch.nn.functional as F
 from pipeline.config import Config
 from pipeline.data import dataset_info
 from pipeline.distributed import convert_sync_batchnorm
-from pipeline.models import Classifier, backbone_from, count_params, load_model, save_model
-from pipeline.models import build_contrastive_model
+from pipeline.models import (
+    Classifier,
+    backbone_from,
+    build_contrastive_model,
+    count_params,
+    load_model,
+    save_model,
+)
 from pipeline.runtime import LocalContext, StageResult, TrainContext
 from pipeline.stages.common import (
     accuracy,
@@ -49,9 +55,7 @@ def plan_for(cfg: Config, name: str) -> SupervisedPlan:
     )
 
 
-def build_network(
-    cfg: Config, channels: int, n_classes: int, pretrained: str | None
-) -> Classifier:
+def build_network(cfg: Config, channels: int, n_classes: int, pretrained: str | None) -> Classifier:
     """Encoder + first j head layers + linear classifier; from ``pretrained`` (a 'contrastive'
     model file) or randomly initialised (the baseline)."""
     j = cfg.finetune.from_head_layer

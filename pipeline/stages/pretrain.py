@@ -90,9 +90,7 @@ def run(
     p = cfg.pretrain
     rank, world = ctx.rank, ctx.world_size
     if p.batch_size % world:
-        raise ValueError(
-            f"pretrain.batch_size {p.batch_size} is not divisible by {world} workers"
-        )
+        raise ValueError(f"pretrain.batch_size {p.batch_size} is not divisible by {world} workers")
     local_bs = p.batch_size // world
     seed_everything(cfg.seed * 100 + rank)
 
@@ -118,13 +116,19 @@ def run(
     if p.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, p.max_steps_per_epoch)
     total_steps = steps_per_epoch * p.epochs
-    opt = build_optimizer(p.optimizer, model, lr=_lr(cfg), weight_decay=p.weight_decay,
-                          momentum=p.momentum)
-    sched = warmup_cosine(opt, warmup_steps=int(p.warmup_epochs * steps_per_epoch),
-                          total_steps=total_steps)
+    opt = build_optimizer(
+        p.optimizer, model, lr=_lr(cfg), weight_decay=p.weight_decay, momentum=p.momentum
+    )
+    sched = warmup_cosine(
+        opt, warmup_steps=int(p.warmup_epochs * steps_per_epoch), total_steps=total_steps
+    )
     loss_fn = SupConLoss(temperature=p.temperature, gather_distributed=world > 1)
-    aug = BatchTwoViewAugment(size=size, channels=channels, strength=cfg.augment.strength,
-                              crop_min_scale=cfg.augment.crop_min_scale)
+    aug = BatchTwoViewAugment(
+        size=size,
+        channels=channels,
+        strength=cfg.augment.strength,
+        crop_min_scale=cfg.augment.crop_min_scale,
+    )
 
     history: list[dict[str, Any]] = []
     start_epoch = 0
@@ -140,14 +144,16 @@ def run(
 
     autocast = (
         torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-        if p.bf16 else contextlib.nullcontext()
+        if p.bf16
+        else contextlib.nullcontext()
     )
     for epoch in range(start_epoch, p.epochs):
         net.train()
         meter = Throughput()
         loss_sum, n_steps = 0.0, 0
-        for step, idx in enumerate(batches(len(train), local_bs, epoch=epoch, seed=cfg.seed,
-                                           rank=rank, world_size=world)):
+        for step, idx in enumerate(
+            batches(len(train), local_bs, epoch=epoch, seed=cfg.seed, rank=rank, world_size=world)
+        ):
             if step >= steps_per_epoch:
                 break
             v1, v2 = aug(train.images[idx])  # 2 x (b, C, S, S) float
@@ -160,7 +166,9 @@ def run(
             y = labels[idx].to(device) if labels is not None else None
             loss = loss_fn(z, y)
             if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"pretrain: loss is {loss.item()} at epoch {epoch} step {step}")
+                raise FloatingPointError(
+                    f"pretrain: loss is {loss.item()} at epoch {epoch} step {step}"
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -177,37 +185,66 @@ def run(
             "epoch_seconds": meter.seconds,
         }
         if val is not None and ((epoch + 1) % p.knn_every == 0 or epoch + 1 == p.epochs):
-            metrics["val_knn_top1"] = knn_accuracy(cfg, model.encoder, train, val, size,
-                                                   int(len(info["classes"])))
+            metrics["val_knn_top1"] = knn_accuracy(
+                cfg, model.encoder, train, val, size, int(len(info["classes"]))
+            )
         history.append(metrics)
         state = None
         if rank == 0:
-            state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                     "scheduler": sched.state_dict(), "epoch": epoch, "rng": rng_state(),
-                     "history": history}
+            state = {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "epoch": epoch,
+                "rng": rng_state(),
+                "history": history,
+            }
         ctx.report(metrics, checkpoint=state)
-        log.info("pretrain epoch %d/%d loss %.4f %.0f views/s%s", epoch + 1, p.epochs,
-                 metrics["loss"], metrics["views_per_s"],
-                 f" val kNN {metrics['val_knn_top1']:.2f}%" if "val_knn_top1" in metrics else "")
+        log.info(
+            "pretrain epoch %d/%d loss %.4f %.0f views/s%s",
+            epoch + 1,
+            p.epochs,
+            metrics["loss"],
+            metrics["views_per_s"],
+            f" val kNN {metrics['val_knn_top1']:.2f}%" if "val_knn_top1" in metrics else "",
+        )
 
     outputs = {"model": str(out / "model.pt"), "history": str(out / "history.json")}
     final = dict(history[-1]) if history else {}
     metrics_out = {k: float(v) for k, v in final.items() if isinstance(v, (int, float))}
     metrics_out["params"] = float(n_params)
     if rank == 0:
-        save_model(outputs["model"], kind="contrastive", model_section=cfg.model.model_dump(),
-                   in_channels=channels, num_classes=None, state_dict=model.state_dict())
+        save_model(
+            outputs["model"],
+            kind="contrastive",
+            model_section=cfg.model.model_dump(),
+            in_channels=channels,
+            num_classes=None,
+            state_dict=model.state_dict(),
+        )
         write_json(outputs["history"], history)
     return StageResult(outputs=outputs, metrics=metrics_out, history=history)
 
 
-def knn_accuracy(cfg: Config, encoder: torch.nn.Module, train: SplitData, val: SplitData,
-                 size: int, n_classes: int) -> float:
+def knn_accuracy(
+    cfg: Config,
+    encoder: torch.nn.Module,
+    train: SplitData,
+    val: SplitData,
+    size: int,
+    n_classes: int,
+) -> float:
     """Online monitor: weighted kNN top-1 (%) of val against (a sample of) train."""
     bank = train.limit(cfg.pretrain.knn_bank, seed=cfg.seed)
     query = val.limit(cfg.pretrain.knn_queries, seed=cfg.seed)
     f_bank = encode(encoder, bank.images, size=size)
     f_q = encode(encoder, query.images, size=size)
-    scores = knn_predict(f_bank, bank.labels, f_q, n_classes, k=cfg.evaluate.knn_k,
-                         temperature=cfg.evaluate.knn_temperature)
+    scores = knn_predict(
+        f_bank,
+        bank.labels,
+        f_q,
+        n_classes,
+        k=cfg.evaluate.knn_k,
+        temperature=cfg.evaluate.knn_temperature,
+    )
     return accuracy(scores, query.labels)
