@@ -1,0 +1,211 @@
+"""``contrastive submit``: send a pipeline run to a Ray cluster as a Ray Job, and return at once.
+
+What travels with the job (its runtime environment):
+
+* ``py_modules``: the ``pipeline`` and ``workflows`` packages of *this* checkout (so the cluster runs
+  exactly the code that validated the config, even if the image holds an older install);
+* ``working_dir``: a small folder holding ``config.yaml``, the **resolved** config (the file plus
+  every ``--set``, validated here before anything is sent).
+
+The entrypoint is ``python -m workflows.cli run config.yaml --run-id RUN_ID --address auto``.
+``python -m`` rather than the ``contrastive`` console script: it needs nothing on the cluster's
+``PATH`` and always imports the shipped packages (``py_modules`` come first on ``sys.path``); the
+images under ``docker/`` install the package as well, so the third-party dependencies are there.
+Inside a Ray Job ``RAY_ADDRESS`` points at the cluster, so ``--address auto`` attaches to it.
+
+The run id is chosen here (:func:`workflows.state.new_run_id`), so ``contrastive status RUN_ID
+--storage ROOT`` finds the run once the job has started writing under ``ROOT/runs/RUN_ID``; the Ray
+submission id is ``contrastive-RUN_ID``, so one id leads to the other.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import socket
+import tempfile
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "CONFIG_NAME",
+    "JobSpec",
+    "build_job_spec",
+    "check_reachable",
+    "normalize_address",
+    "submit_job",
+]
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.yaml"
+# Never shipped: caches and build leftovers inside the package folders (.gitignore is honoured too).
+EXCLUDES = ["__pycache__", "*.pyc", "*.egg-info", ".pytest_cache", ".ruff_cache"]
+_LOOPBACK = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """The arguments of ``JobSubmissionClient.submit_job`` for one pipeline run."""
+
+    submission_id: str
+    entrypoint: str
+    runtime_env: dict[str, Any]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``JobSubmissionClient.submit_job``."""
+        return {
+            "submission_id": self.submission_id,
+            "entrypoint": self.entrypoint,
+            "runtime_env": self.runtime_env,
+            "metadata": self.metadata,
+        }
+
+
+def package_dirs() -> list[str]:
+    """The folders of the ``pipeline`` and ``workflows`` packages this process imports."""
+    import pipeline
+    import workflows
+
+    return [str(Path(mod.__file__).resolve().parent) for mod in (pipeline, workflows)]
+
+
+def build_job_spec(
+    run_id: str,
+    working_dir: str,
+    *,
+    py_modules: list[str] | None = None,
+    name: str = "run",
+    storage_root: str | None = None,
+    overrides: list[str] | None = None,
+    entrypoint: str | None = None,
+    python: str = "python",
+) -> JobSpec:
+    """The job for ``run_id``: entrypoint, runtime environment and metadata (no I/O).
+
+    ``working_dir`` must hold :data:`CONFIG_NAME`, the resolved config. ``entrypoint`` replaces the
+    pipeline command (tests use it to check the plumbing without running the pipeline).
+    ``overrides`` are only recorded in the metadata: they are already part of the resolved config.
+    """
+    if entrypoint is None:
+        entrypoint = shlex.join(
+            [python, "-m", "workflows.cli", "run", CONFIG_NAME, "--run-id", run_id]
+            + ["--address", "auto"]
+        )
+    runtime_env: dict[str, Any] = {
+        "working_dir": working_dir,
+        "py_modules": list(py_modules if py_modules is not None else package_dirs()),
+        "excludes": list(EXCLUDES),
+        "env_vars": {"PYTHONUNBUFFERED": "1", "CONTRASTIVE_RUN_ID": run_id},
+    }
+    metadata = {"run_id": run_id, "name": name, "submitted_by": "contrastive submit"}
+    if storage_root:
+        metadata["storage_root"] = storage_root
+    if overrides:
+        metadata["overrides"] = " ".join(overrides)
+    return JobSpec(f"contrastive-{run_id}", entrypoint, runtime_env, metadata)
+
+
+def normalize_address(address: str) -> str:
+    """The dashboard URL for ``address`` (``http(s)://HOST:PORT``; a bare ``HOST:PORT`` gets
+    ``http://``). ``ray://`` and anything without a host is a one-line :class:`ValueError`."""
+    addr = (address or "").strip().rstrip("/")
+    if addr.startswith("ray://"):
+        raise ValueError(
+            f"submit: {address!r} is a Ray Client address; give the dashboard address, "
+            "e.g. http://127.0.0.1:8265"
+        )
+    if "://" not in addr:
+        addr = "http://" + addr
+    parsed = urllib.parse.urlparse(addr)
+    try:
+        parsed.port  # noqa: B018 - raises ValueError on a bad port
+        ok = parsed.scheme in ("http", "https") and bool(parsed.hostname)
+    except ValueError:
+        ok = False
+    if not ok or parsed.netloc.endswith(":"):
+        raise ValueError(
+            f"submit: address {address!r} is not a Ray dashboard URL like http://HEAD:8265"
+        )
+    return addr
+
+
+def check_reachable(url: str, timeout_s: float = 5.0) -> None:
+    """Open (and close) a TCP connection to the dashboard at ``url``; fail in at most
+    ``timeout_s`` with a one-line :class:`ConnectionError` naming it. Skipped when a proxy is
+    configured for the URL's scheme (then only the proxy knows the way)."""
+    parsed = urllib.parse.urlparse(url)
+    host = parsed.hostname or ""
+    if parsed.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(host):
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except OSError as err:
+        reason = err.strerror or str(err) or type(err).__name__
+        raise ConnectionError(
+            f"submit: cannot reach the Ray dashboard at {url} ({reason}); is the cluster up and "
+            "the port forwarded (ray dashboard CLUSTER.yaml, or kubectl port-forward)?"
+        ) from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def submit_job(
+    config: str,
+    overrides: list[str],
+    address: str,
+    storage_root: str,
+    *,
+    entrypoint: str | None = None,
+    timeout_s: float = 5.0,
+) -> tuple[str, str]:
+    """Submit the run of ``config`` (+ ``overrides``) to the cluster whose dashboard is at
+    ``address``; return ``(job_id, run_id)`` without waiting for the job.
+
+    Errors are one line naming the address: :class:`ValueError` (a bad address or config),
+    :class:`ConnectionError` (nothing answers there), :class:`RuntimeError` (the cluster refused).
+    """
+    from pipeline.config import load_config
+    from workflows.state import new_run_id
+
+    url = normalize_address(address)
+    cfg = load_config(config, list(overrides))  # a ConfigError (ValueError) names the field
+    check_reachable(url, timeout_s)
+    if "://" not in storage_root and urllib.parse.urlparse(url).hostname not in _LOOPBACK:
+        log.warning(
+            "storage.root %s is a local path: the cluster writes the run on its own disks; use an "
+            "object store (s3://...) to follow it from here with `contrastive status`",
+            storage_root,
+        )
+    from ray.job_submission import JobSubmissionClient
+
+    run_id = new_run_id()
+    with tempfile.TemporaryDirectory(prefix="contrastive-submit-") as staging:
+        Path(staging, CONFIG_NAME).write_text(cfg.to_yaml())
+        spec = build_job_spec(
+            run_id,
+            staging,
+            name=cfg.name,
+            storage_root=storage_root,
+            overrides=list(overrides),
+            entrypoint=entrypoint,
+        )
+        try:
+            client = JobSubmissionClient(url)
+            # The client packs and uploads working_dir and py_modules before it returns.
+            job_id = client.submit_job(**spec.as_kwargs())
+        except ConnectionError as err:
+            raise ConnectionError(f"submit: {url}: {_first_line(err)}") from None
+        except (RuntimeError, ValueError, OSError) as err:
+            raise RuntimeError(f"submit: {url} refused the job: {_first_line(err)}") from None
+    log.info("submitted job %s (run %s) to %s", job_id, run_id, url)
+    return job_id, run_id
