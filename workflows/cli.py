@@ -69,6 +69,20 @@ tracking_option = click.option(
 )
 
 
+def _guarded(fn, *args, **kwargs):  # noqa: ANN001, ANN202
+    """Call a command's implementation; a known one-line error becomes exit code 2 (bad input:
+    unknown run, unreachable tracking server, invalid graph) without a traceback."""
+    from workflows.orchestrate import PipelineError
+    from workflows.runner import RunError
+    from workflows.state import StateError
+    from workflows.tracking import TrackingError
+
+    try:
+        return fn(*args, **kwargs)
+    except (ConfigError, PipelineError, RunError, StateError, TrackingError) as err:
+        raise UserError(str(err).splitlines()[0] if str(err) else type(err).__name__) from None
+
+
 def _storage(storage: str | None) -> str:
     root = storage or os.environ.get("CONTRASTIVE_STORAGE") or DEFAULT_STORAGE
     return root if "://" in root else str(Path(root).expanduser().resolve())
@@ -161,9 +175,9 @@ def run(
 
     if from_tune:
         cfg0 = _load(config, overrides)
-        config = orchestrate.best_config_path(cfg0.storage.root, from_tune)
+        config = _guarded(orchestrate.best_config_path, cfg0.storage.root, from_tune)
     cfg = _load(config, overrides)
-    sys.exit(orchestrate.run_pipeline(cfg, run_id=run_id, reuse=reuse, address=address))
+    sys.exit(_guarded(orchestrate.run_pipeline, cfg, run_id=run_id, reuse=reuse, address=address))
 
 
 @main.command()
@@ -176,8 +190,12 @@ def resume(run_id: str, storage: str | None, tracking_uri: str | None, address: 
     from workflows import orchestrate
 
     sys.exit(
-        orchestrate.resume_pipeline(
-            _storage(storage), run_id, tracking_uri=tracking_uri, address=address
+        _guarded(
+            orchestrate.resume_pipeline,
+            _storage(storage),
+            run_id,
+            tracking_uri=tracking_uri,
+            address=address,
         )
     )
 
@@ -189,7 +207,7 @@ def status(run_id: str | None, storage: str | None) -> None:
     """A run's stages (state, attempts, duration, key metric, MLflow run), or the list of runs."""
     from workflows import orchestrate
 
-    click.echo(orchestrate.status_text(_storage(storage), run_id))
+    click.echo(_guarded(orchestrate.status_text, _storage(storage), run_id))
 
 
 @main.command()
@@ -199,7 +217,7 @@ def lineage(run_id: str, storage: str | None) -> None:
     """The stage graph of RUN_ID with each stage's inputs, outputs, digest and MLflow run."""
     from workflows import orchestrate
 
-    click.echo(orchestrate.lineage_text(_storage(storage), run_id))
+    click.echo(_guarded(orchestrate.lineage_text, _storage(storage), run_id))
 
 
 @main.command()

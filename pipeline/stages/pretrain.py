@@ -183,6 +183,8 @@ def run(
             "views_per_s": meter.rate,
             "images_per_s": meter.rate / 2,
             "epoch_seconds": meter.seconds,
+            "resumed_from_epoch": start_epoch,  # > 0: this attempt continued from a checkpoint
+            "world_size": world,
         }
         if val is not None and ((epoch + 1) % p.knn_every == 0 or epoch + 1 == p.epochs):
             metrics["val_knn_top1"] = knn_accuracy(

@@ -1,0 +1,253 @@
+"""The commands behind ``contrastive run / resume / status / lineage``.
+
+``run_pipeline`` checks that the tracking server answers (before any compute), creates the run's
+durable record under ``<storage.root>/runs/<run_id>/``, connects to Ray (local, ``auto`` or
+``ray://``) and executes the stage graph with :func:`workflows.runner.run_graph`.
+``resume_pipeline`` runs the same graph again under the same run id: finished stages are skipped,
+interrupted ones continue from their last checkpoint, and the same MLflow parent run receives the
+rest. ``status_text`` and ``lineage_text`` read only the durable records, so they work from any
+machine that sees the storage.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from pipeline.config import Config
+from workflows.dag import build_graph
+from workflows.state import RunStore
+
+__all__ = [
+    "PipelineError",
+    "best_config_path",
+    "connect_ray",
+    "lineage_text",
+    "resume_pipeline",
+    "run_pipeline",
+    "status_text",
+]
+
+log = logging.getLogger("contrastive")
+
+
+class PipelineError(RuntimeError):
+    """A problem that stops a run before it starts; ``str(err)`` is one line."""
+
+
+def best_config_path(storage_root: str, search_id: str) -> str:
+    """The ``best.yaml`` of Tune search ``search_id`` (see :mod:`workflows.tune`)."""
+    from workflows.tune import best_config_path as _best
+
+    return _best(storage_root, search_id)
+
+
+def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
+    """Connect to Ray: an existing connection is kept; ``None`` starts a local instance."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {"configure_logging": False, "log_to_driver": True}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(include_dashboard=False, num_cpus=num_cpus, **kwargs)
+
+
+def _tracker(cfg: Config, uri: str | None = None) -> Any:
+    if not cfg.tracking.enabled:
+        return None
+    from workflows.tracking import Tracker
+
+    return Tracker(uri or cfg.tracking_uri(), cfg.tracking.experiment)
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _report_path(store: RunStore, run_id: str) -> str | None:
+    m = store.read_manifest(run_id, "evaluate")
+    return (m or {}).get("outputs", {}).get("report_md")
+
+
+def _execute_graph(
+    cfg: Config, store: RunStore, run_id: str, tracker: Any, reuse: bool, started_at: float
+) -> int:
+    from workflows.runner import run_graph
+    from workflows.stages import StageExecutor
+
+    graph = build_graph(cfg)
+    summary = run_graph(
+        graph, cfg, store, run_id, StageExecutor(cfg, started_at), tracker=tracker, reuse=reuse
+    )
+    _say(summary.message())
+    if summary.mlflow_run_id:
+        _say(f"mlflow: parent run {summary.mlflow_run_id} at {tracker.uri}")
+    if summary.status == "succeeded":
+        report = _report_path(store, run_id)
+        if report:
+            _say(f"report: {report}")
+        return 0
+    _say(f"resume with: contrastive resume {run_id} --storage {store.root}")
+    return 1
+
+
+def run_pipeline(
+    cfg: Config,
+    run_id: str | None = None,
+    reuse: bool = False,
+    address: str | None = None,
+    num_cpus: int | None = None,
+) -> int:
+    """Run the whole pipeline for ``cfg``; returns the exit code (0 = every stage succeeded).
+
+    Prints the run id, its folder, progress and, at the end, the path of ``report.md``.
+    """
+    started = time.time()
+    build_graph(cfg).validate()
+    tracker = _tracker(cfg)
+    if tracker is not None:
+        tracker.check_reachable()  # a clear error before any compute
+    store = RunStore(cfg.storage.root)
+    run_id = store.create_run(
+        cfg, run_id, tracking_uri=tracker.uri if tracker else None, address=address
+    )
+    _say(f"run: {run_id}")
+    _say(f"folder: {store.uri(store.run_dir(run_id))}")
+    connect_ray(address, num_cpus)
+    return _execute_graph(cfg, store, run_id, tracker, reuse, started)
+
+
+def resume_pipeline(
+    storage_root: str,
+    run_id: str,
+    tracking_uri: str | None = None,
+    address: str | None = None,
+    num_cpus: int | None = None,
+) -> int:
+    """Continue run ``run_id`` from its durable record; finished stages are not run again."""
+    started = time.time()
+    store = RunStore(storage_root)
+    info = store.load_run(run_id)
+    cfg = store.load_config(run_id)
+    if info.status == "succeeded":
+        _say(f"run {run_id} already succeeded; nothing to resume")
+        report = _report_path(store, run_id)
+        if report:
+            _say(f"report: {report}")
+        return 0
+    tracker = _tracker(cfg, tracking_uri or info.tracking_uri)
+    if tracker is not None:
+        tracker.check_reachable()
+    _say(f"resuming run: {run_id} (was {info.status})")
+    _say(f"folder: {info.path}")
+    connect_ray(address or info.address, num_cpus)
+    return _execute_graph(cfg, store, run_id, tracker, False, started)
+
+
+# -- status and lineage ---------------------------------------------------------------------
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def _fmt_duration(s: float | None) -> str:
+    if s is None:
+        return "-"
+    return f"{s:.1f}s" if s < 120 else f"{s / 60:.1f}m"
+
+
+def status_text(storage_root: str, run_id: str | None = None) -> str:
+    """A table of run ``run_id``'s stages, or of all runs under ``storage_root`` without an id."""
+    store = RunStore(storage_root)
+    if run_id is None:
+        runs = store.list_runs()
+        if not runs:
+            return f"no runs under {store.root}/runs"
+        rows = [
+            [r.run_id, r.name, r.status, r.created[:19], r.mlflow_run_id or "-", r.error or ""]
+            for r in runs
+        ]
+        return _table(rows, ["run", "name", "status", "created", "mlflow run", "error"])
+    info = store.load_run(run_id)
+    cfg = store.load_config(run_id)
+    states = store.stage_states(run_id)
+    order = [n.name for n in build_graph(cfg)]
+    order += [n for n in states if n not in order]
+    rows = []
+    for name in order:
+        st = states.get(name)
+        if st is None:
+            rows.append([name, "pending", "0", "-", "-", "-"])
+            continue
+        metric = "-"
+        if st.key_metric and st.key_metric in st.metrics:
+            metric = f"{st.key_metric}={st.metrics[st.key_metric]:.4g}"
+        state = st.state + (" (reused)" if st.reused_from else "")
+        rows.append(
+            [
+                name,
+                state,
+                str(st.attempts),
+                _fmt_duration(st.duration_s),
+                metric,
+                st.mlflow_run_id or "-",
+            ]
+        )
+    head = f"run {info.run_id} ({info.name}): {info.status}"
+    if info.mlflow_run_id:
+        head += f"; mlflow parent {info.mlflow_run_id} at {info.tracking_uri}"
+    lines = [
+        head,
+        _table(rows, ["stage", "state", "attempts", "duration", "key metric", "mlflow run"]),
+    ]
+    for name in order:
+        st = states.get(name)
+        if st is not None and st.state == "failed" and st.error:
+            lines.append(f"{name} failed: {st.error}")
+            if st.traceback_file:
+                lines.append(f"  traceback: {st.traceback_file}")
+    return "\n".join(lines)
+
+
+def lineage_text(storage_root: str, run_id: str) -> str:
+    """The stage graph of ``run_id``: each stage's inputs (upstream stage and its MLflow run),
+    outputs, output digest, cache key and MLflow run."""
+    store = RunStore(storage_root)
+    info = store.load_run(run_id)
+    cfg = store.load_config(run_id)
+    graph = build_graph(cfg)
+    manifests = {n.name: store.read_manifest(run_id, n.name) for n in graph}
+    states = store.stage_states(run_id)
+    lines = [f"run {run_id} ({info.name}): {info.status}"]
+    if info.mlflow_run_id:
+        lines.append(f"mlflow parent run {info.mlflow_run_id} at {info.tracking_uri}")
+    for node in graph:
+        m = manifests[node.name]
+        st = states.get(node.name)
+        lines.append("")
+        state = st.state if st else "pending"
+        mlflow_id = (m or {}).get("mlflow_run_id") or (st.mlflow_run_id if st else None)
+        lines.append(f"{node.name} [{node.kind}] {state}  mlflow={mlflow_id or '-'}")
+        if m and m.get("cache_key"):
+            lines.append(f"  cache key: {m['cache_key'][:16]}")
+        if m and m.get("reused_from"):
+            src = m["reused_from"]
+            lines.append(f"  reused from: run {src.get('run_id')} stage {src.get('stage')}")
+        for dep, up in node.deps.items():
+            um = manifests.get(up) or {}
+            lines.append(
+                f"  in  {dep} <- {up} (digest {str(um.get('digest', '-'))[:16]}, "
+                f"mlflow {um.get('mlflow_run_id') or '-'})"
+            )
+        if m:
+            lines.append(f"  digest: {m.get('digest', '-')}")
+            for name, path in m.get("outputs", {}).items():
+                lines.append(f"  out {name}: {path}")
+    return "\n".join(lines)

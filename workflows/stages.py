@@ -1,0 +1,232 @@
+"""How each kind of stage node is executed on Ray and recorded in MLflow.
+
+:class:`StageExecutor` is the ``execute(node, inputs, out_dir, tracking_info)`` callable that
+:func:`workflows.runner.run_graph` runs inside a stage's coordinator task:
+
+==========  ======================================================  ===========================
+kind        runs                                                    inputs (from upstream)
+==========  ======================================================  ===========================
+shard       :func:`workflows.sharding.shard_with_ray`               -
+pretrain    ``pipeline.stages.pretrain.run`` on Ray Train / a task  dataset
+finetune    ``pipeline.stages.finetune.run(fraction=p)``            dataset, pretrain
+baseline    ``pipeline.stages.finetune.run(fraction=p, baseline)``  dataset
+distill     ``pipeline.stages.distill.run(fraction=p)``             dataset, teacher
+evaluate    ``pipeline.stages.evaluate.run`` (one worker)           dataset, pretrain, models
+==========  ======================================================  ===========================
+
+Upstream outputs are mapped to the paths a stage function takes: the ``dataset`` input is the
+shard folder, every other input the upstream's ``model`` file.
+
+MLflow (when tracking is on): per-epoch metrics stream from the training workers through a
+:class:`workflows.tracking.MetricsSink`; afterwards the stage's run receives its config slice
+(``config.yaml``), history, reports and plots as artifacts, the final model file as a checkpoint
+artifact, and the encoder / teacher / baseline / student through ``mlflow.pytorch.log_model``
+(a logged model linked to the run, loadable with ``mlflow.pytorch.load_model``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.config import Config
+from pipeline.runtime import StageResult, atomic_write_text
+from workflows.dag import StageNode, build_graph, compute_keys, stage_config
+
+__all__ = ["MODEL_NAMES", "StageExecutor", "stage_function"]
+
+log = logging.getLogger(__name__)
+
+#: What the model a stage kind produces is called in MLflow.
+MODEL_NAMES = {
+    "pretrain": "encoder",
+    "finetune": "teacher",
+    "baseline": "baseline",
+    "distill": "student",
+}
+_KEY_FILE = "cache_key"
+
+
+def stage_function(kind: str) -> Any:
+    """The ``pipeline.stages`` function that runs a training-like stage kind."""
+    from pipeline.stages import distill, evaluate, finetune, pretrain
+
+    fns = {
+        "pretrain": pretrain.run,
+        "finetune": finetune.run,
+        "baseline": finetune.run,
+        "distill": distill.run,
+        "evaluate": evaluate.run,
+    }
+    if kind not in fns:
+        raise ValueError(f"stage kind {kind!r} has no stage function (known: {sorted(fns)})")
+    return fns[kind]
+
+
+def _stage_inputs(node: StageNode, inputs: dict[str, dict[str, str]]) -> dict[str, str]:
+    """Upstream manifests' outputs -> the paths a stage function takes."""
+    out: dict[str, str] = {}
+    for name, outputs in inputs.items():
+        want = "dataset" if name == "dataset" else "model"
+        if want not in outputs:
+            raise ValueError(
+                f"stage {node.name}: input {name!r} has no {want!r} output "
+                f"(upstream outputs: {sorted(outputs)})"
+            )
+        out[name] = outputs[want]
+    return out
+
+
+def _guard_checkpoints(checkpoint_dir: Path, key: str) -> None:
+    """Drop checkpoints an earlier attempt left under a *different* cache key (config changed)."""
+    marker = checkpoint_dir / _KEY_FILE
+    if checkpoint_dir.is_dir() and (not marker.is_file() or marker.read_text().strip() != key):
+        if any(p.name != _KEY_FILE for p in checkpoint_dir.iterdir()):
+            log.info("checkpoints in %s are from another config; starting afresh", checkpoint_dir)
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    atomic_write_text(marker, key + "\n")
+
+
+class StageExecutor:
+    """Runs one stage node of a pipeline run (picklable: it is sent to the stage's Ray task).
+
+    ``started_at`` (epoch seconds) is when the pipeline run started; the evaluate stage reports
+    the wall time since then.
+    """
+
+    def __init__(self, cfg: Config, started_at: float | None = None) -> None:
+        self.cfg = cfg
+        self.started_at = started_at if started_at is not None else time.time()
+        self._keys: dict[str, str] | None = None
+
+    def cache_key(self, node: StageNode) -> str:
+        if self._keys is None:
+            self._keys = compute_keys(build_graph(self.cfg), self.cfg)
+        return self._keys.get(node.name, "")
+
+    def __call__(
+        self,
+        node: StageNode,
+        inputs: dict[str, dict[str, str]],
+        out_dir: str,
+        tracking_info: Any = None,
+    ) -> StageResult:
+        cfg = self.cfg
+        sink = tracking_info.sink() if tracking_info is not None else None
+        if node.kind == "shard":
+            from workflows.sharding import shard_with_ray
+
+            result = shard_with_ray(cfg, out_dir)
+        else:
+            from workflows.train import run_training_stage
+
+            _guard_checkpoints(Path(out_dir).parent / "checkpoints", self.cache_key(node))
+            params: dict[str, Any] = {}
+            if "fraction" in node.params:
+                params["fraction"] = float(node.params["fraction"])
+            if node.kind == "baseline":
+                params["baseline"] = True
+            workers = None
+            if node.kind == "evaluate":
+                params["started_at"] = self.started_at
+                workers = 1
+            result = run_training_stage(
+                stage_function(node.kind),
+                cfg,
+                _stage_inputs(node, inputs),
+                out_dir,
+                params=params,
+                sink=sink,
+                num_workers=workers,
+            )
+        if tracking_info is not None:
+            try:
+                dataset_dir = (inputs.get("dataset") or {}).get("dataset")
+                log_stage_to_mlflow(cfg, node, result, out_dir, tracking_info, dataset_dir)
+            except Exception as err:  # tracking problems never fail a finished stage
+                log.warning("tracking: logging stage %s failed: %s", node.name, err)
+        return result
+
+
+def log_stage_to_mlflow(
+    cfg: Config,
+    node: StageNode,
+    result: StageResult,
+    out_dir: str,
+    info: Any,
+    dataset_dir: str | None = None,
+) -> None:
+    """Artifacts and models of a finished stage into its MLflow run ``info.run_id``."""
+    from workflows.tracking import Tracker
+
+    tracker = Tracker(info.uri, info.experiment or cfg.tracking.experiment)
+    rid = info.run_id
+    slice_path = Path(out_dir).parent / "mlflow" / "config.yaml"
+    atomic_write_text(
+        slice_path,
+        yaml.safe_dump(stage_config(node, cfg), sort_keys=False, default_flow_style=None),
+    )
+    tracker.log_artifact(rid, str(slice_path))
+    outs = result.outputs
+    if node.kind == "shard":
+        for key in ("dataset_json", "skipped"):
+            if key in outs and os.path.isfile(outs[key]):
+                tracker.log_artifact(rid, outs[key], "dataset")
+        if "manifest" in outs and os.path.getsize(outs["manifest"]) < 50 << 20:
+            tracker.log_artifact(rid, outs["manifest"], "dataset")
+        return
+    if "history" in outs:
+        tracker.log_artifact(rid, outs["history"])
+    if node.kind == "evaluate":
+        for path in outs.values():
+            if os.path.isfile(path):
+                tracker.log_artifact(rid, path, "report")
+        return
+    if "model" in outs:
+        tracker.log_artifact(rid, outs["model"], "checkpoint")
+        shape = None
+        if dataset_dir:
+            from pipeline.data import dataset_info
+
+            d = dataset_info(dataset_dir)
+            size = cfg.augment.image_size or d["height"]
+            shape = (int(d["channels"]), int(size), int(size))
+        log_torch_model(info, outs["model"], MODEL_NAMES.get(node.kind, "model"), node.kind, shape)
+
+
+def log_torch_model(
+    info: Any, model_file: str, name: str, kind: str, input_shape: tuple[int, ...] | None = None
+) -> str:
+    """``mlflow.pytorch.log_model`` of the module saved in ``model_file``, inside run
+    ``info.run_id``; the pretrain stage logs only the encoder. With ``input_shape`` (C, H, W) a
+    normalised example batch gives the model a signature. Returns the model URI."""
+    import inspect
+
+    import mlflow
+    import mlflow.pytorch
+    import numpy as np
+    import torch
+
+    from pipeline.models import load_model
+
+    module = load_model(model_file)
+    if kind == "pretrain":
+        module = module.encoder
+    kwargs: dict[str, Any] = {
+        # explicit requirements: inferring them costs a model reload in a subprocess
+        "pip_requirements": [f"torch=={torch.__version__.split('+')[0]}", "contrastive-pipeline"],
+    }
+    if input_shape is not None:
+        kwargs["input_example"] = np.zeros((2, *input_shape), dtype=np.float32)
+    if "serialization_format" in inspect.signature(mlflow.pytorch.log_model).parameters:
+        kwargs["serialization_format"] = "pickle"  # the eager module; pt2 would need torch.export
+    mlflow.set_tracking_uri(info.uri)
+    with mlflow.start_run(run_id=info.run_id, nested=True):
+        logged = mlflow.pytorch.log_model(module, name=name, **kwargs)
+    return str(logged.model_uri)
