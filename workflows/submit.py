@@ -21,6 +21,7 @@ submission id is ``contrastive-RUN_ID``, so one id leads to the other.
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import socket
 import tempfile
@@ -35,8 +36,10 @@ __all__ = [
     "JobSpec",
     "build_job_spec",
     "check_reachable",
+    "connect",
     "normalize_address",
     "submit_job",
+    "token_headers",
 ]
 
 log = logging.getLogger(__name__)
@@ -159,6 +162,54 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def token_headers() -> dict[str, str]:
+    """An ``Authorization`` header with this user's Ray auth token, if there is one.
+
+    Ray >= 2.5x clusters started where a token exists require it (token authentication); Ray's
+    client sends it only when ``RAY_AUTH_MODE=token`` is set. The token is looked up where Ray looks:
+    ``$RAY_AUTH_TOKEN``, the file ``$RAY_AUTH_TOKEN_PATH``, then ``~/.ray/auth_token``.
+    """
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if not token:
+        path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
+        try:
+            token = Path(path).read_text().strip()
+        except OSError:
+            token = ""
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def connect(url: str) -> Any:
+    """A ``JobSubmissionClient`` for the dashboard at ``url``.
+
+    Without ``RAY_AUTH_MODE`` set, a cluster that answers 401 is retried once with
+    :func:`token_headers`. Errors are one line naming ``url``: :class:`ConnectionError` when
+    nothing answers, :class:`RuntimeError` when the cluster refuses.
+    """
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        try:
+            return JobSubmissionClient(url)
+        except AuthenticationError:
+            headers = token_headers()
+            if not headers or os.environ.get("RAY_AUTH_MODE"):
+                raise
+            return JobSubmissionClient(url, headers=headers)
+    except AuthenticationError as err:
+        raise RuntimeError(
+            f"submit: {url} requires a Ray auth token ({_first_line(err)}); set RAY_AUTH_TOKEN "
+            "or RAY_AUTH_TOKEN_PATH to the cluster's token"
+        ) from None
+    except ConnectionError as err:
+        raise ConnectionError(f"submit: {url}: {_first_line(err)}") from None
+    except (RuntimeError, ValueError, OSError) as err:
+        raise RuntimeError(
+            f"submit: {url} did not accept the connection: {_first_line(err)}"
+        ) from None
+
+
 def submit_job(
     config: str,
     overrides: list[str],
@@ -186,8 +237,6 @@ def submit_job(
             "object store (s3://...) to follow it from here with `contrastive status`",
             storage_root,
         )
-    from ray.job_submission import JobSubmissionClient
-
     run_id = new_run_id()
     with tempfile.TemporaryDirectory(prefix="contrastive-submit-") as staging:
         Path(staging, CONFIG_NAME).write_text(cfg.to_yaml())
@@ -199,13 +248,13 @@ def submit_job(
             overrides=list(overrides),
             entrypoint=entrypoint,
         )
+        client = connect(url)
         try:
-            client = JobSubmissionClient(url)
             # The client packs and uploads working_dir and py_modules before it returns.
             job_id = client.submit_job(**spec.as_kwargs())
         except ConnectionError as err:
             raise ConnectionError(f"submit: {url}: {_first_line(err)}") from None
-        except (RuntimeError, ValueError, OSError) as err:
+        except Exception as err:  # the job server's refusals come as assorted exception types
             raise RuntimeError(f"submit: {url} refused the job: {_first_line(err)}") from None
     log.info("submitted job %s (run %s) to %s", job_id, run_id, url)
     return job_id, run_id
