@@ -52,3 +52,12 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info
+
+# Both images of docker/ (needs Docker and the internet; not part of `make test`).
+IMAGE_REPO  ?= contrastive-pipeline
+RAY_VERSION ?= 2.60.0
+IMAGE_TAG   ?= 0.1.0-ray$(RAY_VERSION)
+.PHONY: docker
+docker:
+	docker build -f docker/Dockerfile.cpu --build-arg TORCH_SPEC="$(TORCH_SPEC)" -t $(IMAGE_REPO):$(IMAGE_TAG)-cpu .
+	docker build -f docker/Dockerfile.gpu --build-arg TORCH_SPEC="$(TORCH_SPEC)" -t $(IMAGE_REPO):$(IMAGE_TAG)-gpu .
