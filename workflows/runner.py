@@ -243,6 +243,18 @@ def _stage_task_body(
 _stage_task = ray.remote(num_cpus=0, max_retries=0)(_stage_task_body)
 
 
+def _driver_node_strategy() -> Any:
+    """Pin the (CPU-free) stage coordinators to the driver's node, so that losing a worker node
+    only takes training work with it (retried from checkpoints), never a stage's bookkeeping."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    try:
+        node_id = ray.get_runtime_context().get_node_id()
+    except Exception:  # e.g. a client connection without a local node
+        return "DEFAULT"
+    return NodeAffinitySchedulingStrategy(node_id=node_id, soft=True)
+
+
 def _safe(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Call a tracking function; a failure is a warning, never the end of the run."""
     try:
@@ -390,9 +402,9 @@ def run_graph(
         if store.is_local:
             os.makedirs(out_dir, exist_ok=True)
         log.info("stage %s started (attempt %d)", node.name, st.attempts)
-        ref = _stage_task.options(name=f"stage:{node.name}").remote(
-            execute, node, inputs, out_dir, tracking_info, store
-        )
+        ref = _stage_task.options(
+            name=f"stage:{node.name}", scheduling_strategy=_driver_node_strategy()
+        ).remote(execute, node, inputs, out_dir, tracking_info, store)
         running[ref] = (node, time.time())
 
     def record_failure(node: StageNode, error: str, tb: str, duration: float) -> None:
