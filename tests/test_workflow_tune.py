@@ -1,0 +1,276 @@
+"""Ray Tune search (workflows/tune.py) on digits: ASHA, MLflow, best.yaml, resume, results table.
+
+The searches share the session's Ray instance (``ray_local``: 2 CPUs, so two 1-CPU trials at a
+time). Trials are deterministic given their sampled values (seeded pretraining, 1 torch thread),
+and with ``tune.seed=0`` the learning-rate range [1e-6, 3e-2] puts trials 0 and 3 in its bad
+(tiny-lr) corner; trial 3 has the lowest val kNN of all four after epoch 1 and only starts once an
+earlier trial has passed that rung, so ASHA stops it whatever the order in which results arrive.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pipeline.config import load_config
+from pipeline.stages import shard as shard_stage
+from workflows import tune as tune_mod
+from workflows.cli import main
+
+pytestmark = pytest.mark.slow
+
+FAST = [
+    "pretrain.batch_size=64",
+    "tune.num_trials=4",
+    "tune.epochs=3",
+    "tune.grace_period=1",
+    "tune.reduction_factor=2",
+    "tune.lr=[1.0e-6, 3.0e-2]",
+    "tune.seed=0",
+]
+
+
+def _cfg(root: Path, *extra: str):
+    return load_config("smoke", [*FAST, f"storage.root={root}", *extra])
+
+
+def _client(root: Path):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+
+
+def _runs(root: Path, search_id: str) -> list:
+    client = _client(root)
+    exp = client.get_experiment_by_name("contrastive")
+    return client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.tune_search_id = '{search_id}'"
+    )
+
+
+def _rows(search_dir: Path) -> list[dict]:
+    return json.loads((search_dir / tune_mod.TRIALS_FILE).read_text())
+
+
+def test_four_trial_search_asha_mlflow_best_yaml_and_table(ray_local, tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path)
+    t0 = time.perf_counter()
+    assert tune_mod.search(cfg) == 0
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 120, f"4-trial search took {elapsed:.0f}s"
+
+    (search_dir,) = (tmp_path / "tune").iterdir()
+    search_id = search_dir.name
+    info = json.loads((search_dir / tune_mod.SEARCH_FILE).read_text())
+    assert info["state"] == "finished" and info["num_trials"] == 4
+    assert (Path(info["dataset"]) / "dataset.json").is_file()
+
+    # ASHA stopped the tiny-lr trial 3 after one epoch; the others ran or were stopped at a rung
+    rows = _rows(search_dir)
+    assert [r["index"] for r in rows] == [0, 1, 2, 3]
+    assert {r["state"] for r in rows} <= {"completed", "stopped_early"}
+    stopped = [r for r in rows if r["state"] == "stopped_early"]
+    assert stopped and all(r["epochs_run"] < 3 for r in stopped)
+    assert rows[3]["state"] == "stopped_early" and rows[3]["epochs_run"] == 1
+    assert rows[3]["params"]["lr"] < 1e-5
+    assert all(r["epochs_run"] == 3 for r in rows if r["state"] == "completed")
+    for r in rows:
+        p = r["params"]
+        assert 0.05 <= p["temperature"] <= 1.0 and 1 <= p["head_depth"] <= 4
+        assert 0.25 <= p["strength"] <= 1.5 and 1e-6 <= p["lr"] <= 3e-2
+        assert [h["training_iteration"] for h in r["history"]] == list(
+            range(1, r["epochs_run"] + 1)
+        )
+
+    # best.yaml: a full config load_config accepts, with the best trial's values
+    best_path = Path(tune_mod.best_config_path(str(tmp_path), search_id))
+    assert best_path == search_dir / "best.yaml"
+    best_cfg = load_config(str(best_path))
+    best = max(rows, key=lambda r: (r["best_knn"], r["epochs_run"], -r["index"]))
+    assert info["best"]["trial_id"] == best["trial_id"]
+    assert best_cfg.pretrain.temperature == best["params"]["temperature"]
+    assert best_cfg.model.head_depth == best["params"]["head_depth"]
+    assert best_cfg.augment.strength == best["params"]["strength"]
+    assert best_cfg.pretrain.lr == best["params"]["lr"]
+    assert best_cfg.tune.enabled is False
+    assert best_cfg.pretrain.epochs == cfg.pretrain.epochs  # the pipeline's, not the trials'
+    assert best_cfg.data == cfg.data and best_cfg.finetune == cfg.finetune
+
+    # MLflow: the parent and 4 nested children with params, per-epoch metrics and final state
+    runs = _runs(tmp_path, search_id)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 4
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and parent.data.tags["tune_state"] == "finished"
+    assert parent.data.metrics["best_val_knn_top1"] == pytest.approx(best["best_knn"])
+    client = _client(tmp_path)
+    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert plots == {"plots/knn_vs_temperature.png", "plots/knn_vs_head_depth.png"}
+    by_trial = {c.data.tags["trial_id"]: c for c in children}
+    assert set(by_trial) == {r["trial_id"] for r in rows}
+    for r in rows:
+        child = by_trial[r["trial_id"]]
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["trial_state"] == r["state"]
+        assert float(child.data.params["pretrain.temperature"]) == r["params"]["temperature"]
+        assert int(child.data.params["model.head_depth"]) == r["params"]["head_depth"]
+        assert float(child.data.params["augment.strength"]) == r["params"]["strength"]
+        hist = client.get_metric_history(child.info.run_id, "val_knn_top1")
+        assert sorted(m.step for m in hist) == list(range(1, r["epochs_run"] + 1))
+        assert (child.data.tags.get("best") == "true") == (r["trial_id"] == best["trial_id"])
+    assert parent.data.tags["tune_best_run_id"] == by_trial[best["trial_id"]].info.run_id
+
+    # the results table, through the CLI
+    res = CliRunner().invoke(main, ["tune", "--show", search_id, "--storage", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("trial"))
+    for col in ("temperature", "head_depth", "strength", "lr", "best kNN", "epochs", "state"):
+        assert col in lines[header]
+    body = lines[header + 1 : header + 5]
+    assert [line.split()[0].rstrip("*") for line in body] == ["0", "1", "2", "3"]
+    assert body[3].split()[-3:] == ["1/3", "stopped", "early"]
+    assert f"{best['best_knn']:.2f}" in body[best["index"]] and body[best["index"]].split()[
+        0
+    ].endswith("*")
+
+    # a finished search is not run again
+    res = CliRunner().invoke(main, ["tune", "--resume", search_id, "--storage", str(tmp_path)])
+    assert res.exit_code == 0 and "nothing to resume" in res.output
+    assert _rows(search_dir) == rows
+
+
+def test_interrupted_search_resumes_without_rerunning_finished_trials(
+    ray_local, tmp_path: Path
+) -> None:
+    cfg = _cfg(
+        tmp_path,
+        "tune.num_trials=2",
+        "tune.epochs=2",
+        "tune.grace_period=2",
+        "resources.max_failures=0",
+    )
+    dataset = shard_stage.run(cfg, tmp_path / "dataset").outputs["dataset"]
+    search_dir = tmp_path / "tune" / "interrupted"
+    search_dir.mkdir(parents=True)
+    # trial 1 dies once, right after its epoch-1 checkpoint
+    (search_dir / tune_mod.FAULT_FILE).write_text('{"trial_index": 1, "after_epoch": 1}')
+    with pytest.raises(tune_mod.TuneError, match="incomplete: 1 of 2 trials failed"):
+        tune_mod.run_search(cfg, dataset, search_dir)
+
+    info = json.loads((search_dir / tune_mod.SEARCH_FILE).read_text())
+    assert info["state"] == "failed" and "--resume interrupted" in info["error"]
+    before = _rows(search_dir)
+    assert [(r["state"], r["epochs_run"]) for r in before] == [("completed", 2), ("error", 1)]
+    with pytest.raises(tune_mod.TuneError, match="no best.yaml"):
+        tune_mod.best_config_path(str(tmp_path), "interrupted")
+    done = before[0]
+    progress = {
+        p: p.read_text()
+        for p in (search_dir / "experiment").glob(f"*{done['trial_id']}*/progress.csv")
+    }
+    assert len(progress) == 1
+    client = _client(tmp_path)
+    done_hist = client.get_metric_history(done["mlflow_run_id"], "val_knn_top1")
+
+    assert tune_mod.resume(str(tmp_path), "interrupted") == 0
+
+    after = _rows(search_dir)
+    assert [r["trial_id"] for r in after] == [r["trial_id"] for r in before]  # no new trials
+    assert after[0] == done  # the finished trial was not run again ...
+    assert {p: p.read_text() for p in progress} == progress  # ... nor did Tune append to it
+    assert len(client.get_metric_history(done["mlflow_run_id"], "val_knn_top1")) == len(done_hist)
+    # the failed trial continued from its epoch-1 checkpoint (pretrain epoch 2 at iteration 2)
+    resumed = after[1]
+    assert resumed["state"] == "completed" and resumed["epochs_run"] == 2
+    assert [(h["training_iteration"], h["epoch"]) for h in resumed["history"]] == [(1, 1), (2, 2)]
+    steps = [m.step for m in client.get_metric_history(resumed["mlflow_run_id"], "val_knn_top1")]
+    assert steps == [1, 2]
+    assert client.get_run(resumed["mlflow_run_id"]).info.status == "FINISHED"
+    info = json.loads((search_dir / tune_mod.SEARCH_FILE).read_text())
+    assert info["state"] == "finished"
+    assert (
+        load_config(tune_mod.best_config_path(str(tmp_path), "interrupted")).tune.enabled is False
+    )
+
+    # run_search on the same folder and config returns the finished result without running
+    again = tune_mod.run_search(cfg, dataset, search_dir)
+    assert again["best"] == info["best"] and _rows(search_dir) == after
+    assert again["best_config"] == str(search_dir / "best.yaml")
+
+
+def test_a_trial_larger_than_any_node_is_an_error_not_a_hang(ray_local, tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, "resources.cpus_per_worker=64")
+    t0 = time.perf_counter()
+    assert tune_mod.search(cfg) == 2
+    with pytest.raises(tune_mod.TuneError, match=r"asks 64 CPUs but no Ray node has that"):
+        tune_mod.check_resources(cfg)
+    gpu = _cfg(tmp_path, "resources.use_gpu=true")
+    if not any(n["Resources"].get("GPU") for n in ray_local.nodes()):
+        with pytest.raises(tune_mod.TuneError, match="1 GPU"):
+            tune_mod.check_resources(gpu)
+    assert time.perf_counter() - t0 < 30
+    assert not (tmp_path / "tune").exists() or not any((tmp_path / "tune").iterdir())
+
+
+def test_bad_input_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(tune_mod.TuneError, match="no search nope"):
+        tune_mod.show(str(tmp_path), "nope")
+    with pytest.raises(tune_mod.TuneError, match="not a search id"):
+        tune_mod.best_config_path(str(tmp_path), "../etc")
+    res = CliRunner().invoke(main, ["tune", "--show", "nope", "--storage", str(tmp_path)])
+    assert res.exit_code == 2 and res.output.strip().count("\n") == 0
+    assert res.output.startswith("error: tune: no search nope")
+    assert tune_mod.resume(str(tmp_path), "nope") == 2
+
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    (ds / "dataset.json").write_text("{}")
+    with pytest.raises(tune_mod.TuneError, match="grace_period 5 exceeds tune.epochs 3"):
+        tune_mod.run_search(_cfg(tmp_path, "tune.grace_period=5"), str(ds), tmp_path / "s")
+    with pytest.raises(tune_mod.TuneError, match="holds no shards"):
+        tune_mod.run_search(_cfg(tmp_path), str(tmp_path / "none"), tmp_path / "s")
+
+    monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna -> ImportError
+    with pytest.raises(tune_mod.TuneError, match="pip install optuna"):
+        tune_mod.run_search(_cfg(tmp_path, "tune.search_alg=optuna"), str(ds), tmp_path / "s")
+    assert not (tmp_path / "s").exists()
+
+
+def test_space_and_configs() -> None:
+    from ray.tune.search.sample import Float, Integer
+
+    cfg = load_config("smoke", ["finetune.from_head_layer=2", "model.head_depth=3"])
+    space = tune_mod.param_space(cfg)
+    assert set(space) == {"temperature", "head_depth", "strength"}  # no lr range by default
+    assert isinstance(space["temperature"], Float) and isinstance(space["head_depth"], Integer)
+    assert (space["head_depth"].lower, space["head_depth"].upper) == (1, 5)  # randint: 1..4
+    fixed = tune_mod.param_space(
+        load_config("smoke", ["tune.head_depth=[2, 2]", "tune.lr=[0.1, 0.1]"])
+    )
+    assert fixed["head_depth"] == 2 and fixed["lr"] == 0.1
+
+    raw = tune_mod.apply_params(cfg.to_dict(), {"head_depth": 1, "temperature": 0.3, "x": 9})
+    assert raw["model"]["head_depth"] == 1 and raw["finetune"]["from_head_layer"] == 1
+    assert raw["pretrain"]["temperature"] == 0.3 and raw["tune"]["enabled"] is False
+    trial = tune_mod.trial_config(cfg.to_dict(), {"strength": 0.7, "lr": 0.01})
+    assert trial.pretrain.epochs == cfg.tune.epochs and trial.pretrain.knn_every == 1
+    assert trial.augment.strength == 0.7 and trial.pretrain.lr == 0.01
+    assert tune_mod.format_table([]).split() == ["trial", "best", "kNN", "epochs", "state"]
+
+
+def test_optuna_searcher_samples_the_space() -> None:
+    pytest.importorskip("optuna")
+    cfg = load_config("smoke", ["tune.search_alg=optuna", "tune.lr=[1e-4, 1e-2]"])
+    searcher = tune_mod._searcher(cfg)
+    assert searcher.set_search_properties(tune_mod.METRIC, "max", tune_mod.param_space(cfg))
+    s = searcher.suggest("t1")
+    assert 0.05 <= s["temperature"] <= 1.0 and s["head_depth"] in (1, 2, 3, 4)
+    assert 0.25 <= s["strength"] <= 1.5 and 1e-4 <= s["lr"] <= 1e-2
