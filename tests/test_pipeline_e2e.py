@@ -187,3 +187,30 @@ def test_two_workers_end_to_end_survive_a_worker_sigkill(ray_local, tmp_path) ->
     assert {h["world_size"] for h in hist} == {2}
     assert max(h["resumed_from_epoch"] for h in hist) >= 1  # a later attempt continued
     assert (tmp_path / "runs" / rid / "stages" / "pretrain" / "ray" / "train").is_dir()
+
+
+def test_tune_as_the_first_node_feeds_its_best_values_to_every_stage(ray_local, tmp_path) -> None:
+    from pipeline.models import load_model
+
+    cfg = tiny_config(
+        tmp_path,
+        "tune.enabled=true",
+        "tune.num_trials=2",
+        "tune.epochs=1",
+        "tune.head_depth=[3, 4]",
+        "model.head_depth=1",
+        "pretrain.epochs=1",
+        "finetune.baseline=false",
+        "distill.enabled=false",
+        "tracking.enabled=false",
+    )
+    assert orchestrate.run_pipeline(cfg, run_id="e2e-tune") == 0
+    store = RunStore(cfg.storage.root)
+    assert sorted(store.stage_states("e2e-tune")) == ["evaluate", "finetune@20", "pretrain",
+                                                       "shard", "tune"]  # fmt: skip
+    tune_out = store.read_manifest("e2e-tune", "tune")["outputs"]
+    best = json.loads(Path(tune_out["best_params"]).read_text())
+    assert best["model.head_depth"] in (3, 4)  # the config's own depth (1) is outside the space
+    pre = load_model(store.read_manifest("e2e-tune", "pretrain")["outputs"]["model"])
+    assert pre.head.depth == best["model.head_depth"]
+    assert load_config(tune_out["best_config"]).model.head_depth == best["model.head_depth"]

@@ -6,6 +6,7 @@ For a config the graph is::
           \\-> baseline@<p>             (finetune.baseline; deps dataset=shard)
                finetune@<p> -> distill@<p>  (distill.enabled; deps dataset=shard, teacher=finetune@<p>)
     everything -> evaluate
+    with tune.enabled: shard -> tune -> (every stage after shard takes the tune's best values)
 
 A stage's cache key is a SHA-256 over its kind, its params, the config sections it reads (minus the
 keys that only shape the graph, e.g. ``finetune.label_fractions``), its upstream keys in dependency
@@ -61,6 +62,7 @@ class StageNode:
 # Config sections each stage kind depends on ("seed" is the top-level seed).
 _SECTIONS: dict[str, tuple[str, ...]] = {
     "shard": ("data",),
+    "tune": ("seed", "augment", "model", "pretrain", "tune"),
     "pretrain": ("seed", "augment", "model", "pretrain"),
     "finetune": ("seed", "augment", "model", "finetune"),
     "baseline": ("seed", "augment", "model", "finetune"),
@@ -225,6 +227,12 @@ def build_graph(cfg: Config) -> Graph:
     eval_deps = {"dataset": "shard", "pretrain": "pretrain"}
     eval_deps.update({name: name for name in evaluated})
     nodes.append(node("evaluate", "evaluate", eval_deps, False))
+    if cfg.tune.enabled:
+        # The search comes first: every later stage takes its best values (a different head
+        # depth changes every network built from cfg.model, not only the pretrained one).
+        for n in nodes[1:]:
+            n.deps["tune"] = "tune"
+        nodes.insert(1, node("tune", "tune", {"dataset": "shard"}, True))
     return Graph(nodes).validate()
 
 

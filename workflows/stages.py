@@ -26,6 +26,7 @@ artifact, and the encoder / teacher / baseline / student through ``mlflow.pytorc
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -51,6 +52,8 @@ MODEL_NAMES = {
     "distill": "student",
 }
 _KEY_FILE = "cache_key"
+#: The config fields a Tune search may set (see ``workflows.tune.param_space``).
+TUNED_KEYS = ("pretrain.temperature", "model.head_depth", "augment.strength", "pretrain.lr")
 
 
 def stage_function(kind: str) -> Any:
@@ -70,9 +73,12 @@ def stage_function(kind: str) -> Any:
 
 
 def _stage_inputs(node: StageNode, inputs: dict[str, dict[str, str]]) -> dict[str, str]:
-    """Upstream manifests' outputs -> the paths a stage function takes."""
+    """Upstream manifests' outputs -> the paths a stage function takes (the tune node's output
+    is not a stage input: it changes the stage's config, see :func:`tuned_config`)."""
     out: dict[str, str] = {}
     for name, outputs in inputs.items():
+        if name == "tune":
+            continue
         want = "dataset" if name == "dataset" else "model"
         if want not in outputs:
             raise ValueError(
@@ -81,6 +87,39 @@ def _stage_inputs(node: StageNode, inputs: dict[str, dict[str, str]]) -> dict[st
             )
         out[name] = outputs[want]
     return out
+
+
+def tuned_config(cfg: Config, inputs: dict[str, dict[str, str]]) -> Config:
+    """``cfg`` with the best values of the pipeline's Tune search applied (when it has one)."""
+    if "tune" not in inputs:
+        return cfg
+    from pipeline.config import apply_overrides, parse_config
+
+    best = json.loads(Path(inputs["tune"]["best_params"]).read_text())
+    return parse_config(apply_overrides(cfg.to_dict(), [f"{k}={v}" for k, v in best.items()]))
+
+
+def _run_tune(cfg: Config, dataset_dir: str, out_dir: str, info: Any) -> StageResult:
+    """The search as the first node of the graph: trials nest under this stage's MLflow run."""
+    from workflows.tune import run_search
+
+    tracker = parent = None
+    if info is not None:
+        from workflows.tracking import Tracker
+
+        tracker = Tracker(info.uri, info.experiment or cfg.tracking.experiment)
+        parent = info.run_id
+    res = run_search(cfg, dataset_dir, Path(out_dir) / "search", tracker, parent)
+    best = {k: v for k, v in res["best"].items() if k in TUNED_KEYS}
+    best_file = Path(out_dir) / "best_params.json"
+    atomic_write_text(best_file, json.dumps(best, indent=1))
+    metrics = {"best_knn_top1": float(res["best"]["knn_top1"]), "trials": float(len(res["trials"]))}
+    outputs = {
+        "best_params": str(best_file),
+        "best_config": str(res["best_config"]),
+        "search": str(res["search_dir"]),
+    }
+    return StageResult(outputs=outputs, metrics=metrics, history=[])
 
 
 def _guard_checkpoints(checkpoint_dir: Path, key: str) -> None:
@@ -117,12 +156,14 @@ class StageExecutor:
         out_dir: str,
         tracking_info: Any = None,
     ) -> StageResult:
-        cfg = self.cfg
+        cfg = tuned_config(self.cfg, inputs)
         sink = tracking_info.sink() if tracking_info is not None else None
         if node.kind == "shard":
             from workflows.sharding import shard_with_ray
 
             result = shard_with_ray(cfg, out_dir)
+        elif node.kind == "tune":
+            return _run_tune(cfg, inputs["dataset"]["dataset"], out_dir, tracking_info)
         else:
             from workflows.train import run_training_stage
 
