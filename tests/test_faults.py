@@ -64,7 +64,8 @@ def test_driver_sigkill_during_pretrain_then_resume_finishes(tmp_path: Path) -> 
     root = tmp_path / "store"
     rid = "killed"
     args = ["run", "smoke", "--run-id", rid, "--set", f"storage.root={root}",
-            "--set", "pretrain.epochs=6", "--set", "pretrain.knn_every=0", *SMOKE]  # fmt: skip
+            "--set", "pretrain.epochs=6", "--set", "pretrain.knn_every=0",
+            "--set", "finetune.baseline=false", "--set", "distill.enabled=false", *SMOKE]  # fmt: skip
     driver = subprocess.Popen(
         [sys.executable, "-m", "workflows.cli", *args],
         cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
