@@ -76,10 +76,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="pipeline workers")
     p.add_argument("--threads", type=int, default=2, help="CPU cores used (Ray num_cpus, torch)")
     p.add_argument("--aug-batches", type=int, default=8, help="batches for the data path")
-    p.add_argument("--variant-steps", type=int, default=4, help="timed steps per variant")
-    p.add_argument("--compile-timeout", type=float, default=300.0, help="seconds")
-    p.add_argument("--shard-max-train", type=int, default=None,
-                   help="train images for the sharding runs (default: the whole source)")  # fmt: skip
+    p.add_argument("--variant-steps", type=int, default=3, help="timed steps per variant")
+    p.add_argument("--compile-timeout", type=float, default=420.0, help="seconds")
+    p.add_argument("--shard-max-train", type=int, default=20000,
+                   help="train images for the sharding runs (test: all 10k)")  # fmt: skip
     p.add_argument("--shard-size", type=int, default=5000)
     p.add_argument("--shard-repeats", type=int, default=2, help="best of N runs per setting")
     p.add_argument("--set", dest="overrides", action="append", default=[],
