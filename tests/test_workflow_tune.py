@@ -10,7 +10,10 @@ earlier trial has passed that rung, so ASHA stops it whatever the order in which
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -35,18 +38,27 @@ FAST = [
 ]
 
 
-def _cfg(root: Path, *extra: str):
-    return load_config("smoke", [*FAST, f"storage.root={root}", *extra])
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """One MLflow store and one digits shard folder for the module (each costs seconds)."""
+    root = tmp_path_factory.mktemp("tune-shared")
+    dataset = shard_stage.run(load_config("smoke"), root / "dataset").outputs["dataset"]
+    return {"uri": f"sqlite:///{root / 'mlflow.db'}", "dataset": dataset}
 
 
-def _client(root: Path):
+def _cfg(root: Path, *extra: str, uri: str | None = None):
+    tracking = [f"tracking.uri={uri}"] if uri else []
+    return load_config("smoke", [*FAST, f"storage.root={root}", *tracking, *extra])
+
+
+def _client(uri: str):
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    return MlflowClient(tracking_uri=uri)
 
 
-def _runs(root: Path, search_id: str) -> list:
-    client = _client(root)
+def _runs(uri: str, search_id: str) -> list:
+    client = _client(uri)
     exp = client.get_experiment_by_name("contrastive")
     return client.search_runs(
         [exp.experiment_id], filter_string=f"tags.tune_search_id = '{search_id}'"
@@ -57,12 +69,18 @@ def _rows(search_dir: Path) -> list[dict]:
     return json.loads((search_dir / tune_mod.TRIALS_FILE).read_text())
 
 
-def test_four_trial_search_asha_mlflow_best_yaml_and_table(ray_local, tmp_path: Path) -> None:
-    cfg = _cfg(tmp_path)
+def test_four_trial_search_asha_mlflow_best_yaml_and_table(
+    ray_local, shared: dict[str, str], tmp_path: Path
+) -> None:
+    uri = shared["uri"]
+    cfg = _cfg(tmp_path, uri=uri)
+    busy = os.getloadavg()[0] > (os.cpu_count() or 2)  # other work on the box: don't time
     t0 = time.perf_counter()
     assert tune_mod.search(cfg) == 0
     elapsed = time.perf_counter() - t0
-    assert elapsed < 120, f"4-trial search took {elapsed:.0f}s"
+    print(f"4-trial search: {elapsed:.1f}s")
+    if not busy:
+        assert elapsed < 120, f"4-trial search took {elapsed:.0f}s"
 
     (search_dir,) = (tmp_path / "tune").iterdir()
     search_id = search_dir.name
@@ -102,14 +120,14 @@ def test_four_trial_search_asha_mlflow_best_yaml_and_table(ray_local, tmp_path: 
     assert best_cfg.data == cfg.data and best_cfg.finetune == cfg.finetune
 
     # MLflow: the parent and 4 nested children with params, per-epoch metrics and final state
-    runs = _runs(tmp_path, search_id)
+    runs = _runs(uri, search_id)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(parents) == 1 and len(children) == 4
     parent = parents[0]
     assert parent.info.status == "FINISHED" and parent.data.tags["tune_state"] == "finished"
     assert parent.data.metrics["best_val_knn_top1"] == pytest.approx(best["best_knn"])
-    client = _client(tmp_path)
+    client = _client(uri)
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert plots == {"plots/knn_vs_temperature.png", "plots/knn_vs_head_depth.png"}
     by_trial = {c.data.tags["trial_id"]: c for c in children}
@@ -148,16 +166,18 @@ def test_four_trial_search_asha_mlflow_best_yaml_and_table(ray_local, tmp_path: 
 
 
 def test_interrupted_search_resumes_without_rerunning_finished_trials(
-    ray_local, tmp_path: Path
+    ray_local, shared: dict[str, str], tmp_path: Path
 ) -> None:
+    uri, dataset = shared["uri"], shared["dataset"]
     cfg = _cfg(
         tmp_path,
         "tune.num_trials=2",
         "tune.epochs=2",
         "tune.grace_period=2",
         "resources.max_failures=0",
+        "pretrain.max_steps_per_epoch=6",
+        uri=uri,
     )
-    dataset = shard_stage.run(cfg, tmp_path / "dataset").outputs["dataset"]
     search_dir = tmp_path / "tune" / "interrupted"
     search_dir.mkdir(parents=True)
     # trial 1 dies once, right after its epoch-1 checkpoint
@@ -177,7 +197,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(
         for p in (search_dir / "experiment").glob(f"*{done['trial_id']}*/progress.csv")
     }
     assert len(progress) == 1
-    client = _client(tmp_path)
+    client = _client(uri)
     done_hist = client.get_metric_history(done["mlflow_run_id"], "val_knn_top1")
 
     assert tune_mod.resume(str(tmp_path), "interrupted") == 0
@@ -204,6 +224,66 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(
     again = tune_mod.run_search(cfg, dataset, search_dir)
     assert again["best"] == info["best"] and _rows(search_dir) == after
     assert again["best_config"] == str(search_dir / "best.yaml")
+
+
+def test_search_stopped_by_a_signal_resumes_from_checkpoints(
+    ray_local, shared: dict[str, str], tmp_path: Path
+) -> None:
+    """SIGUSR1 (what Ctrl-C does, without racing pytest's own SIGINT handler) stops the Tune loop
+    with trials unfinished; ``resume`` finishes them from their last checkpoints."""
+    uri, dataset = shared["uri"], shared["dataset"]
+    cfg = _cfg(
+        tmp_path,
+        "tune.num_trials=1",
+        "tune.epochs=4",
+        "tune.grace_period=4",
+        "pretrain.max_steps_per_epoch=8",
+        uri=uri,
+    )
+    search_dir = tmp_path / "tune" / "stopped"
+
+    def interrupt_after_first_epoch() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                rows = _rows(search_dir)
+            except (OSError, ValueError):
+                rows = []
+            if any(r["epochs_run"] >= 1 for r in rows):
+                os.kill(os.getpid(), signal.SIGUSR1)
+                return
+            time.sleep(0.1)
+
+    th = threading.Thread(target=interrupt_after_first_epoch, daemon=True)
+    th.start()
+    with pytest.raises(tune_mod.TuneError, match="incomplete: interrupted with"):
+        tune_mod.run_search(cfg, dataset, search_dir)
+    th.join()
+    info = json.loads((search_dir / tune_mod.SEARCH_FILE).read_text())
+    assert info["state"] == "interrupted"
+    before = {r["trial_id"]: r for r in _rows(search_dir)}
+    assert any(r["state"] == "interrupted" for r in before.values())
+    client = _client(uri)
+    parent = _runs(uri, "stopped")
+    assert {r.info.status for r in parent if "mlflow.parentRunId" not in r.data.tags} == {"KILLED"}
+
+    assert tune_mod.resume(str(tmp_path), "stopped") == 0
+    after = _rows(search_dir)
+    assert [r["trial_id"] for r in after] == list(before)
+    for r in after:
+        assert r["state"] == "completed" and r["epochs_run"] == 4
+        # continued from the checkpoint: pretrain's own epoch counter follows Tune's iterations
+        assert [(h["training_iteration"], h["epoch"]) for h in r["history"]] == [
+            (i, i) for i in range(1, 5)
+        ]
+        # each epoch reported once (a restart from scratch would report epoch 1.. again)
+        steps = [m.step for m in client.get_metric_history(r["mlflow_run_id"], "val_knn_top1")]
+        assert steps == [1, 2, 3, 4]
+        (progress,) = (search_dir / "experiment").glob(f"*{r['trial_id']}*/progress.csv")
+        assert len(progress.read_text().splitlines()) == 1 + 4
+        assert client.get_run(r["mlflow_run_id"]).info.status == "FINISHED"
+    runs = _runs(uri, "stopped")
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
 
 
 def test_a_trial_larger_than_any_node_is_an_error_not_a_hang(ray_local, tmp_path: Path) -> None:

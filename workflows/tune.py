@@ -90,9 +90,14 @@ _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class TuneError(click.ClickException, ValueError):
-    """A search problem; ``str(err)`` is one line. The CLI prints it as ``error: ...``."""
+    """A search problem; ``str(err)`` is one line. The CLI prints it as ``error: ...``.
 
-    exit_code = 2
+    ``exit_code`` is 2 for bad input (the default) and 1 for a search that failed or stopped.
+    """
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
     def show(self, file: Any = None) -> None:
         click.echo(f"error: {self.format_message()}", err=True)
@@ -557,11 +562,45 @@ class _Recorder(tune.Callback):
 
 
 # -- after the fit ------------------------------------------------------------------------------
+_FINAL = ("completed", "stopped_early", "error")
+
+
+def _tune_trials(grid: Any, experiment: Path) -> list[tuple[str | None, str | None, Any]]:
+    """``(trial_id, status, result)`` for every trial of a fit.
+
+    The status (TERMINATED, ERROR, RUNNING, PENDING, PAUSED) is the one in the experiment state
+    Tune saved on disk, which is what a restore acts on: after an interrupted fit (Ctrl-C) the
+    in-memory trials look terminated while the saved state says RUNNING. None when unknown.
+    """
+    saved: dict[str, str] = {}
+    try:
+        saved = {t.trial_id: t.status for t in tune.ExperimentAnalysis(str(experiment)).trials}
+    except Exception as err:  # noqa: BLE001 - fall back to the in-memory view
+        log.debug("tune: cannot read the saved experiment state: %s", err)
+    analysis = getattr(grid, "_experiment_analysis", None)
+    trials = list(getattr(analysis, "trials", None) or [])
+    out = []
+    for i, result in enumerate(grid):
+        trial = trials[i] if i < len(trials) else None
+        tid = (
+            trial.trial_id
+            if trial is not None
+            else (result.metrics or {}).get("trial_id") or _trial_id_from_path(result.path)
+        )
+        status = saved.get(tid or "") or (trial.status if trial is not None else None)
+        if status is None and result.error is not None:
+            status = "ERROR"
+        out.append((tid, status, result))
+    return out
+
+
 def _reconcile(rec: _Recorder, grid: Any) -> list[dict[str, Any]]:
-    """Make the table agree with Tune's results (authoritative for states and epochs run)."""
-    for result in grid:
-        metrics = result.metrics or {}
-        tid = metrics.get("trial_id") or _trial_id_from_path(result.path)
+    """Make the table agree with Tune's view of the trials after a fit.
+
+    A trial Tune calls TERMINATED is completed (all epochs) or stopped early (fewer); ERROR is an
+    error; anything else (the fit was interrupted) is ``interrupted`` and its MLflow run KILLED.
+    """
+    for tid, status, result in _tune_trials(grid, Path(rec.search_dir) / EXPERIMENT_DIR):
         if not tid:
             continue
         row = rec.rows.get(tid)
@@ -585,12 +624,21 @@ def _reconcile(rec: _Recorder, grid: Any) -> list[dict[str, Any]]:
             for entry in row["history"]:
                 rec.log_epoch(row, entry)
         _row_from_history(row, rec.epochs)
-        if result.error is not None:
+        if status == "ERROR" or (status is None and result.error is not None):
             state = "error"
-        else:
+        elif status == "TERMINATED" or (status is None and row.get("state") in _FINAL):
             state = "completed" if row["epochs_run"] >= rec.epochs else "stopped_early"
+        else:
+            state = "interrupted"
         if row.get("state") != state:
-            rec.finish(row, state)
+            if state == "interrupted":
+                row["state"] = state
+                tr, rid = rec.tracker(), row.get("mlflow_run_id")
+                if tr is not None and rid:
+                    rec._mlflow(tr.set_tags, rid, {"trial_state": state})
+                    rec._mlflow(tr.end, rid, "KILLED")
+            else:
+                rec.finish(row, state)
     rec.save()
     return sorted(rec.rows.values(), key=lambda r: (r["index"], r["trial_id"]))
 
@@ -641,19 +689,24 @@ def _plots(rows: list[dict[str, Any]], out: Path) -> list[str]:
         ("head_depth", "projection-head depth", False),
     ):
         fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
-        for state, marker, colour in (
+        for label, marker, colour in (
             ("completed", "o", "tab:blue"),
             ("stopped_early", "x", "tab:red"),
-            ("running", ".", "tab:grey"),
+            ("unfinished", ".", "tab:grey"),
         ):
-            sel = [r for r in pts if r.get("state") == state and name in r["params"]]
+            sel = [
+                r
+                for r in pts
+                if name in r["params"]
+                and (r.get("state") if r.get("state") in _FINAL[:2] else "unfinished") == label
+            ]
             if sel:
                 ax.scatter(
                     [r["params"][name] for r in sel],
                     [r["best_knn"] for r in sel],
                     marker=marker,
                     c=colour,
-                    label=state.replace("_", " "),
+                    label=label.replace("_", " "),
                 )
         if logx:
             ax.set_xscale("log")
@@ -719,25 +772,32 @@ def _fit_and_finish(
         raise
     rows = _reconcile(rec, grid)
     plots = _plots(rows, d / "plots")
+    parent = rec.parent_run_id
+    unfinished = [r for r in rows if r["state"] not in _FINAL]
     errors = [r for r in rows if r["state"] == "error"]
     best = best_row(rows)
-    parent = rec.parent_run_id
-    if errors or best is None or len(rows) < int(info.get("num_trials", len(rows))):
-        why = (
-            f"{len(errors)} of {len(rows)} trials failed"
-            if errors
-            else "no trial reported a val kNN"
-            if best is None
-            else f"only {len(rows)} of {info.get('num_trials')} trials ran"
+    why = None
+    missing = max(0, int(info.get("num_trials", len(rows))) - len(rows)) + len(unfinished)
+    if missing:
+        why, state, status = (
+            f"interrupted with {missing} trial(s) unfinished",
+            "interrupted",
+            "KILLED",
         )
+    elif errors:
+        why, state, status = f"{len(errors)} of {len(rows)} trials failed", "failed", "FAILED"
+    elif best is None:
+        why, state, status = "no trial reported a val kNN", "failed", "FAILED"
+    if why is not None:
         msg = (
             f"tune: search {search_id} is incomplete: {why}; contrastive tune --resume {search_id}"
         )
-        _update_search(d, state="failed", error=msg)
+        _update_search(d, state=state, error=msg)
         if tr is not None and parent and info.get("own_parent"):
-            rec._mlflow(tr.set_tags, parent, {"tune_state": "failed"})
-            rec._mlflow(tr.end, parent, "FAILED")
-        raise TuneError(msg)
+            rec._mlflow(tr.set_tags, parent, {"tune_state": state})
+            rec._mlflow(tr.end, parent, status)
+        raise TuneError(msg, exit_code=1)
+    assert best is not None
     best_path = _write_best(d, base, best, search_id)
     best_out = {PARAMS[k]: v for k, v in best["params"].items()}
     best_out.update(knn_top1=best["best_knn"], trial_id=best["trial_id"], trial_index=best["index"])
@@ -980,11 +1040,13 @@ def search(cfg: Config) -> int:
         try:
             shards = shard_with_ray(cfg, d / "dataset").outputs["dataset"]
         except (FileNotFoundError, ValueError) as err:
-            raise TuneError(f"tune: sharding failed: {str(err).splitlines()[0]}") from None
+            raise TuneError(
+                f"tune: sharding failed: {str(err).splitlines()[0]}", exit_code=1
+            ) from None
         result = run_search(cfg, shards, d)
     except TuneError as err:
         click.echo(f"error: {err.format_message()}", err=True)
-        return 1 if "incomplete" in err.format_message() else 2
+        return err.exit_code
     except KeyboardInterrupt:
         click.echo(f"interrupted; continue with: contrastive tune --resume {search_id}", err=True)
         return 130
@@ -1010,7 +1072,7 @@ def resume(storage_root: str, search_id: str) -> int:
         result = _continue(d, info)
     except TuneError as err:
         click.echo(f"error: {err.format_message()}", err=True)
-        return 1 if "incomplete" in err.format_message() else 2
+        return err.exit_code
     except KeyboardInterrupt:
         click.echo(f"interrupted; continue with: contrastive tune --resume {search_id}", err=True)
         return 130
