@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from click.testing import CliRunner
 
@@ -230,31 +231,35 @@ def test_search_stopped_by_a_signal_resumes_from_checkpoints(
     ray_local, shared: dict[str, str], tmp_path: Path
 ) -> None:
     """SIGUSR1 (what Ctrl-C does, without racing pytest's own SIGINT handler) stops the Tune loop
-    with trials unfinished; ``resume`` finishes them from their last checkpoints."""
+    with the trial unfinished; ``resume`` finishes it from its last registered checkpoint.
+
+    Tune registers a checkpoint one step after the result it came with, so a stop right after
+    epoch k's result may resume from epoch k-1's checkpoint: the signal comes after epoch 2, so
+    the trial must not start again from scratch (epoch 1 is never repeated)."""
     uri, dataset = shared["uri"], shared["dataset"]
     cfg = _cfg(
         tmp_path,
         "tune.num_trials=1",
-        "tune.epochs=4",
-        "tune.grace_period=4",
+        "tune.epochs=5",
+        "tune.grace_period=5",
         "pretrain.max_steps_per_epoch=8",
         uri=uri,
     )
     search_dir = tmp_path / "tune" / "stopped"
 
-    def interrupt_after_first_epoch() -> None:
+    def interrupt_after_second_epoch() -> None:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
                 rows = _rows(search_dir)
             except (OSError, ValueError):
                 rows = []
-            if any(r["epochs_run"] >= 1 for r in rows):
+            if any(r["epochs_run"] >= 2 for r in rows):
                 os.kill(os.getpid(), signal.SIGUSR1)
                 return
             time.sleep(0.1)
 
-    th = threading.Thread(target=interrupt_after_first_epoch, daemon=True)
+    th = threading.Thread(target=interrupt_after_second_epoch, daemon=True)
     th.start()
     with pytest.raises(tune_mod.TuneError, match="incomplete: interrupted with"):
         tune_mod.run_search(cfg, dataset, search_dir)
@@ -271,16 +276,17 @@ def test_search_stopped_by_a_signal_resumes_from_checkpoints(
     after = _rows(search_dir)
     assert [r["trial_id"] for r in after] == list(before)
     for r in after:
-        assert r["state"] == "completed" and r["epochs_run"] == 4
-        # continued from the checkpoint: pretrain's own epoch counter follows Tune's iterations
+        assert r["state"] == "completed" and r["epochs_run"] == 5
+        # continued from a checkpoint: pretrain's own epoch counter follows Tune's iterations
         assert [(h["training_iteration"], h["epoch"]) for h in r["history"]] == [
-            (i, i) for i in range(1, 5)
+            (i, i) for i in range(1, 6)
         ]
-        # each epoch reported once (a restart from scratch would report epoch 1.. again)
-        steps = [m.step for m in client.get_metric_history(r["mlflow_run_id"], "val_knn_top1")]
-        assert steps == [1, 2, 3, 4]
         (progress,) = (search_dir / "experiment").glob(f"*{r['trial_id']}*/progress.csv")
-        assert len(progress.read_text().splitlines()) == 1 + 4
+        iters = [int(x) for x in pd.read_csv(progress)["training_iteration"]]
+        assert iters.count(1) == 1 and sorted(set(iters)) == [1, 2, 3, 4, 5]
+        assert iters[-1] == 5 and len(iters) <= 6  # at most epoch 2 came again
+        steps = [m.step for m in client.get_metric_history(r["mlflow_run_id"], "val_knn_top1")]
+        assert steps.count(1) == 1 and sorted(set(steps)) == [1, 2, 3, 4, 5]
         assert client.get_run(r["mlflow_run_id"]).info.status == "FINISHED"
     runs = _runs(uri, "stopped")
     assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}

@@ -291,7 +291,9 @@ def _check_config(cfg: Config) -> None:
 
 # -- the trial ----------------------------------------------------------------------------------
 def _trial_index(trial_id: str) -> int:
-    tail = trial_id.rsplit("_", 1)[-1]
+    """The trial's creation index from a random-search id (``<prefix>_00003`` -> 3); -1 for
+    ids without one (model-based searchers use bare uuids)."""
+    tail = trial_id.rsplit("_", 1)[-1] if "_" in trial_id else ""
     return int(tail) if tail.isdigit() else -1
 
 
@@ -428,13 +430,21 @@ class _Recorder(tune.Callback):
         rows = sorted(self.rows.values(), key=lambda r: (r.get("index", 0), r["trial_id"]))
         _write_json(Path(self.search_dir) / TRIALS_FILE, rows)
 
+    def next_index(self, trial_id: str) -> int:
+        """The index of a new row: the id's creation counter when it has one, else the next
+        number in order of first sight."""
+        index = _trial_index(trial_id)
+        if index >= 0:
+            return index
+        return max((r.get("index", -1) for r in self.rows.values()), default=-1) + 1
+
     def _row(self, trial: Any) -> dict[str, Any]:
         tid = trial.trial_id
         row = self.rows.get(tid)
         if row is None:
             row = self.rows[tid] = {
                 "trial_id": tid,
-                "index": _trial_index(tid),
+                "index": self.next_index(tid),
                 "params": _clean_params(trial.config),
                 "history": [],
                 "state": "pending",
@@ -607,22 +617,36 @@ def _reconcile(rec: _Recorder, grid: Any) -> list[dict[str, Any]]:
         if row is None:  # the driver died before the callback saw it: rebuild from Tune's log
             row = rec.rows[tid] = {
                 "trial_id": tid,
-                "index": _trial_index(tid),
+                "index": rec.next_index(tid),
                 "params": _clean_params(result.config or {}),
                 "history": [],
                 "state": "pending",
                 "mlflow_run_id": None,
             }
         df = result.metrics_dataframe
-        if df is not None and len(df) and len(row["history"]) < len(df):
+        seen = {h.get("training_iteration") for h in row["history"]}
+        if df is not None and len(df) and "training_iteration" in df.columns:
+            # Tune's own log; a trial restarted from an older checkpoint repeats iterations there
             keep = [k for k in (*_HISTORY_KEYS, "training_iteration") if k in df.columns]
-            row["history"] = [
-                {k: float(v) if k != "training_iteration" else int(v) for k, v in r.items()}
-                for r in df[keep].dropna(axis=1, how="all").to_dict("records")
-            ]
-            rec.ensure_run(row)
-            for entry in row["history"]:
-                rec.log_epoch(row, entry)
+            latest: dict[int, dict[str, Any]] = {}
+            for r in df[keep].to_dict("records"):
+                entry = {
+                    k: float(v)
+                    for k, v in r.items()
+                    if k != "training_iteration" and not math.isnan(float(v))
+                }
+                latest[int(r["training_iteration"])] = {
+                    **entry,
+                    "training_iteration": int(r["training_iteration"]),
+                }
+            missing = [latest[i] for i in sorted(latest) if i not in seen]
+            if missing:  # the driver died before the callback logged these
+                row["history"] = sorted(
+                    [*row["history"], *missing], key=lambda h: h["training_iteration"]
+                )
+                rec.ensure_run(row)
+                for entry in missing:
+                    rec.log_epoch(row, entry)
         _row_from_history(row, rec.epochs)
         if status == "ERROR" or (status is None and result.error is not None):
             state = "error"
@@ -1018,7 +1042,6 @@ def _summary(result: dict[str, Any]) -> str:
     vals = ", ".join(f"{k}={v:.4g}" for k, v in b.items() if "." in k)
     return (
         f"best: trial {b['trial_index']} val kNN {b['knn_top1']:.2f}% ({vals})\n"
-        f"best config: {result['best_config']}\n"
         f"next: contrastive run --from-tune {result['search_id']} CONFIG"
     )
 
