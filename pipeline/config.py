@@ -112,6 +112,12 @@ class PretrainConfig(_Section):
         le=100.0,
         description="semisup: the labeled subset (percent); None = the smallest finetune fraction",
     )
+    labeled_per_batch: int = Field(
+        0,
+        ge=0,
+        description="semisup: images of the labeled subset drawn into every batch (the rest of "
+        "the batch stays unlabeled); 0 = only their natural share",
+    )
     max_steps_per_epoch: int | None = Field(None, ge=1)
 
 
@@ -125,6 +131,11 @@ class FinetuneConfig(_Section):
     weight_decay: float = Field(1e-4, ge=0.0)
     min_steps: int = Field(200, ge=1, description="lower bound on steps for tiny subsets")
     crop_min_scale: float = Field(0.5, gt=0.0, le=1.0, description="crop+flip augmentation")
+    classifier_init: Literal["random", "probe"] = Field(
+        "random",
+        description="the linear classifier's start: random, or a logistic-regression probe fit on "
+        "the starting network's features of the labeled subset (LP-FT; baseline alike)",
+    )
     baseline: bool = True
 
     @field_validator("label_fractions")

@@ -203,3 +203,25 @@ def test_knn_votes_by_weighted_neighbours() -> None:
     # k=1 picks the single nearest neighbour's class with weight exp(sim / T).
     s1 = knn_predict(bank, labels, torch.tensor([[0.0, 1.0]]), 2, k=1, temperature=0.5)
     assert torch.allclose(s1, torch.tensor([[0.0, torch.exp(torch.tensor(2.0)).item()]]))
+
+
+def test_labeled_images_are_mixed_into_every_pretrain_batch() -> None:
+    g = torch.Generator().manual_seed(0)
+    pool = torch.tensor([3, 50, 70, 90])
+    idx = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
+    mixed = pretrain._mix_labeled(idx, pool, 3, g)
+    assert len(mixed) == len(idx) and len(set(mixed.tolist())) == len(idx)
+    assert int(torch.isin(mixed, pool).sum()) >= 3
+    everything = pretrain._mix_labeled(idx, pool, 10, g)  # k > pool: the whole pool
+    assert set(pool.tolist()) <= set(everything.tolist()) and len(everything) == len(idx)
+
+
+def test_probe_init_fits_the_classifier_to_the_starting_features(
+    cfg: Config, dataset: str, pretrained: str
+) -> None:
+    train = load_data(dataset, "train")
+    net = finetune.build_network(cfg, 1, 10, pretrained)
+    before = finetune.accuracy(finetune.encode(net, train.images), train.labels)
+    finetune.probe_init(net, train.images, train.labels, 8, 10)
+    after = finetune.accuracy(finetune.encode(net, train.images), train.labels)
+    assert after > max(before, 20.0)

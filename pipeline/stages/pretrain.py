@@ -67,6 +67,35 @@ def pretrain_labels(cfg: Config, dataset_dir: str, train: SplitData) -> torch.Te
     return labels
 
 
+def _labeled_pool(cfg: Config, labels: torch.Tensor | None, world: int) -> torch.Tensor | None:
+    """Rows of the labeled subset when ``pretrain.labeled_per_batch`` asks to oversample them
+    (semisup only; with 60 labels among 57k images a batch of 256 holds 0.3 of them on average,
+    too few for the class positives to matter)."""
+    k = cfg.pretrain.labeled_per_batch // world
+    if k <= 0 or labels is None or cfg.pretrain.method != "semisup":
+        return None
+    pool = (labels >= 0).nonzero().flatten()
+    if len(pool) == 0:
+        return None
+    if k >= cfg.pretrain.batch_size // world:
+        raise ValueError(
+            f"pretrain.labeled_per_batch {cfg.pretrain.labeled_per_batch} leaves no unlabeled "
+            f"images in a batch of {cfg.pretrain.batch_size}"
+        )
+    return pool
+
+
+def _mix_labeled(
+    idx: torch.Tensor, pool: torch.Tensor, k: int, gen: torch.Generator
+) -> torch.Tensor:
+    """``idx`` with its first ``k`` rows replaced by labeled rows drawn without replacement
+    (all of ``pool`` when it is smaller than k); labeled rows already in ``idx`` are dropped
+    first, so no image appears twice in a batch."""
+    pick = pool[torch.randperm(len(pool), generator=gen)[:k]]
+    rest = idx[~torch.isin(idx, pick)]
+    return torch.cat([pick, rest])[: len(idx)]
+
+
 def _lr(cfg: Config) -> float:
     p = cfg.pretrain
     if p.lr is not None:
@@ -102,6 +131,7 @@ def run(
             f"pretrain.batch_size {p.batch_size} exceeds the {len(train)} train images"
         )
     labels = pretrain_labels(cfg, ds, train)
+    labeled_pool = _labeled_pool(cfg, labels, world)
     val = load_data(ds, "val") if p.knn_every else None
 
     model = build_contrastive_model(cfg.model, in_channels=channels)
@@ -151,11 +181,14 @@ def run(
         net.train()
         meter = Throughput()
         loss_sum, n_steps = 0.0, 0
+        mix_gen = torch.Generator().manual_seed((cfg.seed * 7919 + epoch) * 131 + rank)
         for step, idx in enumerate(
             batches(len(train), local_bs, epoch=epoch, seed=cfg.seed, rank=rank, world_size=world)
         ):
             if step >= steps_per_epoch:
                 break
+            if labeled_pool is not None:
+                idx = _mix_labeled(idx, labeled_pool, p.labeled_per_batch // world, mix_gen)
             v1, v2 = aug(train.images[idx])  # 2 x (b, C, S, S) float
             x = torch.cat([v1, v2]).to(device, non_blocking=True)
             if cfg.model.channels_last:
