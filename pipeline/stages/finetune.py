@@ -29,6 +29,7 @@ from pipeline.runtime import LocalContext, StageResult, TrainContext
 from pipeline.stages.common import (
     accuracy,
     encode,
+    fit_linear_probe,
     load_data,
     seed_everything,
     single_view_augment,
@@ -67,6 +68,30 @@ def build_network(cfg: Config, channels: int, n_classes: int, pretrained: str | 
     return Classifier(backbone, feat_dim, n_classes)
 
 
+@torch.no_grad()
+def probe_init(
+    model: Classifier,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    size: int,
+    n_classes: int,
+    seed: int = 0,
+    epochs: int = 200,
+) -> None:
+    """Start ``model.fc`` from a linear probe on the starting network's (frozen, eval-mode)
+    features of ``images`` — "linear probing, then fine-tuning" (Kumar et al. 2022,
+    arXiv:2202.10054): the first fine-tuning steps then follow a classifier that already fits
+    the features instead of a random one that distorts them. The probe's standardisation is
+    folded into the weights."""
+    feats = encode(model.backbone, images, size=size)
+    with torch.enable_grad():
+        probe = fit_linear_probe(feats, labels, n_classes, epochs=epochs, seed=seed)
+    w = probe.linear.weight / probe.std  # (K, D)
+    b = probe.linear.bias - (w * probe.mean).sum(dim=1)
+    model.fc.weight.copy_(w)
+    model.fc.bias.copy_(b)
+
+
 def run(
     cfg: Config,
     inputs: dict[str, str],
@@ -91,6 +116,9 @@ def run(
     model = build_network(cfg, channels, n_classes, None if baseline else inputs["pretrain"])
     if ctx.world_size > 1:
         model = convert_sync_batchnorm(model)
+
+    if cfg.finetune.classifier_init == "probe":
+        probe_init(model, labeled.images, labeled.labels, size, n_classes, seed=cfg.seed)
 
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
         logits = encode(m, val.images, size=size)
