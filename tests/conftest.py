@@ -18,6 +18,7 @@ def ray_local():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # always a fresh instance, even when a `ray start` cluster runs here
             num_cpus=2,
             include_dashboard=False,
             log_to_driver=False,
