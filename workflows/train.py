@@ -36,6 +36,7 @@ __all__ = ["RayTrainContext", "TaskContext", "run_training_stage"]
 
 StageFn = Callable[..., StageResult]
 RESULT_FILE = "result.json"
+_PROGRESS = ("epoch", "loss", "views_per_s", "images_per_s", "val_knn_top1", "val_top1")
 
 
 def _set_threads(cfg: Config) -> None:
@@ -61,6 +62,13 @@ class _Durable:
         return None
 
     def log(self, metrics: dict[str, Any]) -> None:
+        # one progress line per epoch; Ray forwards worker output to the driver's terminal
+        shown = ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in metrics.items()
+            if k in _PROGRESS and isinstance(v, (int, float))
+        )
+        print(f"[{self.path.parent.parent.name}] {shown}", flush=True)
         if self.sink is not None:
             numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
             self.sink(numeric, int(metrics.get("epoch", 0)))
