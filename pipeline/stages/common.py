@@ -104,6 +104,33 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
+def training_state(
+    model: nn.Module, opt: Any, sched: Any, epoch: int, history: list[dict[str, Any]], **extra: Any
+) -> dict[str, Any]:
+    """The checkpoint of a training loop after ``epoch``: model, optimiser, scheduler, RNG state
+    and history (plus ``extra`` entries)."""
+    return {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "epoch": epoch,
+        "rng": rng_state(),
+        "history": history,
+        **extra,
+    }
+
+
+def restore_training_state(
+    ckpt: dict[str, Any], model: nn.Module, opt: Any, sched: Any
+) -> tuple[int, list[dict[str, Any]]]:
+    """Load a :func:`training_state` checkpoint; returns (first epoch to run, history so far)."""
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    sched.load_state_dict(ckpt["scheduler"])
+    set_rng_state(ckpt["rng"])
+    return int(ckpt["epoch"]) + 1, list(ckpt.get("history", []))
+
+
 def batches(
     n: int,
     batch_size: int,

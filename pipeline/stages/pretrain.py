@@ -34,10 +34,10 @@ from pipeline.stages.common import (
     encode,
     knn_predict,
     load_data,
-    rng_state,
+    restore_training_state,
     seed_everything,
-    set_rng_state,
     subset_keys,
+    training_state,
     write_json,
 )
 
@@ -164,12 +164,7 @@ def run(
     start_epoch = 0
     ckpt = ctx.load_checkpoint()
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        set_rng_state(ckpt["rng"])
-        start_epoch = int(ckpt["epoch"]) + 1
-        history = list(ckpt.get("history", []))
+        start_epoch, history = restore_training_state(ckpt, model, opt, sched)
         log.info("pretrain: resuming after epoch %d", start_epoch)
 
     autocast = (
@@ -226,14 +221,7 @@ def run(
         history.append(metrics)
         state = None
         if rank == 0:
-            state = {
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "epoch": epoch,
-                "rng": rng_state(),
-                "history": history,
-            }
+            state = training_state(model, opt, sched, epoch, history)
         ctx.report(metrics, checkpoint=state)
         log.info(
             "pretrain epoch %d/%d loss %.4f %.0f views/s%s",

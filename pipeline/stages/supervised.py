@@ -18,7 +18,7 @@ from torch import nn
 
 from pipeline.optim import build_optimizer, warmup_cosine
 from pipeline.runtime import TrainContext
-from pipeline.stages.common import Throughput, rng_state, set_rng_state
+from pipeline.stages.common import Throughput, restore_training_state, training_state
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +77,7 @@ def fit(
     start_epoch = 0
     ckpt = ctx.load_checkpoint()
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        set_rng_state(ckpt["rng"])
-        start_epoch = int(ckpt["epoch"]) + 1
-        history = list(ckpt.get("history", []))
+        start_epoch, history = restore_training_state(ckpt, model, opt, sched)
         log.info("%s: resuming after epoch %d", plan.name, start_epoch)
     autocast = (
         torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -129,14 +124,6 @@ def fit(
         history.append(metrics)
         state = None
         if rank == 0:
-            state = {
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "epoch": epoch,
-                "rng": rng_state(),
-                "history": history,
-                **(extra_state or {}),
-            }
+            state = training_state(model, opt, sched, epoch, history, **(extra_state or {}))
         ctx.report(metrics, checkpoint=state)
     return history
