@@ -114,3 +114,14 @@ def test_validation():
         BatchTwoViewAugment(28, 2)
     with pytest.raises(ValueError, match=r"expected \(B, 1, H, W\)"):
         BatchTwoViewAugment(28, 1)(torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
+
+
+def test_single_view_is_the_first_of_the_pair_and_validates_its_input() -> None:
+    x = torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8)
+    aug = BatchTwoViewAugment(28, 1, strength=0.5, crop_min_scale=0.3)
+    one = aug.single(x, torch.Generator().manual_seed(3))
+    v1, v2 = aug(x, torch.Generator().manual_seed(3))
+    assert one.shape == (6, 1, 28, 28)
+    assert torch.equal(one, v1) and not torch.equal(one, v2)
+    with pytest.raises(ValueError, match=r"expected \(B, 1, H, W\)"):
+        aug.single(torch.zeros(6, 3, 28, 28, dtype=torch.uint8))

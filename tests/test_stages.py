@@ -225,3 +225,43 @@ def test_probe_init_fits_the_classifier_to_the_starting_features(
     finetune.probe_init(net, train.images, train.labels, 8, 10)
     after = finetune.accuracy(finetune.encode(net, train.images), train.labels)
     assert after > max(before, 20.0)
+
+
+def test_epoch_order_visits_every_row_once_per_pass() -> None:
+    from pipeline.stages.supervised import epoch_order
+
+    one = epoch_order(10, 10, seed=1)
+    assert sorted(one.tolist()) == list(range(10))
+    longer = epoch_order(10, 25, seed=1)  # min_steps longer than the data: cycles
+    assert torch.equal(longer[:10], one)
+    assert sorted(longer[10:20].tolist()) == list(range(10))
+    assert not torch.equal(longer[10:20], one)  # a fresh shuffle each pass
+
+
+def test_fit_sees_every_image_once_per_epoch(tmp_path) -> None:
+    from pipeline.runtime import LocalContext
+    from pipeline.stages.supervised import SupervisedPlan, fit
+
+    n = 24
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 1, 2, 2).contiguous()
+    labels = torch.arange(n) % 3
+    seen: list[int] = []
+
+    def record(x: torch.Tensor) -> torch.Tensor:
+        seen.extend(x[:, 0, 0, 0].tolist())
+        return x.float()
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    plan = SupervisedPlan(epochs=2, batch_size=8, lr=1e-3, weight_decay=0.0)
+    history = fit(
+        model,
+        images,
+        labels,
+        torch.nn.functional.cross_entropy,
+        record,
+        plan,
+        LocalContext(tmp_path / "ckpt"),
+    )
+    assert len(history) == 2
+    assert sorted(seen[:n]) == list(range(n)) and sorted(seen[n:]) == list(range(n))
+    assert seen[:n] != seen[n:]  # each epoch reshuffles

@@ -182,6 +182,17 @@ class BatchTwoViewAugment:
         x = _to_unit(images)
         return self.view(x, generator), self.view(x, generator)
 
+    def single(
+        self, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """One augmented view of a uint8 (or [0, 1] float) batch: half the work of ``__call__``
+        where a second view is not needed (supervised training)."""
+        if images.ndim != 4 or images.shape[1] != self.channels:
+            raise ValueError(
+                f"images: expected (B, {self.channels}, H, W), got shape {tuple(images.shape)}"
+            )
+        return self.view(_to_unit(images), generator)
+
     # -- one view ---------------------------------------------------------------------------
     def _rand(self, n: int, dev: torch.device, g: torch.Generator | None) -> torch.Tensor:
         # Draw on the CPU (a CPU generator works for any device), then move.

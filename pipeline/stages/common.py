@@ -161,11 +161,7 @@ def single_view_augment(cfg: Config, channels: int, size: int, crop_min_scale: f
         size=size, channels=channels, strength=0.0, crop_min_scale=crop_min_scale
     )
 
-    def one_view(x: torch.Tensor) -> torch.Tensor:
-        v1, _ = aug(x)
-        return v1
-
-    return one_view
+    return aug.single
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ from pipeline.stages.common import Throughput, restore_training_state, training_
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SupervisedPlan", "fit"]
+__all__ = ["SupervisedPlan", "epoch_order", "fit"]
 
 
 @dataclass
@@ -46,6 +46,15 @@ class SupervisedPlan:
         return max(natural, math.ceil(self.min_steps / self.epochs))
 
 
+def epoch_order(n: int, length: int, seed: int) -> torch.Tensor:
+    """``length`` row indices: random permutations of ``range(n)`` laid end to end, so an epoch
+    of ``ceil(n / batch)`` steps sees every row once and a longer one (``min_steps``) cycles.
+    Every rank draws the same order (same seed) and takes its own slice of each step."""
+    g = torch.Generator().manual_seed(seed)
+    reps = max(1, math.ceil(length / n))
+    return torch.cat([torch.randperm(n, generator=g) for _ in range(reps)])[:length]
+
+
 def fit(
     model: nn.Module,
     images: torch.Tensor,
@@ -58,8 +67,9 @@ def fit(
     extra_state: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``model`` on ``images`` (uint8, N×C×H×W) against ``targets`` (row-aligned: hard
-    labels (N,) or teacher logits (N, K)). Each step draws ``batch_size / world`` random rows per
-    rank (without replacement within the step; the subset may be smaller than the batch).
+    labels (N,) or teacher logits (N, K)). Rows are visited in shuffled epochs (:func:`epoch_order`):
+    each step takes the next ``batch_size`` rows, ``batch_size / world`` per rank (the whole
+    subset when it is smaller than the batch).
     Checkpoints every epoch through ``ctx``; resumes from ``ctx.load_checkpoint()``.
     Returns the per-epoch history."""
     n = int(images.shape[0])
@@ -84,16 +94,17 @@ def fit(
         if plan.bf16
         else contextlib.nullcontext()
     )
-    b = min(per_rank, n)
+    b = max(1, min(per_rank, n // world))
     for epoch in range(start_epoch, plan.epochs):
         net.train()
-        g = torch.Generator().manual_seed((plan.seed * 7919 + epoch) * 131 + rank)
+        order = epoch_order(n, steps_per_epoch * b * world, seed=plan.seed * 7919 + epoch)
         meter = Throughput()
         loss_sum = 0.0
         correct = 0.0
         seen = 0
-        for _ in range(steps_per_epoch):
-            idx = torch.randperm(n, generator=g)[:b]
+        for step in range(steps_per_epoch):
+            start = (step * world + rank) * b
+            idx = order[start : start + b]
             x = augment(images[idx]).to(device, non_blocking=True)
             t = targets[idx].to(device)
             with autocast:
