@@ -165,6 +165,13 @@ class DistillConfig(_Section):
     batch_size: int = Field(256, ge=2)
     lr: float = Field(2e-3, gt=0.0)
     weight_decay: float = Field(1e-4, ge=0.0)
+    crop_min_scale: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="the student's crop+flip augmentation (1.0: flip only, the teacher's targets "
+        "are computed on the whole image); default: finetune.crop_min_scale",
+    )
 
 
 class EvaluateConfig(_Section):

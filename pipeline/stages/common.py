@@ -172,9 +172,17 @@ def encode(
     was_training = module.training
     module.eval()
     device = next(module.parameters()).device
+    # Feed channels-last input to a channels-last network (no per-layer layout conversions).
+    fmt = torch.contiguous_format
+    conv = next((p for p in module.parameters() if p.ndim == 4), None)
+    if conv is not None and not conv.is_contiguous() and conv.is_contiguous(
+        memory_format=torch.channels_last
+    ):
+        fmt = torch.channels_last
     out = []
     for i in range(0, images.shape[0], batch_size):
         x = normalize_batch(images[i : i + batch_size], size=size).to(device)
+        x = x.contiguous(memory_format=fmt)
         y = module(x)
         if isinstance(y, tuple):
             y = y[0]

@@ -116,7 +116,12 @@ def run(
         train.images,
         targets,
         loss_fn=loss_fn,
-        augment=single_view_augment(cfg, channels, size, cfg.finetune.crop_min_scale),
+        augment=single_view_augment(
+            cfg,
+            channels,
+            size,
+            d.crop_min_scale if d.crop_min_scale is not None else cfg.finetune.crop_min_scale,
+        ),
         plan=plan,
         ctx=ctx,
         evaluate=evaluate,
