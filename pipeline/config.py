@@ -206,12 +206,35 @@ class TuneConfig(_Section):
         return self
 
 
+StageKind = Literal["pretrain", "finetune", "baseline", "distill", "evaluate"]
+
+
+class StageResources(_Section):
+    """Per-stage-kind overrides of :class:`ResourcesConfig` (unset fields keep the default)."""
+
+    num_workers: int | None = Field(None, ge=1)
+    cpus_per_worker: float | None = Field(None, gt=0.0)
+    torch_threads: int | None = Field(None, ge=1)
+
+
 class ResourcesConfig(_Section):
     num_workers: int = Field(1, ge=1, description="Ray Train workers per training stage")
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0)
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per worker")
     max_failures: int = Field(2, ge=0)
+    stages: dict[StageKind, StageResources] = Field(
+        default_factory=dict,
+        description="overrides per stage kind, e.g. small-batch stages on 1 CPU each so two run "
+        "at once: {finetune: {cpus_per_worker: 1, torch_threads: 1}}",
+    )
+
+    def for_stage(self, kind: str) -> ResourcesConfig:
+        """These resources with ``stages[kind]``'s set fields applied."""
+        over = self.stages.get(kind)  # type: ignore[call-overload]
+        if over is None:
+            return self
+        return self.model_copy(update=over.model_dump(exclude_none=True))
 
 
 class StorageConfig(_Section):

@@ -99,3 +99,49 @@ def test_round_trip_and_hash_stability() -> None:
 def test_default_tracking_uri_is_sqlite_under_storage(tmp_path: Path) -> None:
     cfg = load_config(None, [f"storage.root={tmp_path}"])
     assert cfg.tracking_uri() == f"sqlite:///{tmp_path}/mlflow.db"
+
+
+def test_per_stage_resources_override_only_their_stage() -> None:
+    cfg = load_config(
+        "demo",
+        ["resources.stages={distill: {cpus_per_worker: 1, torch_threads: 1}}"],
+    )
+    assert cfg.resources.cpus_per_worker == 2
+    distill = cfg.resources.for_stage("distill")
+    assert (distill.cpus_per_worker, distill.torch_threads) == (1, 1)
+    assert distill.num_workers == cfg.resources.num_workers  # unset fields keep the default
+    assert cfg.resources.for_stage("pretrain").cpus_per_worker == 2
+    with pytest.raises(ConfigError, match=r"^config error: resources\.stages\.distil\b"):
+        load_config("demo", ["resources.stages={distil: {torch_threads: 1}}"])
+
+
+def test_stage_executor_hands_each_stage_its_own_resources(monkeypatch, tmp_path: Path) -> None:
+    import workflows.train
+    from workflows.dag import build_graph
+    from workflows.stages import StageExecutor
+
+    seen: dict[str, tuple[float, int | None]] = {}
+
+    def fake(fn, cfg, inputs, out_dir, **kw):  # records what the stage would have run with
+        seen[out_dir] = (
+            cfg.resources.cpus_per_worker,
+            cfg.resources.torch_threads,
+        )
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(workflows.train, "run_training_stage", fake)
+    cfg = load_config(
+        "smoke",
+        [
+            "resources.cpus_per_worker=2",
+            "resources.torch_threads=2",
+            "resources.stages={finetune: {cpus_per_worker: 1, torch_threads: 1}}",
+        ],
+    )
+    nodes = {n.kind: n for n in build_graph(cfg)}
+    executor = StageExecutor(cfg)
+    for kind in ("finetune", "pretrain"):
+        with pytest.raises(RuntimeError, match="stop here"):
+            executor(nodes[kind], {}, str(tmp_path / kind))
+    assert seen[str(tmp_path / "finetune")] == (1, 1)
+    assert seen[str(tmp_path / "pretrain")] == (2, 2)

@@ -265,3 +265,20 @@ def test_fit_sees_every_image_once_per_epoch(tmp_path) -> None:
     assert len(history) == 2
     assert sorted(seen[:n]) == list(range(n)) and sorted(seen[n:]) == list(range(n))
     assert seen[:n] != seen[n:]  # each epoch reshuffles
+
+
+def test_encode_gives_the_same_features_for_a_channels_last_network() -> None:
+    from pipeline.config import ModelConfig
+    from pipeline.models import build_contrastive_model
+    from pipeline.stages.common import encode
+
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8)
+    section = ModelConfig(arch="resnet18", width=0.125, channels_last=False)
+    plain = build_contrastive_model(section, in_channels=1).encoder
+    fast = build_contrastive_model(section, in_channels=1).encoder
+    fast.load_state_dict(plain.state_dict())
+    fast = fast.to(memory_format=torch.channels_last)
+    a, b = encode(plain, images, size=28, batch_size=16), encode(fast, images, size=28)
+    assert a.shape == (40, plain.out_dim)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

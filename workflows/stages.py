@@ -177,9 +177,10 @@ class StageExecutor:
             if node.kind == "evaluate":
                 params["started_at"] = self.started_at
                 workers = 1
+            stage_cfg = cfg.model_copy(update={"resources": cfg.resources.for_stage(node.kind)})
             result = run_training_stage(
                 stage_function(node.kind),
-                cfg,
+                stage_cfg,
                 _stage_inputs(node, inputs),
                 out_dir,
                 params=params,

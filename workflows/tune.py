@@ -219,9 +219,10 @@ def trial_config(base: Mapping[str, Any], params: Mapping[str, Any]) -> Config:
 
 def trial_resources(cfg: Config) -> dict[str, float]:
     """What one trial asks Ray for: ``resources.cpus_per_worker`` CPUs, and 1 GPU with
-    ``resources.use_gpu`` (a trial is one worker process)."""
+    ``resources.use_gpu`` (a trial is one worker process; ``resources.stages.pretrain`` applies)."""
+    res = cfg.resources.for_stage("pretrain")
     return {
-        "cpu": float(cfg.resources.cpus_per_worker),
+        "cpu": float(res.cpus_per_worker),
         "gpu": 1.0 if cfg.resources.use_gpu else 0.0,
     }
 
@@ -359,8 +360,8 @@ def _trial(
 ) -> None:
     """The Tune trainable: one short pretraining with the sampled ``params``."""
     cfg = trial_config(base, params)
-    threads = cfg.resources.torch_threads or max(1, int(cfg.resources.cpus_per_worker))
-    torch.set_num_threads(threads)
+    res = cfg.resources.for_stage("pretrain")
+    torch.set_num_threads(res.torch_threads or max(1, int(res.cpus_per_worker)))
     ctx = TuneTrialContext(cfg.resources.use_gpu, os.path.join(search_dir, FAULT_FILE))
     # Tune stops a trial at its last report (ASHA's max_t), so the stage's own outputs are not
     # relied on: the weights live in the trial's Tune checkpoints.

@@ -175,8 +175,10 @@ def encode(
     # Feed channels-last input to a channels-last network (no per-layer layout conversions).
     fmt = torch.contiguous_format
     conv = next((p for p in module.parameters() if p.ndim == 4), None)
-    if conv is not None and not conv.is_contiguous() and conv.is_contiguous(
-        memory_format=torch.channels_last
+    if (
+        conv is not None
+        and not conv.is_contiguous()
+        and conv.is_contiguous(memory_format=torch.channels_last)
     ):
         fmt = torch.channels_last
     out = []
