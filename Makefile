@@ -49,6 +49,7 @@ bench: setup
 	$(PY) benchmarks/step_throughput.py
 	$(PY) benchmarks/pipeline_throughput.py
 	$(PY) benchmarks/orchestration_overhead.py
+	$(PY) benchmarks/thread_layout.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info
