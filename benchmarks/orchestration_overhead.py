@@ -94,8 +94,7 @@ def serial_child(args: argparse.Namespace) -> None:
 
     root = Path(args.serial_child)
     cfg = load_config(args.config, [*args.overrides, f"storage.root={root}"])
-    threads = cfg.resources.torch_threads or max(1, int(cfg.resources.cpus_per_worker))
-    torch.set_num_threads(threads)
+    torch.set_num_threads(cfg.resources.threads)
     started = time.time()
     outputs: dict[str, dict[str, str]] = {}
     seconds: dict[str, float] = {}
@@ -122,7 +121,7 @@ def serial_child(args: argparse.Namespace) -> None:
             raise ValueError(f"unknown stage kind {node.kind!r}")
         seconds[node.name] = time.perf_counter() - t0
         outputs[node.name] = res.outputs
-    print(json.dumps({"threads": threads, "stage_seconds": seconds}), flush=True)
+    print(json.dumps({"threads": cfg.resources.threads, "stage_seconds": seconds}), flush=True)
 
 
 def run_serial(args: argparse.Namespace, root: Path) -> tuple[float, dict[str, Any]]:

@@ -229,6 +229,11 @@ class ResourcesConfig(_Section):
         "at once: {finetune: {cpus_per_worker: 1, torch_threads: 1}}",
     )
 
+    @property
+    def threads(self) -> int:
+        """Intra-op threads of one worker: ``torch_threads``, else one per whole CPU."""
+        return self.torch_threads or max(1, int(self.cpus_per_worker))
+
     def for_stage(self, kind: str) -> ResourcesConfig:
         """These resources with ``stages[kind]``'s set fields applied."""
         over = self.stages.get(kind)  # type: ignore[call-overload]

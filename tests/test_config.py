@@ -145,3 +145,11 @@ def test_stage_executor_hands_each_stage_its_own_resources(monkeypatch, tmp_path
             executor(nodes[kind], {}, str(tmp_path / kind))
     assert seen[str(tmp_path / "finetune")] == (1, 1)
     assert seen[str(tmp_path / "pretrain")] == (2, 2)
+
+
+def test_worker_threads_default_to_one_per_whole_cpu() -> None:
+    unset = "resources.torch_threads=null"
+    assert load_config("smoke", [unset, "resources.cpus_per_worker=2.5"]).resources.threads == 2
+    assert load_config("smoke", [unset, "resources.cpus_per_worker=0.5"]).resources.threads == 1
+    cfg = load_config("smoke", ["resources.cpus_per_worker=2", "resources.torch_threads=3"])
+    assert cfg.resources.threads == 3

@@ -40,10 +40,7 @@ _PROGRESS = ("epoch", "loss", "views_per_s", "images_per_s", "val_knn_top1", "va
 
 
 def _set_threads(cfg: Config) -> None:
-    n = cfg.resources.torch_threads
-    if n is None:
-        n = max(1, int(cfg.resources.cpus_per_worker))
-    torch.set_num_threads(n)
+    torch.set_num_threads(cfg.resources.threads)
 
 
 class _Durable:

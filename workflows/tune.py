@@ -360,8 +360,7 @@ def _trial(
 ) -> None:
     """The Tune trainable: one short pretraining with the sampled ``params``."""
     cfg = trial_config(base, params)
-    res = cfg.resources.for_stage("pretrain")
-    torch.set_num_threads(res.torch_threads or max(1, int(res.cpus_per_worker)))
+    torch.set_num_threads(cfg.resources.for_stage("pretrain").threads)
     ctx = TuneTrialContext(cfg.resources.use_gpu, os.path.join(search_dir, FAULT_FILE))
     # Tune stops a trial at its last report (ASHA's max_t), so the stage's own outputs are not
     # relied on: the weights live in the trial's Tune checkpoints.
