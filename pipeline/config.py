@@ -84,6 +84,9 @@ class ModelConfig(_Section):
     arch: Arch = "resnet18"
     width: float = Field(1.0, gt=0.0, description="channel width multiplier")
     cifar_stem: bool = Field(True, description="3x3 stride-1 stem without max-pool (small images)")
+    stem_stride: Literal[1, 2] = Field(
+        1, description="stride of the CIFAR stem (2: a quarter of the positions, ~3x images/s)"
+    )
     head_depth: int = Field(2, ge=1, le=4, description="projection-head layers")
     head_hidden: int | None = Field(None, ge=1, description="hidden width; None = encoder width")
     head_out: int = Field(128, ge=1)
@@ -128,6 +131,9 @@ class FinetuneConfig(_Section):
     batch_size: int = Field(64, ge=2)
     optimizer: Literal["sgd", "adamw", "lars"] = "adamw"
     lr: float = Field(1e-3, gt=0.0)
+    baseline_lr: float | None = Field(
+        None, gt=0.0, description="the from-scratch baseline's learning rate; None = finetune.lr"
+    )
     weight_decay: float = Field(1e-4, ge=0.0)
     min_steps: int = Field(200, ge=1, description="lower bound on steps for tiny subsets")
     crop_min_scale: float = Field(0.5, gt=0.0, le=1.0, description="crop+flip augmentation")
@@ -154,6 +160,7 @@ class FinetuneConfig(_Section):
 class StudentConfig(_Section):
     arch: Arch = "resnet18"
     width: float = Field(0.5, gt=0.0)
+    stem_stride: Literal[1, 2] | None = Field(None, description="None = the teacher's")
 
 
 class DistillConfig(_Section):

@@ -80,11 +80,45 @@ def test_encoder_stems_and_widths() -> None:
         {"width": -1.0},
         {"in_channels": 0},
         {"in_channels": 2.5},
+        {"stem_stride": 3},
+        {"stem_stride": 2, "cifar_stem": False},
     ],
 )
 def test_encoder_bad_arguments(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         build_encoder(**kwargs)
+
+
+def test_stem_stride_two_quarters_the_positions_with_the_same_parameters() -> None:
+    torch.manual_seed(0)
+    s1 = build_encoder("resnet18", 0.125, in_channels=1)
+    s2 = build_encoder("resnet18", 0.125, in_channels=1, stem_stride=2)
+    assert s2.conv1.stride == (2, 2) and s2.stem_stride == 2 and "stem_stride=2" in repr(s2)
+    assert count_params(s1) == count_params(s2)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert s1.layer1(s1.relu(s1.bn1(s1.conv1(x)))).shape[-2:] == (28, 28)
+        assert s2.layer1(s2.relu(s2.bn1(s2.conv1(x)))).shape[-2:] == (14, 14)
+        assert s2(x).shape == (2, s2.out_dim)
+    assert flops_per_image(s2, (1, 28, 28)) < 0.3 * flops_per_image(s1, (1, 28, 28))
+
+
+def test_stem_stride_from_config_and_student_default() -> None:
+    from pipeline.config import Config
+    from pipeline.stages.distill import student_model_config
+
+    model = build_contrastive_model(ModelConfig(width=0.125, stem_stride=2), in_channels=1)
+    assert model.encoder.conv1.stride == (2, 2)
+    cfg = Config.model_validate(
+        {"model": {"stem_stride": 2}, "distill": {"student": {"width": 0.06}}}
+    )
+    assert student_model_config(cfg).stem_stride == 2  # the teacher's by default
+    cfg = Config.model_validate(
+        {"model": {"stem_stride": 2}, "distill": {"student": {"width": 0.06, "stem_stride": 1}}}
+    )
+    assert student_model_config(cfg).stem_stride == 1 and student_model_config(cfg).width == 0.06
+    with pytest.raises(ValueError, match="stem_stride"):
+        Config.model_validate({"model": {"stem_stride": 4}})
 
 
 def test_encoder_rejects_wrong_channels() -> None:

@@ -70,7 +70,7 @@ def model_config(section: ModelSection) -> ModelConfig:
     if isinstance(section, ModelConfig):
         return section
     if isinstance(section, BaseModel):
-        section = section.model_dump()
+        section = section.model_dump(exclude_none=True)
     if not isinstance(section, dict):
         raise ValueError(
             f"model section must be a dict or ModelConfig (got {type(section).__name__})"
@@ -91,7 +91,7 @@ def build_contrastive_model(model_cfg: ModelSection, in_channels: int) -> Contra
     parameters to ``torch.channels_last``.
     """
     cfg = model_config(model_cfg)
-    encoder = build_encoder(cfg.arch, cfg.width, cfg.cifar_stem, in_channels)
+    encoder = build_encoder(cfg.arch, cfg.width, cfg.cifar_stem, in_channels, cfg.stem_stride)
     hidden = cfg.head_hidden or encoder.out_dim
     head = ProjectionHead(encoder.out_dim, hidden, cfg.head_out, cfg.head_depth)
     model = ContrastiveModel(encoder, head)

@@ -45,10 +45,9 @@ __all__ = ["run", "student_model_config"]
 
 
 def student_model_config(cfg: Config) -> ModelConfig:
-    """The teacher's model section with the student's arch and width."""
-    return cfg.model.model_copy(
-        update={"arch": cfg.distill.student.arch, "width": cfg.distill.student.width}
-    )
+    """The teacher's model section with the student's arch, width and (when set) stem stride."""
+    student = cfg.distill.student.model_dump(exclude_none=True)
+    return cfg.model.model_copy(update=student)
 
 
 def run(
