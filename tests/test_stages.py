@@ -282,3 +282,15 @@ def test_encode_gives_the_same_features_for_a_channels_last_network() -> None:
     a, b = encode(plain, images, size=28, batch_size=16), encode(fast, images, size=28)
     assert a.shape == (40, plain.out_dim)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_baseline_lr_applies_to_the_baseline_only(cfg: Config) -> None:
+    from pipeline.stages.finetune import plan_for
+
+    same = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"lr": 1e-3})})
+    assert plan_for(same, "b", baseline=True).lr == plan_for(same, "f").lr == 1e-3
+    own = load_config("smoke", ["finetune.lr=0.001", "finetune.baseline_lr=0.03"])
+    assert plan_for(own, "f").lr == 1e-3
+    assert plan_for(own, "b", baseline=True).lr == 0.03
+    with pytest.raises(ValueError, match="baseline_lr"):
+        load_config("smoke", ["finetune.baseline_lr=-1"])

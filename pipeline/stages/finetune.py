@@ -3,7 +3,8 @@ supervised-from-scratch baseline on the same labels.
 
 The fine-tuned network is the pretrained encoder plus the first ``finetune.from_head_layer``
 projection-head layers plus a linear classifier. The baseline is the very same architecture from
-random initialisation, trained with the same augmentation, optimiser, schedule and step budget.
+random initialisation, trained with the same augmentation, optimiser, schedule and step budget;
+only its learning rate may differ (``finetune.baseline_lr``), so that each side gets its own best.
 """
 
 from __future__ import annotations
@@ -41,12 +42,15 @@ from pipeline.stages.supervised import SupervisedPlan, fit
 __all__ = ["build_network", "plan_for", "run"]
 
 
-def plan_for(cfg: Config, name: str) -> SupervisedPlan:
+def plan_for(cfg: Config, name: str, baseline: bool = False) -> SupervisedPlan:
+    """The supervised plan of a fine-tuning run, or of the baseline (``finetune.baseline_lr`` when
+    set: a network from random init usually wants a larger step than a pretrained one)."""
     f = cfg.finetune
+    lr = f.baseline_lr if baseline and f.baseline_lr is not None else f.lr
     return SupervisedPlan(
         epochs=f.epochs,
         batch_size=f.batch_size,
-        lr=f.lr,
+        lr=lr,
         weight_decay=f.weight_decay,
         optimizer=f.optimizer,
         min_steps=f.min_steps,
@@ -130,7 +134,7 @@ def run(
         labeled.labels,
         loss_fn=F.cross_entropy,
         augment=single_view_augment(cfg, channels, size, cfg.finetune.crop_min_scale),
-        plan=plan_for(cfg, name),
+        plan=plan_for(cfg, name, baseline),
         ctx=ctx,
         evaluate=evaluate,
     )
