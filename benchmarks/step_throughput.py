@@ -104,6 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--no-cifar-stem", action="store_true", help="7x7 stride-2 stem + max-pool")
+    p.add_argument("--stem-stride", type=int, default=1, choices=[1, 2], help="CIFAR stem stride")
     p.add_argument("--head-depth", type=int, default=2)
     p.add_argument("--head-out", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.2)
@@ -133,6 +134,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         arch=args.arch,
         width=args.width,
         cifar_stem=not args.no_cifar_stem,
+        stem_stride=args.stem_stride,
         head_depth=args.head_depth,
         head_out=args.head_out,
         channels_last=args.channels_last,
@@ -225,6 +227,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "arch": args.arch,
         "width": args.width,
         "cifar_stem": not args.no_cifar_stem,
+        "stem_stride": args.stem_stride,
         "size": args.size,
         "channels": args.channels,
         "batch": n,

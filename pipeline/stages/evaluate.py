@@ -143,7 +143,9 @@ def render_markdown(report: dict[str, Any], cfg: Config | None = None) -> str:
     lines = [f"# Label-efficiency report — {report['dataset']}", ""]
     if cfg is not None:
         lines += [
-            f"Encoder {cfg.model.arch} ×{cfg.model.width:g}, head depth {cfg.model.head_depth}, "
+            f"Encoder {cfg.model.arch} ×{cfg.model.width:g}"
+            + (f" (stem stride {cfg.model.stem_stride})" if cfg.model.stem_stride != 1 else "")
+            + f", head depth {cfg.model.head_depth}, "
             f"pretrain {cfg.pretrain.method} τ={cfg.pretrain.temperature:g} for "
             f"{cfg.pretrain.epochs} epochs, batch {cfg.pretrain.batch_size}; seed {cfg.seed}.",
             "",
