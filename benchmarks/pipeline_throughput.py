@@ -72,11 +72,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-train", type=int, default=3000, help="train images for pretraining")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--epochs", type=int, default=3, help="pipeline epochs; the first is warm-up")
-    p.add_argument("--steps-per-epoch", type=int, default=8, help="pretrain.max_steps_per_epoch")
+    p.add_argument("--steps-per-epoch", type=int, default=16, help="pretrain.max_steps_per_epoch")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="pipeline workers")
     p.add_argument("--threads", type=int, default=2, help="CPU cores used (Ray num_cpus, torch)")
     p.add_argument("--aug-batches", type=int, default=8, help="batches for the data path")
-    p.add_argument("--variant-steps", type=int, default=3, help="timed steps per variant")
+    p.add_argument("--variant-steps", type=int, default=10, help="timed steps per variant")
     p.add_argument("--compile-timeout", type=float, default=420.0, help="seconds")
     p.add_argument("--shard-max-train", type=int, default=20000,
                    help="train images for the sharding runs (test: all 10k)")  # fmt: skip
