@@ -83,7 +83,7 @@ class AugmentConfig(_Section):
 class ModelConfig(_Section):
     arch: Arch = "resnet18"
     width: float = Field(1.0, gt=0.0, description="channel width multiplier")
-    cifar_stem: bool = Field(True, description="3x3 stride-1 stem without max-pool (small images)")
+    cifar_stem: bool = Field(True, description="3x3 stem without max-pool (small images)")
     stem_stride: Literal[1, 2] = Field(
         1, description="stride of the CIFAR stem (2: a quarter of the positions, ~3x images/s)"
     )
