@@ -62,7 +62,8 @@ _KINDS = ("contrastive", "classifier")
 
 def model_config(section: ModelSection) -> ModelConfig:
     """A :class:`ModelConfig` from a ``model`` section, a ``distill.student`` section (``arch``,
-    ``width``; the other fields take ModelConfig's defaults) or a plain dict of either.
+    ``width``, ``stem_stride`` when set; the other fields take ModelConfig's defaults — with no
+    teacher section at hand, an unset student stem stride is the default 1) or a plain dict of either.
 
     Raises:
         ValueError: on an unknown key or a bad value (one line naming the field).
