@@ -92,6 +92,12 @@ class ModelConfig(_Section):
     head_out: int = Field(128, ge=1)
     channels_last: bool = False
 
+    @model_validator(mode="after")
+    def _stem(self) -> ModelConfig:
+        if self.stem_stride != 1 and not self.cifar_stem:
+            raise ValueError("stem_stride applies to the CIFAR stem only (cifar_stem is false)")
+        return self
+
 
 class PretrainConfig(_Section):
     method: Literal["simclr", "supcon", "semisup"] = "simclr"

@@ -119,6 +119,8 @@ def test_stem_stride_from_config_and_student_default() -> None:
     assert student_model_config(cfg).stem_stride == 1 and student_model_config(cfg).width == 0.06
     with pytest.raises(ValueError, match="stem_stride"):
         Config.model_validate({"model": {"stem_stride": 4}})
+    with pytest.raises(ValueError, match="CIFAR stem only"):
+        Config.model_validate({"model": {"stem_stride": 2, "cifar_stem": False}})
 
 
 def test_encoder_rejects_wrong_channels() -> None:
