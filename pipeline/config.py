@@ -137,8 +137,10 @@ class FinetuneConfig(_Section):
     batch_size: int = Field(64, ge=2)
     optimizer: Literal["sgd", "adamw", "lars"] = "adamw"
     lr: float = Field(1e-3, gt=0.0)
-    baseline_lr: float | None = Field(
-        None, gt=0.0, description="the from-scratch baseline's learning rate; None = finetune.lr"
+    baseline_lr: float | dict[float, float] | None = Field(
+        None,
+        description="the from-scratch baseline's learning rate: one value, or one per label "
+        "fraction (e.g. {0.1: 0.1, 1: 0.03}, every fraction named); None = finetune.lr",
     )
     weight_decay: float = Field(1e-4, ge=0.0)
     min_steps: int = Field(200, ge=1, description="lower bound on steps for tiny subsets")
@@ -160,6 +162,63 @@ class FinetuneConfig(_Section):
                 raise ValueError(f"label fraction {p} is outside (0, 100]")
         if len(set(v)) != len(v):
             raise ValueError(f"label fractions repeat: {v}")
+        return v
+
+    @field_validator("baseline_lr", mode="before")
+    @classmethod
+    def _baseline_lr_shape(cls, v: Any) -> Any:
+        def number(x: Any) -> float | None:
+            if isinstance(x, bool):
+                return None
+            try:
+                return float(x)
+            except (TypeError, ValueError):
+                return None
+
+        if v is None:
+            return v
+        if not isinstance(v, dict):
+            lr = number(v)
+            if lr is None:
+                raise ValueError("must be a number, or a mapping label fraction -> number")
+            return lr
+        out: dict[float, float] = {}
+        for k, x in v.items():
+            p, lr = number(k), number(x)
+            if p is None:
+                raise ValueError(f"{k}: must be a label fraction (a number)")
+            if lr is None:
+                raise ValueError(f"{k}: must be a number (got {x!r})")
+            out[p] = lr
+        return out
+
+    @model_validator(mode="after")
+    def _baseline_lr(self) -> FinetuneConfig:
+        v = self.baseline_lr
+        for p, lr in (v if isinstance(v, dict) else {None: v}).items():
+            if lr is not None and not lr > 0:
+                where = "baseline_lr" if p is None else f"baseline_lr.{p:g}"
+                raise ValueError(f"{where}: must be > 0 (got {lr})")
+        if isinstance(v, dict):
+            missing = [p for p in self.label_fractions if p not in v]
+            unknown = [p for p in v if p not in self.label_fractions]
+            if missing or unknown:
+                raise ValueError(
+                    f"baseline_lr: names label fractions {sorted(v)} but label_fractions are "
+                    f"{self.label_fractions}"
+                    + (f" (missing {missing})" if missing else f" (not a fraction: {unknown})")
+                )
+        return self
+
+    def baseline_lr_for(self, fraction: float) -> float:
+        """The baseline's learning rate at ``fraction`` % labels."""
+        v = self.baseline_lr
+        if v is None:
+            return self.lr
+        if isinstance(v, dict):
+            if fraction not in v:
+                raise KeyError(f"finetune.baseline_lr has no rate for label fraction {fraction:g}")
+            return v[fraction]
         return v
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from pipeline.config import Config, load_config
+from pipeline.config import Config, ConfigError, load_config
 from pipeline.data import load_subset
 from pipeline.models import count_params, load_model
 from pipeline.runtime import LocalContext
@@ -288,9 +289,29 @@ def test_baseline_lr_applies_to_the_baseline_only(cfg: Config) -> None:
     from pipeline.stages.finetune import plan_for
 
     same = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"lr": 1e-3})})
-    assert plan_for(same, "b", baseline=True).lr == plan_for(same, "f").lr == 1e-3
+    assert plan_for(same, "b", 5.0, baseline=True).lr == plan_for(same, "f", 5.0).lr == 1e-3
     own = load_config("smoke", ["finetune.lr=0.001", "finetune.baseline_lr=0.03"])
-    assert plan_for(own, "f").lr == 1e-3
-    assert plan_for(own, "b", baseline=True).lr == 0.03
+    assert plan_for(own, "f", 5.0).lr == 1e-3
+    assert plan_for(own, "b", 5.0, baseline=True).lr == 0.03
     with pytest.raises(ValueError, match="baseline_lr"):
         load_config("smoke", ["finetune.baseline_lr=-1"])
+
+
+def test_baseline_lr_per_label_fraction() -> None:
+    from pipeline.stages.finetune import plan_for
+
+    c = load_config(
+        "smoke",
+        ["finetune.label_fractions=[0.1, 1]", "finetune.baseline_lr={0.1: 0.1, 1: 0.03}"],
+    )
+    assert plan_for(c, "b", 0.1, baseline=True).lr == 0.1
+    assert plan_for(c, "b", 1.0, baseline=True).lr == 0.03
+    assert plan_for(c, "f", 0.1).lr == plan_for(c, "f", 1.0).lr == c.finetune.lr
+    fr = "finetune.label_fractions=[0.1, 1]"
+    for bad, words in [
+        ("{0.1: 0.1}", "missing [1.0]"),
+        ("{0.1: 0.1, 1: 0.03, 10: 0.01}", "not a fraction: [10.0]"),
+        ("{0.1: 0.1, 1: 0}", "must be > 0"),
+    ]:
+        with pytest.raises(ConfigError, match=r"^config error: finetune.*" + re.escape(words)):
+            load_config("smoke", [fr, f"finetune.baseline_lr={bad}"])

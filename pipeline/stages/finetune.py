@@ -4,7 +4,8 @@ supervised-from-scratch baseline on the same labels.
 The fine-tuned network is the pretrained encoder plus the first ``finetune.from_head_layer``
 projection-head layers plus a linear classifier. The baseline is the very same architecture from
 random initialisation, trained with the same augmentation, optimiser, schedule and step budget;
-only its learning rate may differ (``finetune.baseline_lr``), so that each side gets its own best.
+only its learning rate may differ (``finetune.baseline_lr``, one value or one per label fraction),
+so that each side gets its own best.
 """
 
 from __future__ import annotations
@@ -42,11 +43,13 @@ from pipeline.stages.supervised import SupervisedPlan, fit
 __all__ = ["build_network", "plan_for", "run"]
 
 
-def plan_for(cfg: Config, name: str, baseline: bool = False) -> SupervisedPlan:
-    """The supervised plan of a fine-tuning run, or of the baseline (``finetune.baseline_lr`` when
-    set: a network from random init usually wants a larger step than a pretrained one)."""
+def plan_for(cfg: Config, name: str, fraction: float, baseline: bool = False) -> SupervisedPlan:
+    """The supervised plan of a fine-tuning run at ``fraction`` % labels, or of the baseline
+    (``finetune.baseline_lr`` when set, one value or one per fraction: a network from random init
+    usually wants a larger step than a pretrained one, and a larger one still on six images per
+    class)."""
     f = cfg.finetune
-    lr = f.baseline_lr if baseline and f.baseline_lr is not None else f.lr
+    lr = f.baseline_lr_for(fraction) if baseline else f.lr
     return SupervisedPlan(
         epochs=f.epochs,
         batch_size=f.batch_size,
@@ -134,7 +137,7 @@ def run(
         labeled.labels,
         loss_fn=F.cross_entropy,
         augment=single_view_augment(cfg, channels, size, cfg.finetune.crop_min_scale),
-        plan=plan_for(cfg, name, baseline),
+        plan=plan_for(cfg, name, fraction, baseline),
         ctx=ctx,
         evaluate=evaluate,
     )
