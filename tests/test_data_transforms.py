@@ -11,6 +11,7 @@ from pipeline.data.transforms import (
     BatchTwoViewAugment,
     EvalTransform,
     TwoViewTransform,
+    crop_resize,
     normalize_batch,
 )
 
@@ -59,6 +60,37 @@ def test_batched_crop_and_flip_geometry():
     full = BatchTwoViewAugment(32, 1, strength=0.0, crop_min_scale=1.0)
     v, _ = full(ramp.contiguous(), torch.Generator().manual_seed(0))
     assert (v[:, 0, 16, [0, -1]].abs() > 1.5).all()
+
+
+@pytest.mark.parametrize(
+    "b,c,h,size,reach",
+    [(32, 1, 28, 28, 1.0), (8, 3, 32, 32, 1.0), (8, 3, 40, 20, 1.0), (8, 1, 28, 36, 3.5)],
+)
+def test_crop_resize_equals_affine_grid_sample(b, c, h, size, reach):
+    """The separable crop is grid_sample's bilinear / reflection / align_corners=False map, also
+    for grids that leave the image (reach > 1: reflected, several times) and resizes up or down."""
+    g = torch.Generator().manual_seed(b + c + h + size)
+    x = torch.rand(b, c, h, h + 3, generator=g)  # non-square: each axis uses its own length
+    sign = torch.where(torch.rand(b, generator=g) < 0.5, -1.0, 1.0)
+    sx = (0.2 + 0.8 * torch.rand(b, generator=g)) * sign * reach
+    sy = (0.2 + 0.8 * torch.rand(b, generator=g)) * reach
+    tx, ty = ((2 * torch.rand(2, b, generator=g) - 1) * reach).unbind(0)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx, tx, sy, ty
+    grid = torch.nn.functional.affine_grid(theta, [b, c, size, size], align_corners=False)
+    want = torch.nn.functional.grid_sample(
+        x, grid, mode="bilinear", padding_mode="reflection", align_corners=False
+    )
+    got = crop_resize(x, sx, tx, sy, ty, size)
+    assert got.shape == (b, c, size, size)
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+
+
+def test_crop_resize_identity_and_flip_are_exact():
+    x = torch.rand(4, 2, 9, 9)
+    one, zero = torch.ones(4), torch.zeros(4)
+    torch.testing.assert_close(crop_resize(x, one, zero, one, zero, 9), x)
+    torch.testing.assert_close(crop_resize(x, -one, zero, one, zero, 9), x.flip(-1))
 
 
 def test_one_channel_jitter_changes_intensity_only_and_strength_zero_no_colour():

@@ -18,9 +18,9 @@ Two implementations of that distribution:
 * :class:`TwoViewTransform` - per sample with ``torchvision.transforms.v2`` (a DataLoader
   ``transform``);
 * :class:`BatchTwoViewAugment` - a whole uint8 batch at once with tensor ops: the crop and flip are
-  one batched ``affine_grid`` + ``grid_sample`` (bilinear), the jitter factors are per-sample
-  vectors, greyscale is a mask, blur a grouped convolution. The fast default
-  (``augment.backend == "batched"``). Differences from torchvision, all small: a crop whose side
+  one separable bilinear resample (:func:`crop_resize`, two batched matrix products per view), the
+  jitter factors are per-sample vectors, greyscale is a mask, blur a grouped convolution. The fast
+  default (``augment.backend == "batched"``). Differences from torchvision, all small: a crop whose side
   would exceed the image is clamped to the image instead of re-drawn (torchvision retries 10 times),
   the jitter operations run in the fixed order brightness, contrast, saturation, hue (torchvision
   permutes them), and hue is a rotation of the chroma plane in YIQ space (linear, vectorised) rather
@@ -44,6 +44,7 @@ __all__ = [
     "BatchTwoViewAugment",
     "EvalTransform",
     "TwoViewTransform",
+    "crop_resize",
     "normalize_batch",
 ]
 
@@ -213,13 +214,7 @@ class BatchTwoViewAugment:
         cx = (2 * r() - 1) * (1 - cw)  # crop centre, normalised coords
         cy = (2 * r() - 1) * (1 - ch)
         flip = torch.where(r() < 0.5, -1.0, 1.0)
-        theta = torch.zeros(b, 2, 3, device=dev)
-        theta[:, 0, 0] = cw * flip
-        theta[:, 0, 2] = cx
-        theta[:, 1, 1] = ch
-        theta[:, 1, 2] = cy
-        grid = F.affine_grid(theta, [b, self.channels, self.size, self.size], align_corners=False)
-        v = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        v = crop_resize(x, cw * flip, cx, ch, cy, self.size)
 
         s = self.strength
         if s > 0:
@@ -269,6 +264,59 @@ class BatchTwoViewAugment:
             F.pad(y, (0, 0, pad, pad), mode="reflect"), kern.view(b * c, 1, k, 1), groups=b * c
         )
         return torch.where(apply, y.view(b, c, h, w), v)
+
+
+def _reflect(pix: torch.Tensor, n: int) -> torch.Tensor:
+    """``grid_sample``'s reflection padding (``align_corners=False``) of pixel coordinates: fold
+    about the image's outer edges ``-0.5`` and ``n - 0.5`` (any number of times), then clip to
+    ``[0, n - 1]``."""
+    c = (pix + 0.5).abs()
+    extra = torch.fmod(c, float(n))
+    odd = torch.floor(c / n).remainder(2) == 1
+    return torch.where(odd, n - extra - 0.5, extra - 0.5).clamp(0, n - 1)
+
+
+def _interp_matrix(scale: torch.Tensor, shift: torch.Tensor, out: int, n: int) -> torch.Tensor:
+    """Bilinear resampling of one axis as a matrix: output pixel ``i`` of ``out`` samples the input
+    (``n`` pixels) at normalised coordinate ``scale * base_i + shift``, ``base`` the output pixel
+    centres in ``[-1, 1]``. ``scale``, ``shift``: ``(B,)``. Returns ``(B, out, n)``; each row holds
+    the two bilinear weights (summing to 1)."""
+    b = scale.shape[0]
+    base = torch.linspace(-1.0, 1.0, out, device=scale.device) * ((out - 1) / out)  # (out,)
+    coord = scale[:, None] * base + shift[:, None]  # (B, out), normalised
+    pix = _reflect(((coord + 1) * n - 1) / 2, n)  # (B, out), input pixels
+    i0 = pix.floor()
+    w1 = (pix - i0).unsqueeze(2)  # (B, out, 1)
+    i0 = i0.long().unsqueeze(2)
+    # column n holds the weight of a right neighbour past the edge (always 0), then is dropped
+    m = torch.zeros(b, out, n + 1, device=scale.device, dtype=scale.dtype)
+    m.scatter_add_(2, i0, 1 - w1).scatter_add_(2, i0 + 1, w1)
+    return m[..., :n]
+
+
+def crop_resize(
+    x: torch.Tensor,
+    scale_x: torch.Tensor,
+    shift_x: torch.Tensor,
+    scale_y: torch.Tensor,
+    shift_y: torch.Tensor,
+    size: int,
+) -> torch.Tensor:
+    """Axis-aligned crop + resize of a batch by per-sample scale and shift, bilinear, reflection
+    padding: the same map as ``F.grid_sample(x, F.affine_grid(theta, ...), mode="bilinear",
+    padding_mode="reflection", align_corners=False)`` with ``theta = [[scale_x, 0, shift_x], [0,
+    scale_y, shift_y]]`` (equal up to float rounding), computed separably as ``My @ x @ Mx^T``.
+
+    Without rotation or shear the sampling grid is a product of one x and one y coordinate per
+    output pixel, so two small batched matrix products replace ``affine_grid``'s
+    ``(B, S*S, 3) x (B, 3, 2)`` product and the 2-D sampler (~1.6x less time on a 256-image
+    28 px batch). ``x``: ``(B, C, H, W)`` float; a negative ``scale_x`` flips; returns
+    ``(B, C, size, size)``.
+    """
+    _, _, h, w = x.shape
+    mx = _interp_matrix(scale_x.to(x.dtype), shift_x.to(x.dtype), size, w)  # (B, S, W)
+    my = _interp_matrix(scale_y.to(x.dtype), shift_y.to(x.dtype), size, h)  # (B, S, H)
+    return my.unsqueeze(1) @ x @ mx.transpose(1, 2).unsqueeze(1)  # (B, C, S, S)
 
 
 def _luma(v: torch.Tensor) -> torch.Tensor:
