@@ -69,10 +69,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dataset", choices=["fashion-mnist", "digits"], default=None,
                    help="default: fashion-mnist when installed, else digits")  # fmt: skip
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
-    p.add_argument("--max-train", type=int, default=3000, help="train images for pretraining")
+    p.add_argument("--max-train", type=int, default=12000, help="train images for pretraining")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--epochs", type=int, default=3, help="pipeline epochs; the first is warm-up")
-    p.add_argument("--steps-per-epoch", type=int, default=16, help="pretrain.max_steps_per_epoch")
+    p.add_argument("--steps-per-epoch", type=int, default=40,
+                   help="pretrain.max_steps_per_epoch (fewer when the train images run out)")  # fmt: skip
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="pipeline workers")
     p.add_argument("--threads", type=int, default=2, help="CPU cores used (Ray num_cpus, torch)")
     p.add_argument("--aug-batches", type=int, default=8, help="batches for the data path")
@@ -192,7 +193,9 @@ def run_pipeline_part(args, cfg, ds, tmp, bare: Bare, setup) -> None:
     from pipeline.stages import pretrain
     from workflows.train import run_training_stage
 
-    timed_steps = args.steps_per_epoch * max(1, args.epochs - 1)
+    # the stage's real epoch length: max_steps_per_epoch, or fewer when the images run out
+    steps = min(args.steps_per_epoch, setup["train_images"] // args.batch)
+    timed_steps = steps * max(1, args.epochs - 1)
     bare.measure(timed_steps)  # before
     results = {}
     for w in args.workers:
@@ -225,7 +228,7 @@ def run_pipeline_part(args, cfg, ds, tmp, bare: Bare, setup) -> None:
             workers=w,
             executor="ray task" if w == 1 else "ray train TorchTrainer (gloo)",
             epochs_timed=n_epochs,
-            steps_per_epoch=args.steps_per_epoch,
+            steps_per_epoch=steps,
             per_epoch_views_per_s=[round(h["views_per_s"], 1) for h in res.history],
             stage_wall_s=round(t, 2),
             bare_steps=bare.views // (2 * cfg.pretrain.batch_size),
