@@ -117,11 +117,13 @@ def supcon(
         same_class = (lab_a == lab_c) & (lab_a >= 0)  # (N·V, M·V) labeled anchors only
         positives = (same_image | same_class) & ~self_mask  # (N·V, M·V)
 
-        logits = logits.masked_fill(self_mask, MASK_VALUE)
-        log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)  # (N·V, M·V)
-        n_pos = positives.sum(dim=1)  # (N·V,)
-        pos_log_prob = torch.where(positives, log_prob, torch.zeros_like(log_prob)).sum(dim=1)
-        per_anchor = -pos_log_prob / n_pos.clamp(min=1)  # (N·V,) 0 where no positive
+        # The mean over an anchor's positives of -log p(j | i) is logsumexp_k l_ik minus the mean
+        # positive logit, so the (N·V, M·V) log-probabilities are never built (a pass less each way).
+        pos_w = positives.to(logits.dtype)  # (N·V, M·V)
+        n_pos = pos_w.sum(dim=1)  # (N·V,)
+        lse = torch.logsumexp(logits.masked_fill(self_mask, MASK_VALUE), dim=1)  # (N·V,)
+        pos_mean = (pos_w * logits).sum(dim=1) / n_pos.clamp(min=1)  # (N·V,)
+        per_anchor = torch.where(n_pos > 0, lse - pos_mean, torch.zeros_like(lse))  # 0: no positive
 
         n_valid = int(_views_with_positive(all_labels, views).sum())  # over all ranks
         if n_valid == 0:
