@@ -14,7 +14,8 @@ from workflows.cli import main
 def test_help_lists_commands() -> None:
     out = CliRunner().invoke(main, ["--help"])
     assert out.exit_code == 0
-    for cmd in ("run", "resume", "status", "lineage", "shard", "submit", "tune", "ui", "config"):
+    commands = ("run", "resume", "status", "lineage", "compare", "shard", "submit", "tune", "ui")
+    for cmd in (*commands, "config"):
         assert f"  {cmd} " in out.output
 
 
@@ -61,3 +62,62 @@ def test_every_subcommand_has_help() -> None:
     ):
         out = CliRunner().invoke(main, [*cmd, "--help"])
         assert out.exit_code == 0, (cmd, out.output)
+
+
+def _finished_run(store, seed: int, metrics: dict[str, float], **overrides) -> str:
+    from pipeline.config import parse_config
+
+    cfg = parse_config({"name": "cmp", "seed": seed, **overrides})
+    rid = store.create_run(cfg)
+    store.write_manifest(rid, "evaluate", {"outputs": {}, "metrics": metrics})
+    return rid
+
+
+def test_compare_aggregates_runs_and_names_what_differs(tmp_path) -> None:
+    from workflows.state import RunStore
+
+    store = RunStore(tmp_path / "store")
+    per_seed = [  # (baseline, fine-tuned, student) at 5 %; kNN
+        (60.0, 70.0, 71.0, 80.0),
+        (64.0, 72.0, 71.0, 82.0),
+        (68.0, 71.0, 70.5, 81.0),
+    ]
+    ids = [
+        _finished_run(
+            store,
+            seed,
+            {"baseline_top1@5": b, "finetune_top1@5": f, "student_top1@5": s, "knn_top1": k},
+        )
+        for seed, (b, f, s, k) in enumerate(per_seed)
+    ]
+    out = CliRunner().invoke(main, ["compare", "--storage", str(tmp_path / "store"), *ids])
+    assert out.exit_code == 0, out.output
+    assert "differing in seed = 0, 1, 2" in out.output
+    row = next(ln for ln in out.output.splitlines() if ln.startswith("5%"))
+    cells = row.split()
+    # runs, baseline mean ± sd, fine-tuned, Δ (per run: +10, +8, +3), student, student - teacher
+    assert cells[:2] == ["5%", "3"]
+    assert cells[2:5] == ["64.0", "±", "4.0"] and cells[5:8] == ["71.0", "±", "1.0"]
+    assert cells[8:11] == ["+7.0", "±", "3.6"]  # mean of the per-run differences, not of means
+    assert cells[11:14] == ["70.8", "±", "0.3"] and cells[14:17] == ["-0.2", "±", "1.0"]
+    assert cells[17] == "-"  # no linear probe recorded
+    assert "kNN (all labels): 81.0 ± 1.0" in out.output
+
+
+def test_compare_errors_name_the_run(tmp_path) -> None:
+    from pipeline.config import parse_config
+    from workflows.state import RunStore
+
+    store = RunStore(tmp_path / "store")
+    done = _finished_run(store, 0, {"finetune_top1@1": 50.0})
+    unfinished = store.create_run(parse_config({"name": "cmp"}))
+    root = str(tmp_path / "store")
+    out = CliRunner().invoke(main, ["compare", "--storage", root, done, unfinished])
+    assert out.exit_code == 2
+    assert f"run {unfinished!r} has no finished evaluate stage" in out.output
+    out = CliRunner().invoke(main, ["compare", "--storage", root, done, "20990101-000000-abcdef"])
+    assert out.exit_code == 2 and "no run '20990101-000000-abcdef'" in out.output
+    # one run: plain values, and the same run twice counts once
+    out = CliRunner().invoke(main, ["compare", "--storage", root, done, done])
+    assert out.exit_code == 0 and "1 run(s)" in out.output and "identical configs" in out.output
+    assert next(ln for ln in out.output.splitlines() if ln.startswith("1%")).split()[3] == "50.0"

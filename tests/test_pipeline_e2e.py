@@ -140,6 +140,12 @@ def test_status_lineage_resume_and_reuse(finished_run, capsys) -> None:
     assert time.time() - t0 < 30
     states = store.stage_states("e2e-reuse")
     assert all(s.reused_from and s.reused_from["run_id"] == rid for s in states.values())
+    # compare reads the (reused) evaluation of both runs: same numbers, no spread
+    text = orchestrate.compare_text(store.root, [rid, "e2e-reuse"])
+    ft = store.read_manifest(rid, "evaluate")["metrics"]["finetune_top1@20"]
+    assert "identical configs" in text
+    row = next(ln for ln in text.splitlines() if ln.startswith("20%"))
+    assert row.split()[:2] == ["20%", "2"] and f"{ft:.1f} ± 0.0" in row
 
 
 def _ray_train_worker_pids() -> list[int]:

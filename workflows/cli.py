@@ -221,6 +221,16 @@ def lineage(run_id: str, storage: str | None) -> None:
 
 
 @main.command()
+@click.argument("run_ids", nargs=-1, required=True, metavar="RUN_ID...")
+@storage_option
+def compare(run_ids: tuple[str, ...], storage: str | None) -> None:
+    """Label-efficiency numbers of finished runs (e.g. seeds) as mean ± sd, and what differs."""
+    from workflows import orchestrate
+
+    click.echo(_guarded(orchestrate.compare_text, _storage(storage), list(run_ids)))
+
+
+@main.command()
 @click.argument("config")
 @click.option("--address", required=True, help="Ray dashboard address, http://HEAD:8265.")
 @set_option

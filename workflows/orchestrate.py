@@ -12,16 +12,19 @@ machine that sees the storage.
 from __future__ import annotations
 
 import logging
+import math
+import statistics
 import time
 from typing import Any
 
 from pipeline.config import Config
 from workflows.dag import build_graph
-from workflows.state import RunStore
+from workflows.state import RunStore, StateError
 
 __all__ = [
     "PipelineError",
     "best_config_path",
+    "compare_text",
     "connect_ray",
     "lineage_text",
     "resume_pipeline",
@@ -250,4 +253,111 @@ def lineage_text(storage_root: str, run_id: str) -> str:
             lines.append(f"  digest: {m.get('digest', '-')}")
             for name, path in m.get("outputs", {}).items():
                 lines.append(f"  out {name}: {path}")
+    return "\n".join(lines)
+
+
+# -- comparing runs ---------------------------------------------------------------------------
+
+_NOT_COMPARED = ("storage.", "tracking.")  # where a run was kept, not what it computed
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _mean_sd(values: list[float], signed: bool = False) -> str:
+    if not values:
+        return "-"
+    m = statistics.fmean(values)
+    mean = f"{0.0 if round(m, 1) == 0 else m:{'+' if signed else ''}.1f}"  # no "-0.0"
+    return mean if len(values) == 1 else f"{mean} ± {statistics.stdev(values):.1f}"
+
+
+def _fraction_key(name: str) -> float:
+    try:
+        return float(name)
+    except ValueError:
+        return math.inf
+
+
+def compare_text(storage_root: str, run_ids: list[str]) -> str:
+    """The label-efficiency numbers of several finished runs side by side: per label fraction the
+    mean ± sample standard deviation over the runs of baseline, fine-tuned, their difference (per
+    run, then averaged), student, student − teacher and linear probe; then kNN and the all-label
+    linear probe; and which config fields differ between the runs (e.g. ``seed``).
+
+    Read from each run's ``evaluate`` manifest (so a run whose evaluation was reused from an
+    earlier run counts). At few labels one run is one draw (README, "What this shows"): compare
+    seeds, not single runs. An unknown run or one without a finished evaluation is a one-line
+    error naming it.
+    """
+    ids = list(dict.fromkeys(run_ids))
+    if not ids:
+        raise StateError("state error: compare needs at least one run id")
+    store = RunStore(storage_root)
+    metrics, flat = [], []
+    for rid in ids:
+        info = store.load_run(rid)
+        manifest = store.read_manifest(rid, "evaluate")
+        if manifest is None:
+            raise StateError(
+                f"state error: run {rid!r} has no finished evaluate stage (run {info.status})"
+            )
+        metrics.append(manifest.get("metrics", {}))
+        cfg = store.load_config(rid).model_dump(mode="json")
+        flat.append({k: v for k, v in _flatten(cfg).items() if not k.startswith(_NOT_COMPARED)})
+
+    keys = sorted(set().union(*flat))
+    differ = [k for k in keys if len({repr(f.get(k)) for f in flat}) > 1]
+    names = [k.split("@", 1)[1] for m in metrics for k in m if "@" in k]
+    fractions = sorted(dict.fromkeys(names), key=_fraction_key)
+
+    def col(metric: str, frac: str) -> list[float]:
+        return [m[f"{metric}@{frac}"] for m in metrics if f"{metric}@{frac}" in m]
+
+    def diff(a: str, b: str, frac: str) -> list[float]:
+        ka, kb = f"{a}@{frac}", f"{b}@{frac}"
+        return [m[ka] - m[kb] for m in metrics if ka in m and kb in m]
+
+    rows = []
+    for frac in fractions:
+        n = sum(any(k.endswith(f"@{frac}") for k in m) for m in metrics)
+        rows.append(
+            [
+                f"{frac}%",
+                str(n),
+                _mean_sd(col("baseline_top1", frac)),
+                _mean_sd(col("finetune_top1", frac)),
+                _mean_sd(diff("finetune_top1", "baseline_top1", frac), signed=True),
+                _mean_sd(col("student_top1", frac)),
+                _mean_sd(diff("student_top1", "finetune_top1", frac), signed=True),
+                _mean_sd(col("linear_top1", frac)),
+            ]
+        )
+    header = ["labels", "runs", "baseline", "SSL fine-tuned", "Δ", "student", "student − teacher",
+              "linear probe"]  # fmt: skip
+    knn = [m["knn_top1"] for m in metrics if "knn_top1" in m]
+    lin = [m["linear_full_top1"] for m in metrics if "linear_full_top1" in m]
+    if not differ:
+        what = "identical configs"
+    elif len(differ) <= 6:
+        what = "differing in " + "; ".join(
+            f"{k} = {', '.join(str(f.get(k)) for f in flat)}" for k in differ
+        )
+    else:
+        what = f"differing in {len(differ)} fields: {', '.join(differ)}"
+    lines = [
+        f"{len(ids)} run(s): {' '.join(ids)}",
+        what,
+        "top-1 % on the test split; mean ± sample standard deviation over the runs "
+        "(Δ and student − teacher per run, then averaged)",
+        _table(rows, header),
+        f"kNN (all labels): {_mean_sd(knn)}; linear probe (all labels): {_mean_sd(lin)}",
+    ]
     return "\n".join(lines)
