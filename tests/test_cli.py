@@ -102,6 +102,10 @@ def test_compare_aggregates_runs_and_names_what_differs(tmp_path) -> None:
     assert cells[11:14] == ["70.8", "±", "0.3"] and cells[14:17] == ["-0.2", "±", "1.0"]
     assert cells[17] == "-"  # no linear probe recorded
     assert "kNN (all labels): 81.0 ± 1.0" in out.output
+    # --last 2: the two newest finished runs (run ids sort by creation second, then at random)
+    newest = sorted(ids)[-2:]
+    out = CliRunner().invoke(main, ["compare", "--storage", str(tmp_path / "store"), "--last", "2"])
+    assert out.exit_code == 0 and f"2 run(s): {' '.join(newest)}" in out.output
 
 
 def test_compare_errors_name_the_run(tmp_path) -> None:
@@ -117,6 +121,10 @@ def test_compare_errors_name_the_run(tmp_path) -> None:
     assert f"run {unfinished!r} has no finished evaluate stage" in out.output
     out = CliRunner().invoke(main, ["compare", "--storage", root, done, "20990101-000000-abcdef"])
     assert out.exit_code == 2 and "no run '20990101-000000-abcdef'" in out.output
+    out = CliRunner().invoke(main, ["compare", "--storage", root])
+    assert out.exit_code == 2 and "give run ids, --last N, or both" in out.output
+    out = CliRunner().invoke(main, ["compare", "--storage", root, "--last", "0"])
+    assert out.exit_code == 2 and "--last must be >= 1" in out.output
     # one run: plain values, and the same run twice counts once
     out = CliRunner().invoke(main, ["compare", "--storage", root, done, done])
     assert out.exit_code == 0 and "1 run(s)" in out.output and "identical configs" in out.output

@@ -221,13 +221,17 @@ def lineage(run_id: str, storage: str | None) -> None:
 
 
 @main.command()
-@click.argument("run_ids", nargs=-1, required=True, metavar="RUN_ID...")
+@click.argument("run_ids", nargs=-1, metavar="[RUN_ID]...")
+@click.option("--last", type=int, default=None, metavar="N",
+              help="Also the N newest runs with a finished evaluation.")  # fmt: skip
 @storage_option
-def compare(run_ids: tuple[str, ...], storage: str | None) -> None:
+def compare(run_ids: tuple[str, ...], last: int | None, storage: str | None) -> None:
     """Label-efficiency numbers of finished runs (e.g. seeds) as mean ± sd, and what differs."""
     from workflows import orchestrate
 
-    click.echo(_guarded(orchestrate.compare_text, _storage(storage), list(run_ids)))
+    if not run_ids and last is None:
+        raise UserError("compare: give run ids, --last N, or both")
+    click.echo(_guarded(orchestrate.compare_text, _storage(storage), list(run_ids), last))
 
 
 @main.command()

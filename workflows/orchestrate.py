@@ -286,7 +286,7 @@ def _fraction_key(name: str) -> float:
         return math.inf
 
 
-def compare_text(storage_root: str, run_ids: list[str]) -> str:
+def compare_text(storage_root: str, run_ids: list[str], last: int | None = None) -> str:
     """The label-efficiency numbers of several finished runs side by side: per label fraction the
     mean ± sample standard deviation over the runs of baseline, fine-tuned, their difference (per
     run, then averaged), student, student − teacher and linear probe; then kNN and the all-label
@@ -294,13 +294,18 @@ def compare_text(storage_root: str, run_ids: list[str]) -> str:
 
     Read from each run's ``evaluate`` manifest (so a run whose evaluation was reused from an
     earlier run counts). At few labels one run is one draw (README, "What this shows"): compare
-    seeds, not single runs. An unknown run or one without a finished evaluation is a one-line
-    error naming it.
+    seeds, not single runs. ``last=N`` adds the N newest runs with a finished evaluation. An
+    unknown run or one without a finished evaluation is a one-line error naming it.
     """
+    store = RunStore(storage_root)
+    if last is not None:
+        if last < 1:
+            raise StateError(f"state error: --last must be >= 1 (got {last})")
+        done = [r.run_id for r in store.list_runs() if store.read_manifest(r.run_id, "evaluate")]
+        run_ids = [*run_ids, *done[-last:]]
     ids = list(dict.fromkeys(run_ids))
     if not ids:
-        raise StateError("state error: compare needs at least one run id")
-    store = RunStore(storage_root)
+        raise StateError(f"state error: no run ids given and no finished runs under {store.root}")
     metrics, flat = [], []
     for rid in ids:
         info = store.load_run(rid)
