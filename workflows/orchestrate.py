@@ -314,7 +314,8 @@ def compare_text(storage_root: str, run_ids: list[str], last: int | None = None)
             raise StateError(
                 f"state error: run {rid!r} has no finished evaluate stage (run {info.status})"
             )
-        metrics.append(manifest.get("metrics", {}))
+        raw = manifest.get("metrics") or {}
+        metrics.append({k: float(v) for k, v in raw.items() if isinstance(v, (int, float))})
         cfg = store.load_config(rid).model_dump(mode="json")
         flat.append({k: v for k, v in _flatten(cfg).items() if not k.startswith(_NOT_COMPARED)})
 
