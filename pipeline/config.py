@@ -151,6 +151,12 @@ class FinetuneConfig(_Section):
         "the starting network's features of the labeled subset (LP-FT; baseline alike)",
     )
     baseline: bool = True
+    seed: int | None = Field(
+        None,
+        description="seed of fine-tuning, baseline and distillation; None = the run's seed. "
+        "Changing only this re-seeds those stages and keeps the pretraining's cache key, so "
+        "`--reuse` re-runs just them (a cheap repeat at few labels; `contrastive compare`)",
+    )
 
     @field_validator("label_fractions")
     @classmethod
@@ -340,6 +346,11 @@ class Config(_Section):
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @property
+    def supervised_seed(self) -> int:
+        """The seed of fine-tuning, baseline and distillation: ``finetune.seed``, else ``seed``."""
+        return self.seed if self.finetune.seed is None else self.finetune.seed
 
     @model_validator(mode="after")
     def _cross(self) -> Config:

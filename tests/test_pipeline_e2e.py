@@ -148,6 +148,26 @@ def test_status_lineage_resume_and_reuse(finished_run, capsys) -> None:
     assert row.split()[:2] == ["20%", "2"] and f"{ft:.1f} ± 0.0" in row
 
 
+def test_finetune_seed_with_reuse_reruns_only_the_supervised_stages(finished_run) -> None:
+    """A cheap repeat at few labels: the same config with another finetune.seed and --reuse links
+    the data and the encoder and trains the fine-tuned, baseline and student networks anew."""
+    cfg, store, rid, _ = finished_run
+    c = tiny_config(cfg.storage.root, "finetune.seed=1")
+    assert orchestrate.run_pipeline(c, run_id="e2e-ftseed", reuse=True) == 0
+    states = store.stage_states("e2e-ftseed")
+    assert {n for n, s in states.items() if s.reused_from} == {"shard", "pretrain"}
+    for name in ("finetune@20", "baseline@20", "distill@20"):  # new weights
+        assert (
+            store.read_manifest("e2e-ftseed", name)["digest"]
+            != store.read_manifest(rid, name)["digest"]
+        )
+    before, after = (store.read_manifest(r, "evaluate")["metrics"] for r in (rid, "e2e-ftseed"))
+    assert after["knn_top1"] == before["knn_top1"]  # the same encoder
+    assert "differing in finetune.seed = None, 1" in orchestrate.compare_text(
+        store.root, [rid, "e2e-ftseed"]
+    )
+
+
 def _ray_train_worker_pids() -> list[int]:
     import psutil
 

@@ -160,6 +160,37 @@ def test_cache_key_changes_only_with_relevant_sections():
     assert k["evaluate"] != base["evaluate"]
 
 
+def test_finetune_seed_reseeds_supervised_stages_only():
+    """finetune.seed: the encoder (and the data) keep their keys, so --reuse re-runs only the
+    fine-tuning, baseline, distillation and evaluation."""
+    base = compute_keys(build_graph(cfg_with()), cfg_with())
+    c = cfg_with(finetune={"label_fractions": [1, 10], "seed": 7})
+    assert c.supervised_seed == 7 and cfg_with().supervised_seed == cfg_with().seed == 0
+    k = compute_keys(build_graph(c), c)
+    assert {n for n in base if base[n] != k[n]} == {
+        n for n in base if n not in ("shard", "pretrain")
+    }
+
+
+def test_semisup_pretraining_key_follows_the_labels_it_sees():
+    """Semi-supervised pretraining uses the smallest fine-tuning fraction's labels unless
+    pretrain.label_fraction says otherwise: that fraction is part of its key, so a run with
+    other fractions cannot reuse an encoder that saw a different labeled subset."""
+
+    def pretrain_key(fractions, **pretrain):
+        c = parse_config({"finetune": {"label_fractions": fractions}, "pretrain": pretrain})
+        return compute_keys(build_graph(c), c)["pretrain"]
+
+    semi = {"method": "semisup"}
+    assert pretrain_key([1, 10], **semi) != pretrain_key([10, 20], **semi)  # smallest 1 vs 10
+    assert pretrain_key([1, 10], **semi) == pretrain_key([1, 20], **semi)  # smallest 1 both
+    fixed = {"method": "semisup", "label_fraction": 5}
+    assert pretrain_key([1, 10], **fixed) == pretrain_key([10, 20], **fixed)
+    assert pretrain_key([1, 10], **fixed) != pretrain_key([1, 10], **semi)
+    # SimCLR sees no labels: its key does not depend on the fractions
+    assert pretrain_key([1, 10], method="simclr") == pretrain_key([10, 20], method="simclr")
+
+
 def test_cache_key_includes_version_params_and_upstream():
     c = cfg_with()
     n = build_graph(c)["finetune@1"]

@@ -191,9 +191,18 @@ def build_graph(cfg: Config) -> Graph:
     ) -> StageNode:
         return StageNode(name, kind, deps, dict(params), _SECTIONS[kind], training)
 
+    # Semi-supervised pretraining sees the labels of pretrain.label_fraction, by default the
+    # smallest fine-tuning fraction: that fraction enters the key (finetune.* is not a section of
+    # the pretraining's), so a run with other fractions never reuses an encoder that saw more or
+    # fewer labels than it is credited with.
+    seen: dict[str, Any] = {}
+    if cfg.pretrain.method == "semisup":
+        seen["label_fraction"] = float(
+            cfg.pretrain.label_fraction or min(cfg.finetune.label_fractions)
+        )
     nodes = [
         node("shard", "shard", {}, False),
-        node("pretrain", "pretrain", {"dataset": "shard"}, True),
+        node("pretrain", "pretrain", {"dataset": "shard"}, True, **seen),
     ]
     evaluated: list[str] = []
     for p in cfg.finetune.label_fractions:
@@ -232,7 +241,7 @@ def build_graph(cfg: Config) -> Graph:
         # depth changes every network built from cfg.model, not only the pretrained one).
         for n in nodes[1:]:
             n.deps["tune"] = "tune"
-        nodes.insert(1, node("tune", "tune", {"dataset": "shard"}, True))
+        nodes.insert(1, node("tune", "tune", {"dataset": "shard"}, True, **seen))
     return Graph(nodes).validate()
 
 

@@ -64,7 +64,7 @@ def run(
     out = Path(out_dir)
     ctx = ctx or LocalContext(out / "checkpoints")
     d = cfg.distill
-    seed_everything(cfg.seed * 100 + ctx.rank)
+    seed_everything(cfg.supervised_seed * 100 + ctx.rank)
     info = dataset_info(ds)
     channels, size, n_classes = int(info["channels"]), view_size(cfg, info), len(info["classes"])
     train = load_data(ds, "train")
@@ -108,7 +108,7 @@ def run(
         lr=d.lr,
         weight_decay=d.weight_decay,
         optimizer="adamw",
-        seed=cfg.seed,
+        seed=cfg.supervised_seed,
         bf16=cfg.pretrain.bf16,
         name=f"distill@{fraction:g}",
     )

@@ -57,7 +57,7 @@ def plan_for(cfg: Config, name: str, fraction: float, baseline: bool = False) ->
         weight_decay=f.weight_decay,
         optimizer=f.optimizer,
         min_steps=f.min_steps,
-        seed=cfg.seed,
+        seed=cfg.supervised_seed,
         bf16=cfg.pretrain.bf16,
         name=name,
     )
@@ -114,7 +114,7 @@ def run(
     out = Path(out_dir)
     ctx = ctx or LocalContext(out / "checkpoints")
     name = f"{'baseline' if baseline else 'finetune'}@{fraction:g}"
-    seed_everything(cfg.seed * 100 + ctx.rank)
+    seed_everything(cfg.supervised_seed * 100 + ctx.rank)
     info = dataset_info(ds)
     channels, size, n_classes = int(info["channels"]), view_size(cfg, info), len(info["classes"])
     train = load_data(ds, "train")
@@ -125,7 +125,7 @@ def run(
         model = convert_sync_batchnorm(model)
 
     if cfg.finetune.classifier_init == "probe":
-        probe_init(model, labeled.images, labeled.labels, size, n_classes, seed=cfg.seed)
+        probe_init(model, labeled.images, labeled.labels, size, n_classes, seed=cfg.supervised_seed)
 
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
         logits = encode(m, val.images, size=size)
