@@ -11,7 +11,8 @@ For a config the graph is::
 A stage's cache key is a SHA-256 over its kind, its params, the config sections it reads (minus the
 keys that only shape the graph, e.g. ``finetune.label_fractions``), its upstream keys in dependency
 order and the package version: a key changes when — and only when — something the stage's result
-depends on changes.
+depends on changes. (Semi-supervised pretraining also reads the smallest label fraction: it is
+one of that stage's params.)
 """
 
 from __future__ import annotations
