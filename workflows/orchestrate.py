@@ -261,16 +261,6 @@ def lineage_text(storage_root: str, run_id: str) -> str:
 _NOT_COMPARED = ("storage.", "tracking.")  # where a run was kept, not what it computed
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _mean_sd(values: list[float], signed: bool = False) -> str:
     if not values:
         return "-"
@@ -297,11 +287,16 @@ def compare_text(storage_root: str, run_ids: list[str], last: int | None = None)
     seeds, not single runs. ``last=N`` adds the N newest runs with a finished evaluation. An
     unknown run or one without a finished evaluation is a one-line error naming it.
     """
+    from workflows.tracking import flatten
+
     store = RunStore(storage_root)
+    manifests: dict[str, dict[str, Any] | None] = {}  # evaluate manifests, each read once
     if last is not None:
         if last < 1:
             raise StateError(f"state error: --last must be >= 1 (got {last})")
-        done = [r.run_id for r in store.list_runs() if store.read_manifest(r.run_id, "evaluate")]
+        for r in store.list_runs():
+            manifests[r.run_id] = store.read_manifest(r.run_id, "evaluate")
+        done = [rid for rid, m in manifests.items() if m]
         run_ids = [*run_ids, *done[-last:]]
     ids = list(dict.fromkeys(run_ids))
     if not ids:
@@ -309,7 +304,7 @@ def compare_text(storage_root: str, run_ids: list[str], last: int | None = None)
     metrics, flat = [], []
     for rid in ids:
         info = store.load_run(rid)
-        manifest = store.read_manifest(rid, "evaluate")
+        manifest = manifests[rid] if rid in manifests else store.read_manifest(rid, "evaluate")
         if manifest is None:
             raise StateError(
                 f"state error: run {rid!r} has no finished evaluate stage (run {info.status})"
@@ -317,7 +312,7 @@ def compare_text(storage_root: str, run_ids: list[str], last: int | None = None)
         raw = manifest.get("metrics") or {}
         metrics.append({k: float(v) for k, v in raw.items() if isinstance(v, (int, float))})
         cfg = store.load_config(rid).model_dump(mode="json")
-        flat.append({k: v for k, v in _flatten(cfg).items() if not k.startswith(_NOT_COMPARED)})
+        flat.append({k: v for k, v in flatten(cfg).items() if not k.startswith(_NOT_COMPARED)})
 
     keys = sorted(set().union(*flat))
     differ = [k for k in keys if len({repr(f.get(k)) for f in flat}) > 1]
