@@ -348,6 +348,13 @@ class Config(_Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @property
+    def pretrain_label_fraction(self) -> float:
+        """The labeled subset (%) semi-supervised pretraining uses: ``pretrain.label_fraction``, by
+        default the smallest fine-tuning fraction (no evaluated fraction sees more labels than it
+        is credited with)."""
+        return float(self.pretrain.label_fraction or min(self.finetune.label_fractions))
+
+    @property
     def supervised_seed(self) -> int:
         """The seed of fine-tuning, baseline and distillation: ``finetune.seed``, else ``seed``."""
         return self.seed if self.finetune.seed is None else self.finetune.seed

@@ -198,9 +198,7 @@ def build_graph(cfg: Config) -> Graph:
     # fewer labels than it is credited with.
     seen: dict[str, Any] = {}
     if cfg.pretrain.method == "semisup":
-        seen["label_fraction"] = float(
-            cfg.pretrain.label_fraction or min(cfg.finetune.label_fractions)
-        )
+        seen["label_fraction"] = cfg.pretrain_label_fraction
     nodes = [
         node("shard", "shard", {}, False),
         node("pretrain", "pretrain", {"dataset": "shard"}, True, **seen),

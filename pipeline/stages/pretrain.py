@@ -59,8 +59,7 @@ def pretrain_labels(cfg: Config, dataset_dir: str, train: SplitData) -> torch.Te
         return None
     if method == "supcon":
         return train.labels.clone()
-    fraction = cfg.pretrain.label_fraction or min(cfg.finetune.label_fractions)
-    keep = set(subset_keys(dataset_dir, fraction))
+    keep = set(subset_keys(dataset_dir, cfg.pretrain_label_fraction))
     mask = torch.tensor([k in keep for k in train.keys], dtype=torch.bool)
     labels = torch.full_like(train.labels, -1)
     labels[mask] = train.labels[mask]
