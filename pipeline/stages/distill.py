@@ -70,7 +70,7 @@ def run(
     train = load_data(ds, "train")
     val = load_data(ds, "val")
 
-    teacher = load_model(inputs["teacher"])
+    teacher = load_model(inputs["teacher"], map_location=ctx.device)
     teacher_logits = encode(teacher, train.images, size=size)  # (N, K), clean images
     teacher_params = count_params(teacher)
     del teacher

@@ -65,7 +65,8 @@ def run(
         "digest": info.get("digest"),
     }
 
-    encoder = load_model(inputs["pretrain"]).encoder
+    device = ctx.device if ctx is not None else torch.device("cpu")  # where the models run
+    encoder = load_model(inputs["pretrain"], map_location=device).encoder
     f_train = encode(encoder, train.images, size=size)  # (N, D)
     f_test = encode(encoder, test.images, size=size)  # (M, D)
     knn = knn_predict(f_train, train.labels, f_test, k, k=e.knn_k, temperature=e.knn_temperature)
@@ -102,7 +103,7 @@ def run(
         ):
             if key not in inputs:
                 continue
-            model = load_model(inputs[key])
+            model = load_model(inputs[key], map_location=device)
             top = _top(encode(model, test.images, size=size), test.labels)
             row[f"{role}_top1"], row[f"{role}_top5"] = top["top1"], top["top5"]
             row[f"{role}_params"] = count_params(model)

@@ -141,6 +141,9 @@ def run(
         model = convert_sync_batchnorm(model)
     net = ctx.prepare_model(model)
     device = ctx.device
+    # The decoded split goes to the training device once (uint8; a no-op on the CPU), so the
+    # batched augmentation runs where the model does instead of copying each batch's views there.
+    images = train.images.to(device)
     steps_per_epoch = len(train) // world // local_bs
     if p.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, p.max_steps_per_epoch)
@@ -183,8 +186,8 @@ def run(
                 break
             if labeled_pool is not None:
                 idx = _mix_labeled(idx, labeled_pool, p.labeled_per_batch // world, mix_gen)
-            v1, v2 = aug(train.images[idx])  # 2 x (b, C, S, S) float
-            x = torch.cat([v1, v2]).to(device, non_blocking=True)
+            v1, v2 = aug(images[idx])  # 2 x (b, C, S, S) float, on the device
+            x = torch.cat([v1, v2])
             if cfg.model.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast:

@@ -81,6 +81,8 @@ def fit(
     total = steps_per_epoch * plan.epochs
     net = ctx.prepare_model(model)
     device = ctx.device
+    # Images and targets go to the device once (a no-op on the CPU); augmentation runs there.
+    images, targets = images.to(device), targets.to(device)
     opt = build_optimizer(plan.optimizer, model, lr=plan.lr, weight_decay=plan.weight_decay)
     sched = warmup_cosine(opt, warmup_steps=int(plan.warmup_fraction * total), total_steps=total)
     history: list[dict[str, Any]] = []
@@ -105,8 +107,8 @@ def fit(
         for step in range(steps_per_epoch):
             start = (step * world + rank) * b
             idx = order[start : start + b]
-            x = augment(images[idx]).to(device, non_blocking=True)
-            t = targets[idx].to(device)
+            x = augment(images[idx])
+            t = targets[idx]
             with autocast:
                 logits = net(x)
             logits = logits.float()
