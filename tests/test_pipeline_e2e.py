@@ -168,6 +168,28 @@ def test_finetune_seed_with_reuse_reruns_only_the_supervised_stages(finished_run
     )
 
 
+def test_local_run_computes_what_the_ray_run_computed(finished_run, tmp_path) -> None:
+    """`contrastive local` (one process, no Ray) on the same config: every number of the report
+    equal to the Ray run's — same graph, stage functions, inputs, seeds and thread counts."""
+    from workflows.local import run_local
+
+    cfg, store, rid, _ = finished_run
+    summary = run_local(cfg, tmp_path / "local", "cpu")
+    assert list(summary["stages"]) == STAGES
+    ray_report = json.loads(
+        Path(store.read_manifest(rid, "evaluate")["outputs"]["report_json"]).read_text()
+    )
+    local_report = json.loads((tmp_path / "local" / "evaluate" / "report.json").read_text())
+    for key in ("knn_top1", "linear_full_top1", "train_images", "test_images", "digest"):
+        assert local_report[key] == ray_report[key], key
+    assert local_report["fractions"] == ray_report["fractions"]
+    ray_pre = json.loads(
+        Path(store.read_manifest(rid, "pretrain")["outputs"]["history"]).read_text()
+    )
+    local_pre = json.loads((tmp_path / "local" / "pretrain" / "history.json").read_text())
+    assert [e["loss"] for e in local_pre] == [e["loss"] for e in ray_pre]
+
+
 def _ray_train_worker_pids() -> list[int]:
     import psutil
 

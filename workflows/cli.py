@@ -181,6 +181,56 @@ def run(
 
 
 @main.command()
+@click.argument("config")
+@set_option
+@click.option(
+    "--out",
+    default=None,
+    metavar="DIR",
+    help="Output folder, new or empty (default: STORAGE_ROOT/local/NAME-TIMESTAMP).",
+)
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="auto (CUDA when available), cpu, cuda or cuda:N.",
+)
+def local(config: str, overrides: tuple[str, ...], out: str | None, device: str) -> None:
+    """Run the whole pipeline for CONFIG in this process on one device, without Ray or MLflow
+    (no parallel stages, run records, resume or tracking): a quick check, or a GPU machine
+    without Ray. Writes each stage's folder, the report and summary.json under --out."""
+    import time
+
+    from workflows.local import LocalRunError, resolve_device, run_local
+
+    cfg = _load(config, overrides)
+    if out is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        out = str(Path(cfg.storage.root) / "local" / f"{cfg.name}-{stamp}")
+    target = Path(out)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise UserError(f"--out {out}: exists and is not an empty folder")
+    try:
+        dev = resolve_device(device)
+    except LocalRunError as err:
+        raise UserError(str(err)) from None
+
+    def on_stage(name: str, seconds: float, result) -> None:  # noqa: ANN001
+        key = next(iter(result.metrics.items()), None)
+        shown = f" ({key[0]} {key[1]:.4g})" if key else ""
+        click.echo(f"stage {name} done in {seconds:.1f} s{shown}")
+
+    click.echo(f"local run of {cfg.name} on {dev} -> {target}")
+    try:  # not _guarded: that imports the Ray runner's errors, and this path needs no Ray
+        summary = run_local(cfg, target, dev, on_stage)
+    except (ConfigError, LocalRunError) as err:
+        raise UserError(str(err).splitlines()[0]) from None
+    report = Path(summary["stages"]["evaluate"]["outputs"]["report_md"])
+    click.echo(report.read_text().split("![", 1)[0].rstrip())
+    click.echo(f"whole run {summary['wall_seconds']:.0f} s; summary: {target / 'summary.json'}")
+
+
+@main.command()
 @click.argument("run_id")
 @storage_option
 @tracking_option
