@@ -118,3 +118,37 @@ def test_cli_errors_are_one_line(tmp_path) -> None:
         )
         assert res.exit_code == 2
         assert res.output.strip() == "error: --device cuda: CUDA is not available on this machine"
+
+
+def test_gpu_demo_script_on_the_cpu(tmp_path) -> None:
+    """benchmarks/gpu_demo.sh (what made BENCHMARKS.md's GPU table), with CONFIG=smoke DEVICE=cpu:
+    bad variants are refused before anything runs; a run prints its table and views/s and packs
+    summary, reports and histories, without model files."""
+    import tarfile
+
+    script = REPO / "benchmarks" / "gpu_demo.sh"
+    env = {**os.environ, "CONFIG": "smoke", "DEVICE": "cpu", "PYTHON": sys.executable}
+    bad = subprocess.run(
+        ["bash", str(script), str(tmp_path / "bad"), "60", "full", "bogus"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and "unknown variant bogus" in bad.stderr
+    assert not (tmp_path / "bad").exists()
+    proc = subprocess.run(
+        ["bash", str(script), str(tmp_path / "out"), "200", "demo"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "demo: rc 0" in proc.stdout and "views/s per epoch: [" in proc.stdout
+    assert "| 20% | 260 |" in proc.stdout
+    with tarfile.open(tmp_path / "out" / "gpu_demo.tgz") as tar:
+        names = tar.getnames()
+    assert "./demo/summary.json" in names and "./demo/evaluate/report.json" in names
+    assert "./demo/pretrain/history.json" in names and "./machine.txt" in names
+    assert not [n for n in names if n.endswith((".pt", ".tar"))]
