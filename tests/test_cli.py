@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import yaml
 from click.testing import CliRunner
@@ -14,7 +16,9 @@ from workflows.cli import main
 def test_help_lists_commands() -> None:
     out = CliRunner().invoke(main, ["--help"])
     assert out.exit_code == 0
-    commands = ("run", "resume", "status", "lineage", "compare", "shard", "submit", "tune", "ui")
+    commands = (
+        "run", "local", "resume", "status", "lineage", "compare", "shard", "submit", "tune", "ui"
+    )  # fmt: skip
     for cmd in (*commands, "config"):
         assert f"  {cmd} " in out.output
 
@@ -51,6 +55,7 @@ def test_bad_config_value_exits_2_with_one_line() -> None:
 def test_every_subcommand_has_help() -> None:
     for cmd in (
         ["run"],
+        ["local"],
         ["resume"],
         ["status"],
         ["lineage"],
@@ -74,7 +79,7 @@ def _finished_run(store, seed: int, metrics: dict[str, float], **overrides) -> s
 
 
 def test_compare_aggregates_runs_and_names_what_differs(tmp_path) -> None:
-    from workflows.state import RunStore
+    from workflows.state import RunStore, code_label
 
     store = RunStore(tmp_path / "store")
     per_seed = [  # (baseline, fine-tuned, student) at 5 %; kNN
@@ -102,6 +107,18 @@ def test_compare_aggregates_runs_and_names_what_differs(tmp_path) -> None:
     assert cells[11:14] == ["70.8", "±", "0.3"] and cells[14:17] == ["-0.2", "±", "1.0"]
     assert cells[17] == "-"  # no linear probe recorded
     assert "kNN (all labels): 81.0 ± 1.0" in out.output
+    code = code_label(store.load_run(ids[0]).code)
+    assert f"\ncode: {code}\n" in out.output  # all three made with this checkout's code
+    # a run recorded at another commit (or before runs recorded their code) is named as such
+    run_json = Path(store.load_run(ids[2]).path) / "run.json"
+    record = json.loads(run_json.read_text())
+    record["code"] = {"version": "0.1.0", "commit": "0123456789abcdef", "dirty": True}
+    run_json.write_text(json.dumps(record))
+    record = json.loads((Path(store.load_run(ids[1]).path) / "run.json").read_text())
+    del record["code"]
+    (Path(store.load_run(ids[1]).path) / "run.json").write_text(json.dumps(record))
+    out = CliRunner().invoke(main, ["compare", "--storage", str(tmp_path / "store"), *ids])
+    assert f"code differs: {code}, unknown, 0123456+changes" in out.output
     # --last 2: the two newest finished runs (run ids sort by creation second, then at random)
     newest = sorted(ids)[-2:]
     out = CliRunner().invoke(main, ["compare", "--storage", str(tmp_path / "store"), "--last", "2"])

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import threading
+from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
@@ -176,3 +177,27 @@ def test_uri_root(tmp_path, cfg):
     assert (tmp_path / "s" / "runs" / rid / "run.json").is_file()
     with pytest.raises(StateError, match="storage.root 'nosuch://x'"):
         RunStore("nosuch://x")
+
+
+def test_a_run_records_the_code_it_was_made_with(tmp_path, cfg):
+    import subprocess
+
+    from workflows.state import code_label, code_version
+
+    repo = Path(__file__).resolve().parent.parent
+    info = RunStore(tmp_path).load_run(RunStore(tmp_path).create_run(cfg))
+    assert info.code == code_version()
+    if not (repo / ".git").exists():
+        assert info.code["commit"] is None and code_label(info.code) == "unknown"
+        return
+    head = subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert info.code["commit"] == head and info.code["dirty"] == bool(dirty)
+    assert code_label(info.code) == head[:7] + ("+changes" if dirty else "")

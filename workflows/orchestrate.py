@@ -19,7 +19,7 @@ from typing import Any
 
 from pipeline.config import Config
 from workflows.dag import build_graph
-from workflows.state import RunStore, StateError
+from workflows.state import RunStore, StateError, code_label
 
 __all__ = [
     "PipelineError",
@@ -280,7 +280,9 @@ def compare_text(storage_root: str, run_ids: list[str], last: int | None = None)
     """The label-efficiency numbers of several finished runs side by side: per label fraction the
     mean ± sample standard deviation over the runs of baseline, fine-tuned, their difference (per
     run, then averaged), student, student − teacher and linear probe; then kNN and the all-label
-    linear probe; and which config fields differ between the runs (e.g. ``seed``).
+    linear probe; which config fields differ between the runs (e.g. ``seed``); and the code each
+    run was made with (commit, ``+changes`` for a dirty work tree; ``unknown`` for runs recorded
+    without it), since the same config at two commits is not a repeat of one recipe.
 
     Read from each run's ``evaluate`` manifest (so a run whose evaluation was reused from an
     earlier run counts). At few labels one run is one draw (README, "What this shows"): compare
@@ -301,9 +303,10 @@ def compare_text(storage_root: str, run_ids: list[str], last: int | None = None)
     ids = list(dict.fromkeys(run_ids))
     if not ids:
         raise StateError(f"state error: no run ids given and no finished runs under {store.root}")
-    metrics, flat = [], []
+    metrics, flat, codes = [], [], []
     for rid in ids:
         info = store.load_run(rid)
+        codes.append(code_label(info.code))
         manifest = manifests[rid] if rid in manifests else store.read_manifest(rid, "evaluate")
         if manifest is None:
             raise StateError(
@@ -353,9 +356,14 @@ def compare_text(storage_root: str, run_ids: list[str], last: int | None = None)
         )
     else:
         what = f"differing in {len(differ)} fields: {', '.join(differ)}"
+    if len(set(codes)) == 1:
+        code = f"code: {codes[0]}"
+    else:  # runs of different commits with one config are not repeats of one recipe
+        code = f"code differs: {', '.join(codes)}"
     lines = [
         f"{len(ids)} run(s): {' '.join(ids)}",
         what,
+        code,
         "top-1 % on the test split; mean ± sample standard deviation over the runs "
         "(Δ and student − teacher per run, then averaged)",
         _table(rows, header),

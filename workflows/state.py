@@ -3,7 +3,7 @@
 Layout of one run::
 
     runs/<run_id>/config.yaml                 the resolved config
-    runs/<run_id>/run.json                    run id, created, status, MLflow parent run, address
+    runs/<run_id>/run.json                    run id, created, status, MLflow parent run, address, code (commit)
     runs/<run_id>/stages/<name>/state.json    pending|running|succeeded|failed|skipped, attempts, ...
     runs/<run_id>/stages/<name>/error.txt     the traceback of the last failure
     runs/<run_id>/stages/<name>/out/          the stage's outputs
@@ -25,6 +25,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -54,6 +55,43 @@ class StateError(RuntimeError):
 def now_iso() -> str:
     """The current UTC time, ISO 8601 with seconds."""
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def code_version() -> dict[str, Any]:
+    """The code a run is made with: the package version and, in a git checkout, the commit and
+    whether the work tree had uncommitted changes (``commit`` None outside a checkout, e.g. an
+    installed wheel or a Ray Job's packaged working dir without ``.git``)."""
+    import subprocess
+
+    import pipeline
+
+    out: dict[str, Any] = {"version": pipeline.__version__, "commit": None, "dirty": None}
+    repo = Path(pipeline.__file__).resolve().parent.parent
+    if not (repo / ".git").exists():
+        return out
+    try:
+        git = ["git", "-C", str(repo)]
+        commit = subprocess.run(
+            [*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            [*git, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):  # no git binary, not a repository, ...
+        return out
+    out.update(commit=commit or None, dirty=bool(status.strip()))
+    return out
+
+
+def code_label(code: dict[str, Any] | None) -> str:
+    """``abc1234``, ``abc1234+changes`` (uncommitted changes), or ``unknown``."""
+    if not code or not code.get("commit"):
+        return "unknown"
+    return code["commit"][:7] + ("+changes" if code.get("dirty") else "")
 
 
 def new_run_id() -> str:
@@ -110,6 +148,7 @@ class RunInfo:
     address: str | None = None
     updated: str | None = None
     error: str | None = None
+    code: dict[str, Any] | None = None  # code_version() at creation: version, commit, dirty
     path: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -281,6 +320,7 @@ class RunStore:
             name=cfg.name,
             tracking_uri=tracking_uri,
             address=address,
+            code=code_version(),
         )
         self._write_json(self.run_dir(run_id) + "/run.json", info.to_dict())
         return run_id
