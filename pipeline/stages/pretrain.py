@@ -195,15 +195,14 @@ def run(
             z = z.float().view(2, -1, z.shape[-1]).transpose(0, 1)  # (b, 2, D)
             y = labels[idx].to(device) if labels is not None else None
             loss = loss_fn(z, y)
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(
-                    f"pretrain: loss is {loss.item()} at epoch {epoch} step {step}"
-                )
+            value = loss.item()  # the step's one wait for the device
+            if not math.isfinite(value):
+                raise FloatingPointError(f"pretrain: loss is {value} at epoch {epoch} step {step}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            loss_sum += loss.item()
+            loss_sum += value
             n_steps += 1
             meter.add(2 * len(idx) * world)
         metrics: dict[str, Any] = {

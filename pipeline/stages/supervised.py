@@ -102,7 +102,7 @@ def fit(
         order = epoch_order(n, steps_per_epoch * b * world, seed=plan.seed * 7919 + epoch)
         meter = Throughput()
         loss_sum = 0.0
-        correct = 0.0
+        correct = torch.zeros((), dtype=torch.long, device=device)
         seen = 0
         for step in range(steps_per_epoch):
             start = (step * world + rank) * b
@@ -113,21 +113,22 @@ def fit(
                 logits = net(x)
             logits = logits.float()
             loss = loss_fn(logits, t)
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"{plan.name}: loss is {loss.item()} at epoch {epoch}")
+            value = loss.item()  # the step's one wait for the device
+            if not math.isfinite(value):
+                raise FloatingPointError(f"{plan.name}: loss is {value} at epoch {epoch}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            loss_sum += loss.item()
+            loss_sum += value
             hard = t if t.ndim == 1 else t[:, : logits.shape[1]].argmax(1)
-            correct += float((logits.argmax(1) == hard).float().sum())
+            correct += (logits.detach().argmax(1) == hard).sum()  # on the device; read per epoch
             seen += len(idx)
             meter.add(len(idx) * world)
         metrics: dict[str, Any] = {
             "epoch": epoch + 1,
             "loss": loss_sum / steps_per_epoch,
-            "train_top1": 100.0 * correct / max(seen, 1),
+            "train_top1": 100.0 * float(correct) / max(seen, 1),
             "lr": opt.param_groups[0]["lr"],
             "images_per_s": meter.rate,
             "epoch_seconds": meter.seconds,
