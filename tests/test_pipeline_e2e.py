@@ -71,6 +71,9 @@ def test_mlflow_holds_parent_children_params_metrics_artifacts(finished_run) -> 
     parent = client.get_run(info.mlflow_run_id)
     assert parent.info.run_name == rid and parent.info.status == "FINISHED"
     assert parent.data.params["pretrain.temperature"] == str(cfg.pretrain.temperature)
+    from workflows.state import code_label
+
+    assert parent.data.tags["code_commit"] == code_label(info.code)  # also in the run record
     children = client.search_runs(
         [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )

@@ -225,6 +225,7 @@ class Tracker:
     def start_parent(self, run_id: str, cfg: Config) -> str:
         """Create the parent run for pipeline run ``run_id``; return its MLflow run id."""
         import pipeline
+        from workflows.state import code_label, code_version
 
         run = self.client.create_run(
             self.experiment_id,
@@ -233,6 +234,7 @@ class Tracker:
                 "pipeline_run_id": run_id,
                 "pipeline_name": cfg.name,
                 "pipeline_version": pipeline.__version__,
+                "code_commit": code_label(code_version()),  # abc1234[+changes] or unknown
             },
         )
         self._log_params(run.info.run_id, flatten(cfg.to_dict()))
