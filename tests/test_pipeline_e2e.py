@@ -143,6 +143,12 @@ def test_status_lineage_resume_and_reuse(finished_run, capsys) -> None:
     assert time.time() - t0 < 30
     states = store.stage_states("e2e-reuse")
     assert all(s.reused_from and s.reused_from["run_id"] == rid for s in states.values())
+    from workflows.state import code_label
+
+    code = code_label(store.load_run(rid).code)
+    assert f"reused from: run {rid} stage pretrain (code {code})" in orchestrate.lineage_text(
+        store.root, "e2e-reuse"
+    )
     # compare reads the (reused) evaluation of both runs: same numbers, no spread
     text = orchestrate.compare_text(store.root, [rid, "e2e-reuse"])
     ft = store.read_manifest(rid, "evaluate")["metrics"]["finetune_top1@20"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -15,7 +16,7 @@ import ray.cloudpickle
 from pipeline.config import parse_config
 from workflows.dag import Graph, StageNode, build_graph
 from workflows.runner import run_graph
-from workflows.state import RunStore
+from workflows.state import RunStore, code_label
 
 # Ray workers cannot import this test module: ship its functions by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -141,7 +142,7 @@ def test_failure_then_resume(ray_local, tmp_path, cfg):
     assert summary.executed == ["evaluate"] and executions(log_dir)["evaluate"] == 2
 
 
-def test_reuse_across_runs(ray_local, tmp_path, cfg):
+def test_reuse_across_runs(ray_local, tmp_path, cfg, caplog):
     store = RunStore(tmp_path / "store")
     graph = build_graph(cfg)
     first = store.create_run(cfg)
@@ -157,7 +158,8 @@ def test_reuse_across_runs(ray_local, tmp_path, cfg):
     assert executions(tmp_path / "b") == {"distill@1": 1, "distill@10": 1, "evaluate": 1}
     assert summary.stages["pretrain"].status == "reused"
     m = store.read_manifest(second, "pretrain")
-    assert m["reused_from"] == {"run_id": first, "stage": "pretrain"}
+    code = code_label(store.load_run(first).code)  # both runs: this checkout's code
+    assert m["reused_from"] == {"run_id": first, "stage": "pretrain", "code": code}
     assert m["outputs"] == store.read_manifest(first, "pretrain")["outputs"]
     st = store.read_state(second, "pretrain")
     assert st.state == "skipped" and st.reused_from["run_id"] == first
@@ -171,6 +173,22 @@ def test_reuse_across_runs(ray_local, tmp_path, cfg):
     third = store.create_run(cfg)
     run_graph(graph, cfg, store, third, FakeExecute(tmp_path / "c"))
     assert executions(tmp_path / "c") == {n: 1 for n in graph.names}
+
+    # a result made by other code is still linked (the key has no commit), with a warning
+    other = RunStore(tmp_path / "other")
+    made = other.create_run(cfg)
+    run_graph(graph, cfg, other, made, FakeExecute(tmp_path / "e"))
+    record = Path(other.load_run(made).path) / "run.json"
+    record.write_text(
+        json.dumps({**json.loads(record.read_text()), "code": {"commit": "f" * 40, "dirty": False}})
+    )
+    later = other.create_run(cfg)
+    with caplog.at_level(logging.WARNING, logger="workflows.runner"):
+        run_graph(graph, cfg, other, later, FakeExecute(tmp_path / "d"), reuse=True)
+    assert not executions(tmp_path / "d")
+    assert other.read_manifest(later, "pretrain")["reused_from"]["code"] == "fffffff"
+    warning = f"reusing the result of run {made}, made with code fffffff (this run: {code})"
+    assert warning in caplog.text
 
 
 def test_bad_stage_result_is_a_failure(ray_local, tmp_path, cfg):

@@ -242,7 +242,8 @@ def lineage_text(storage_root: str, run_id: str) -> str:
             lines.append(f"  cache key: {m['cache_key'][:16]}")
         if m and m.get("reused_from"):
             src = m["reused_from"]
-            lines.append(f"  reused from: run {src.get('run_id')} stage {src.get('stage')}")
+            code = f" (code {src['code']})" if src.get("code") else ""
+            lines.append(f"  reused from: run {src.get('run_id')} stage {src.get('stage')}{code}")
         for dep, up in node.deps.items():
             um = manifests.get(up) or {}
             lines.append(

@@ -40,7 +40,7 @@ import ray
 
 from pipeline.config import Config
 from workflows.dag import Graph, StageNode, compute_keys, stage_config
-from workflows.state import RunStore, StageState, now_iso
+from workflows.state import RunStore, StageState, StateError, code_label, now_iso
 
 __all__ = ["Execute", "RunError", "RunSummary", "StageOutcome", "output_digest", "run_graph"]
 
@@ -264,6 +264,14 @@ def _safe(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return None
 
 
+def _code_of(store: RunStore, run_id: str) -> str:
+    """The code label of an earlier run (``unknown`` if its record is gone or has none)."""
+    try:
+        return code_label(store.load_run(run_id).code)
+    except StateError:
+        return "unknown"
+
+
 def run_graph(
     graph: Graph,
     cfg: Config,
@@ -288,6 +296,7 @@ def run_graph(
         raise RunError(f"run error: max_concurrency must be >= 1 (got {max_concurrency})")
     keys = compute_keys(graph, cfg)
     info = store.load_run(run_id)
+    this_code = code_label(info.code)
 
     parent_id: str | None = None
     if tracker is not None:
@@ -352,7 +361,18 @@ def run_graph(
         if hit is None:
             return False
         src_run, src_stage, src = hit
-        origin = src.get("reused_from") or {"run_id": src_run, "stage": src_stage}
+        origin = dict(src.get("reused_from") or {"run_id": src_run, "stage": src_stage})
+        # The key covers the config and the package version, not the commit: say when the linked
+        # result was computed by other code (lineage shows it too).
+        origin.setdefault("code", _code_of(store, origin["run_id"]))
+        if origin["code"] != this_code:
+            log.warning(
+                "stage %s: reusing the result of run %s, made with code %s (this run: %s)",
+                node.name,
+                origin["run_id"],
+                origin["code"],
+                this_code,
+            )
         manifest = dict(src, stage=node.name, run_id=run_id, reused_from=origin, finished=now_iso())
         st = states[node.name]
         st.state, st.cache_key, st.ended = "skipped", key, now_iso()
