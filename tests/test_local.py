@@ -109,6 +109,13 @@ def test_cli_errors_are_one_line(tmp_path) -> None:
     res = runner.invoke(main, ["local", "smoke", "--out", str(busy)])
     assert res.exit_code == 2
     assert res.output.strip() == f"error: --out {busy}: exists and is not an empty folder"
+    missing = tmp_path / "nowhere"
+    res = runner.invoke(
+        main, ["local", "demo", "--set", f"data.root={missing}", "--out", str(tmp_path / "m")]
+    )
+    assert res.exit_code == 2
+    last = res.output.strip().splitlines()[-1]
+    assert last.startswith(f"error: stage shard: fashion-mnist: idx files not found in {missing}")
     res = runner.invoke(main, ["local", "smoke", "--set", "pretrain.epochs=0"])
     assert res.exit_code == 2 and "pretrain.epochs" in res.output
     assert len(res.output.strip().splitlines()) == 1

@@ -29,9 +29,10 @@ from typing import Any
 import torch
 
 from pipeline.config import Config
+from pipeline.data.sources import DataError
 from pipeline.runtime import LocalContext, StageResult, atomic_write_text
 from workflows.dag import StageNode, build_graph
-from workflows.stages import _stage_inputs, stage_function
+from workflows.stages import stage_function, stage_inputs, stage_params
 
 __all__ = ["LocalRunError", "resolve_device", "run_local"]
 
@@ -39,7 +40,8 @@ log = logging.getLogger(__name__)
 
 
 class LocalRunError(ValueError):
-    """A local run that cannot start (unavailable device, a Tune stage); one line."""
+    """A local run that cannot start (unavailable device, a Tune stage) or a stage that stopped
+    on bad input or a diverged loss; one line naming the stage."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -75,14 +77,8 @@ def _run_stage(
         from pipeline.stages import shard
 
         return shard.run(cfg, stage_dir)
-    inputs = _stage_inputs(node, {name: outputs[up] for name, up in node.deps.items()})
-    params: dict[str, Any] = {}
-    if "fraction" in node.params:
-        params["fraction"] = float(node.params["fraction"])
-    if node.kind == "baseline":
-        params["baseline"] = True
-    if node.kind == "evaluate":
-        params["started_at"] = started_at
+    inputs = stage_inputs(node, {name: outputs[up] for name, up in node.deps.items()})
+    params = stage_params(node, started_at)
     # A fresh checkpoint folder per stage: a local run never resumes an earlier attempt.
     ctx = LocalContext(stage_dir / "checkpoints", device=device)
     ctx.clear()
@@ -136,7 +132,10 @@ def run_local(
     for node in graph.topological_order():
         t0 = time.perf_counter()
         log.info("local: stage %s on %s", node.name, dev)
-        result = _run_stage(node, cfg, outputs, out, dev, started)
+        try:
+            result = _run_stage(node, cfg, outputs, out, dev, started)
+        except (DataError, FloatingPointError) as err:  # bad input, diverged training: one line
+            raise LocalRunError(f"stage {node.name}: {str(err).splitlines()[0]}") from err
         seconds = time.perf_counter() - t0
         outputs[node.name] = result.outputs
         summary["stages"][node.name] = {

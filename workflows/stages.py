@@ -40,7 +40,7 @@ from pipeline.config import Config
 from pipeline.runtime import StageResult, atomic_write_text
 from workflows.dag import StageNode, build_graph, compute_keys, stage_config
 
-__all__ = ["MODEL_NAMES", "StageExecutor", "stage_function"]
+__all__ = ["MODEL_NAMES", "StageExecutor", "stage_function", "stage_inputs", "stage_params"]
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,20 @@ def stage_function(kind: str) -> Any:
     return fns[kind]
 
 
-def _stage_inputs(node: StageNode, inputs: dict[str, dict[str, str]]) -> dict[str, str]:
+def stage_params(node: StageNode, started_at: float | None) -> dict[str, Any]:
+    """The keyword arguments of a node's stage function beyond (cfg, inputs, out_dir, ctx):
+    ``fraction``, ``baseline`` and (evaluate) ``started_at``, the run's start time."""
+    params: dict[str, Any] = {}
+    if "fraction" in node.params:
+        params["fraction"] = float(node.params["fraction"])
+    if node.kind == "baseline":
+        params["baseline"] = True
+    if node.kind == "evaluate":
+        params["started_at"] = started_at
+    return params
+
+
+def stage_inputs(node: StageNode, inputs: dict[str, dict[str, str]]) -> dict[str, str]:
     """Upstream manifests' outputs -> the paths a stage function takes (the tune node's output
     is not a stage input: it changes the stage's config, see :func:`tuned_config`)."""
     out: dict[str, str] = {}
@@ -168,20 +181,13 @@ class StageExecutor:
             from workflows.train import run_training_stage
 
             _guard_checkpoints(Path(out_dir).parent / "checkpoints", self.cache_key(node))
-            params: dict[str, Any] = {}
-            if "fraction" in node.params:
-                params["fraction"] = float(node.params["fraction"])
-            if node.kind == "baseline":
-                params["baseline"] = True
-            workers = None
-            if node.kind == "evaluate":
-                params["started_at"] = self.started_at
-                workers = 1
+            params = stage_params(node, self.started_at)
+            workers = 1 if node.kind == "evaluate" else None
             stage_cfg = cfg.model_copy(update={"resources": cfg.resources.for_stage(node.kind)})
             result = run_training_stage(
                 stage_function(node.kind),
                 stage_cfg,
-                _stage_inputs(node, inputs),
+                stage_inputs(node, inputs),
                 out_dir,
                 params=params,
                 sink=sink,
