@@ -9,7 +9,9 @@
 # Variants: full (ResNet-18 at width 1, student width 0.5: 0.245x the teacher's parameters),
 # full_bf16 (the same with bf16 autocast), full_s1 / full_s2 (seeds 1 and 2), demo (the shipped
 # width 0.125). Environment: PYTHON (python3), DEVICE (cuda), CONFIG (demo), FMNIST (a folder
-# with the Fashion-MNIST idx files, passed as data.root; default: the usual places).
+# with the Fashion-MNIST idx files, passed as data.root; default: the usual places), SET (one more
+# override for every variant, e.g. SET='finetune.baseline_lr={0.1: 0.03, 1: 0.01}': the
+# full-width baseline sweep that the first GPU session had no time for).
 set -uo pipefail
 out=${1:?usage: gpu_demo.sh OUT DEADLINE VARIANT...}
 deadline=${2:?usage: gpu_demo.sh OUT DEADLINE VARIANT...}
@@ -41,6 +43,7 @@ cat "$work/machine.txt"
 
 base=(--device "$device")
 [ -n "${FMNIST:-}" ] && base+=(--set "data.root=$FMNIST")
+[ -n "${SET:-}" ] && base+=(--set "$SET")
 full=(--set model.width=1 --set distill.student.width=0.5)
 for variant in "$@"; do
     case $variant in

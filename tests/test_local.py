@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner
 
 from pipeline.config import load_config
@@ -148,7 +149,7 @@ def test_gpu_demo_script_on_the_cpu(tmp_path) -> None:
         ["bash", str(script), str(tmp_path / "out"), "200", "demo"],
         capture_output=True,
         text=True,
-        env=env,
+        env={**env, "SET": "finetune.baseline_lr={5: 0.01, 20: 0.003}"},  # spaces survive
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -159,3 +160,6 @@ def test_gpu_demo_script_on_the_cpu(tmp_path) -> None:
     assert "./demo/summary.json" in names and "./demo/evaluate/report.json" in names
     assert "./demo/pretrain/history.json" in names and "./machine.txt" in names
     assert not [n for n in names if n.endswith((".pt", ".tar"))]
+    with tarfile.open(tmp_path / "out" / "gpu_demo.tgz") as tar:
+        used = yaml.safe_load(tar.extractfile("./demo/config.yaml"))
+    assert used["finetune"]["baseline_lr"] == {"5.0": 0.01, "20.0": 0.003}
