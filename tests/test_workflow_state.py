@@ -180,6 +180,7 @@ def test_uri_root(tmp_path, cfg):
 
 
 def test_a_run_records_the_code_it_was_made_with(tmp_path, cfg):
+    import hashlib
     import subprocess
 
     from workflows.state import code_label, code_version
@@ -193,11 +194,23 @@ def test_a_run_records_the_code_it_was_made_with(tmp_path, cfg):
     head = subprocess.run(
         ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
     ).stdout.strip()
-    dirty = subprocess.run(
-        ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+    diff = subprocess.run(
+        ["git", "-C", str(repo), "diff", "HEAD", "--no-ext-diff", "--no-color"],
         capture_output=True,
-        text=True,
         check=True,
-    ).stdout.strip()
-    assert info.code["commit"] == head and info.code["dirty"] == bool(dirty)
-    assert code_label(info.code) == head[:7] + ("+changes" if dirty else "")
+    ).stdout
+    assert info.code["commit"] == head and info.code["dirty"] == bool(diff)
+    want = head[:7] + (f"+changes-{hashlib.sha256(diff).hexdigest()[:8]}" if diff else "")
+    assert code_label(info.code) == want
+
+
+def test_code_labels_tell_uncommitted_edits_apart():
+    from workflows.state import code_label
+
+    base = {"version": "0.1.0", "commit": "0123456789abcdef"}
+    assert code_label({**base, "dirty": False}) == "0123456"
+    a = code_label({**base, "dirty": True, "changes": "aaaa1111"})
+    b = code_label({**base, "dirty": True, "changes": "bbbb2222"})
+    assert a == "0123456+changes-aaaa1111" and a != b
+    assert code_label({**base, "dirty": True}) == "0123456+changes"  # a record without the hash
+    assert code_label(None) == code_label({"commit": None}) == "unknown"

@@ -58,9 +58,11 @@ def now_iso() -> str:
 
 
 def code_version() -> dict[str, Any]:
-    """The code a run is made with: the package version and, in a git checkout, the commit and
-    whether the work tree had uncommitted changes (``commit`` None outside a checkout, e.g. an
-    installed wheel or a Ray Job's packaged working dir without ``.git``)."""
+    """The code a run is made with: the package version and, in a git checkout, the commit,
+    whether tracked files differ from it (``dirty``) and, if so, a short hash of that difference
+    (``changes``: two runs with different uncommitted edits get different hashes). ``commit`` is
+    None outside a checkout, e.g. an installed wheel or a Ray Job's packaged working dir."""
+    import hashlib
     import subprocess
 
     import pipeline
@@ -74,24 +76,28 @@ def code_version() -> dict[str, Any]:
         commit = subprocess.run(
             [*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
         ).stdout.strip()
-        status = subprocess.run(
-            [*git, "status", "--porcelain", "--untracked-files=no"],
+        diff = subprocess.run(
+            [*git, "diff", "HEAD", "--no-ext-diff", "--no-color"],
             capture_output=True,
-            text=True,
-            timeout=10,
+            timeout=30,
             check=True,
         ).stdout
     except (OSError, subprocess.SubprocessError):  # no git binary, not a repository, ...
         return out
-    out.update(commit=commit or None, dirty=bool(status.strip()))
+    out.update(commit=commit or None, dirty=bool(diff))
+    if diff:
+        out["changes"] = hashlib.sha256(diff).hexdigest()[:8]
     return out
 
 
 def code_label(code: dict[str, Any] | None) -> str:
-    """``abc1234``, ``abc1234+changes`` (uncommitted changes), or ``unknown``."""
+    """``abc1234``; ``abc1234+changes-1a2b3c4d`` with uncommitted changes (their hash;
+    ``+changes`` alone for records without one); ``unknown`` without a commit."""
     if not code or not code.get("commit"):
         return "unknown"
-    return code["commit"][:7] + ("+changes" if code.get("dirty") else "")
+    if not code.get("dirty"):
+        return code["commit"][:7]
+    return code["commit"][:7] + "+changes" + (f"-{code['changes']}" if code.get("changes") else "")
 
 
 def new_run_id() -> str:

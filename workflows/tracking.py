@@ -234,7 +234,7 @@ class Tracker:
                 "pipeline_run_id": run_id,
                 "pipeline_name": cfg.name,
                 "pipeline_version": pipeline.__version__,
-                "code_commit": code_label(code_version()),  # abc1234[+changes] or unknown
+                "code_commit": code_label(code_version()),  # abc1234[+changes-<hash>] or unknown
             },
         )
         self._log_params(run.info.run_id, flatten(cfg.to_dict()))
