@@ -302,7 +302,7 @@ def run_graph(
     if tracker is not None:
         parent_id = info.mlflow_run_id
         if parent_id is None or not _safe("resume parent run", tracker.resume_run, parent_id):
-            parent_id = tracker.start_parent(run_id, cfg)
+            parent_id = tracker.start_parent(run_id, cfg, code=this_code)  # as recorded
         store.update_run(
             run_id, status="running", mlflow_run_id=parent_id, tracking_uri=tracker.uri
         )

@@ -222,11 +222,14 @@ class Tracker:
         for chunk in _chunks(ps, 100):
             self.client.log_batch(run_id, params=chunk)
 
-    def start_parent(self, run_id: str, cfg: Config) -> str:
-        """Create the parent run for pipeline run ``run_id``; return its MLflow run id."""
+    def start_parent(self, run_id: str, cfg: Config, code: str | None = None) -> str:
+        """Create the parent run for pipeline run ``run_id``; return its MLflow run id. ``code``:
+        the run record's code label (tag ``code_commit``); None = this checkout's, read now."""
         import pipeline
         from workflows.state import code_label, code_version
 
+        if code is None:
+            code = code_label(code_version())
         run = self.client.create_run(
             self.experiment_id,
             run_name=run_id,
@@ -234,7 +237,7 @@ class Tracker:
                 "pipeline_run_id": run_id,
                 "pipeline_name": cfg.name,
                 "pipeline_version": pipeline.__version__,
-                "code_commit": code_label(code_version()),  # abc1234[+changes-<hash>] or unknown
+                "code_commit": code,  # abc1234[+changes-<hash>] or unknown
             },
         )
         self._log_params(run.info.run_id, flatten(cfg.to_dict()))
