@@ -223,7 +223,7 @@ def local(config: str, overrides: tuple[str, ...], out: str | None, device: str)
     click.echo(f"local run of {cfg.name} on {dev} -> {target}")
     try:  # not _guarded: that imports the Ray runner's errors, and this path needs no Ray
         summary = run_local(cfg, target, dev, on_stage)
-    except (ConfigError, LocalRunError) as err:
+    except LocalRunError as err:
         raise UserError(str(err).splitlines()[0]) from None
     report = Path(summary["stages"]["evaluate"]["outputs"]["report_md"])
     click.echo(report.read_text().split("![", 1)[0].rstrip())
