@@ -144,6 +144,7 @@ def run(
     # The decoded split goes to the training device once (uint8; a no-op on the CPU), so the
     # batched augmentation runs where the model does instead of copying each batch's views there.
     images = train.images.to(device)
+    labels = labels.to(device) if labels is not None else None  # (N,); -1: unlabeled (semisup)
     steps_per_epoch = len(train) // world // local_bs
     if p.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, p.max_steps_per_epoch)
@@ -193,7 +194,7 @@ def run(
             with autocast:
                 _, z = net(x)  # (2b, D)
             z = z.float().view(2, -1, z.shape[-1]).transpose(0, 1)  # (b, 2, D)
-            y = labels[idx].to(device) if labels is not None else None
+            y = labels[idx] if labels is not None else None
             loss = loss_fn(z, y)
             value = loss.item()  # the step's one wait for the device
             if not math.isfinite(value):
