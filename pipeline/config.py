@@ -127,6 +127,20 @@ class PretrainConfig(_Section):
         description="semisup: images of the labeled subset drawn into every batch (the rest of "
         "the batch stays unlabeled); 0 = only their natural share",
     )
+    pseudo_label_from_epoch: int = Field(
+        0,
+        ge=0,
+        description="semisup: from this epoch (1-based) on, unlabeled images whose nearest class "
+        "prototype of the labeled subset is confident take that class as a pseudo-label (re-drawn "
+        "every epoch); 0 = never",
+    )
+    pseudo_label_fraction: float = Field(
+        0.6,
+        gt=0.0,
+        le=1.0,
+        description="semisup pseudo-labels: the most confident share of the unlabeled images, "
+        "taken per predicted class (class-balanced)",
+    )
     max_steps_per_epoch: int | None = Field(None, ge=1)
 
 
@@ -367,6 +381,17 @@ class Config(_Section):
             raise ValueError(
                 f"finetune.from_head_layer: {self.finetune.from_head_layer} exceeds "
                 f"model.head_depth {self.model.head_depth}"
+            )
+        pl = self.pretrain.pseudo_label_from_epoch
+        if pl and self.pretrain.method != "semisup":
+            raise ValueError(
+                f"pretrain.pseudo_label_from_epoch: pseudo-labels need pretrain.method semisup, "
+                f"not {self.pretrain.method}"
+            )
+        if pl > self.pretrain.epochs:
+            raise ValueError(
+                f"pretrain.pseudo_label_from_epoch: {pl} is after the last epoch "
+                f"({self.pretrain.epochs})"
             )
         return self
 

@@ -37,6 +37,8 @@ CONFIGS = Path(__file__).resolve().parent.parent / "workflows" / "configs"
         ("bogus.key=1", "bogus"),
         ("tune.temperature=[2, 1]", "tune.temperature"),
         ("finetune.from_head_layer=4", "finetune.from_head_layer"),
+        ("pretrain.pseudo_label_from_epoch=1", "pretrain.pseudo_label_from_epoch"),  # simclr
+        ("pretrain.pseudo_label_fraction=0", "pretrain.pseudo_label_fraction"),
     ],
 )
 def test_bad_value_is_one_line_naming_the_field(override: str, field: str) -> None:
@@ -45,6 +47,13 @@ def test_bad_value_is_one_line_naming_the_field(override: str, field: str) -> No
     msg = str(info.value)
     assert "\n" not in msg
     assert msg.startswith(f"config error: {field}:"), msg
+
+
+def test_pseudo_labels_after_the_last_epoch_is_an_error() -> None:
+    over = ["pretrain.method=semisup", "pretrain.epochs=3", "pretrain.pseudo_label_from_epoch=4"]
+    with pytest.raises(ConfigError, match=r"pseudo_label_from_epoch: 4 is after the last epoch"):
+        parse_config(apply_overrides({}, over))
+    parse_config(apply_overrides({}, [*over[:2], "pretrain.pseudo_label_from_epoch=3"]))
 
 
 def test_unknown_key_says_unknown() -> None:

@@ -217,6 +217,53 @@ def test_labeled_images_are_mixed_into_every_pretrain_batch() -> None:
     assert set(pool.tolist()) <= set(everything.tolist()) and len(everything) == len(idx)
 
 
+def test_pseudo_labels_take_the_nearest_prototype_for_the_confident_rows() -> None:
+    # Two labeled rows per class on three directions; unlabeled rows near one of them, and two
+    # rows half-way between classes 0 and 1 that no prototype claims with confidence.
+    g = torch.Generator().manual_seed(0)
+    centres = torch.eye(3) * 5.0  # (3, 3)
+    truth = torch.arange(3).repeat_interleave(10)  # (30,)
+    feats = centres[truth] + 0.3 * torch.randn(30, 3, generator=g)
+    feats = torch.cat([feats, torch.tensor([[5.0, 5.0, 0.0], [5.0, 5.1, 0.0]])])  # (32, 3)
+    labels = torch.full((32,), -1)
+    labels[[0, 1, 10, 11, 20, 21]] = truth[[0, 1, 10, 11, 20, 21]]
+    labels[labels == 2] = 7  # class ids are kept, not renumbered
+
+    out = pretrain.pseudo_labels(feats, labels, fraction=0.75)
+    unlabeled = labels < 0
+    assert torch.equal(out[~unlabeled], labels[~unlabeled])  # labeled rows unchanged
+    new = unlabeled & (out >= 0)
+    # 26 unlabeled rows x 0.75 / 3 classes = 6 per predicted class: 18 in all, all correct.
+    assert int(new.sum()) == 18
+    want = torch.where(truth == 2, 7, truth)
+    assert torch.equal(out[:30][new[:30]], want[new[:30]])
+    assert not new[30:].any()  # the ambiguous rows are the least confident: left unlabeled
+    everything = pretrain.pseudo_labels(feats, labels, fraction=1.0)
+    assert int((unlabeled & (everything >= 0)).sum()) >= 24
+    with pytest.raises(ValueError, match="fraction"):
+        pretrain.pseudo_labels(feats, labels, fraction=0.0)
+    with pytest.raises(ValueError, match="feature rows"):
+        pretrain.pseudo_labels(feats[:5], labels, fraction=0.5)
+
+
+def test_pretrain_pseudo_labels_from_the_chosen_epoch(dataset: str, tmp_path: Path) -> None:
+    semi = load_config(
+        "smoke",
+        [*FAST, "pretrain.method=semisup", "pretrain.pseudo_label_from_epoch=2"],
+    )
+    result = pretrain.run(semi, {"dataset": dataset}, str(tmp_path))
+    first, second = result.history
+    assert "pseudo_labels" not in first
+    train = load_data(dataset, "train")
+    n_labeled = int((pretrain.pretrain_labels(semi, dataset, train) >= 0).sum())
+    n_unlabeled = len(train) - n_labeled
+    share = semi.pretrain.pseudo_label_fraction
+    # Class-balanced: at most share x unlabeled rows, at least half of it (digits' prototypes).
+    assert share * n_unlabeled / 2 <= second["pseudo_labels"] <= share * n_unlabeled
+    assert 0.0 <= second["pseudo_label_acc"] <= 100.0
+    assert result.metrics["pseudo_labels"] == second["pseudo_labels"]
+
+
 def test_probe_init_fits_the_classifier_to_the_starting_features(
     cfg: Config, dataset: str, pretrained: str
 ) -> None:

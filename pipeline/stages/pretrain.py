@@ -2,7 +2,8 @@
 
 SimCLR: Chen et al. 2020, arXiv:2002.05709. SupCon: Khosla et al. 2020, arXiv:2004.11362.
 Semi-supervised: labeled anchors take class positives, unlabeled ones (label -1) only their own
-other view — the same ``SupConLoss`` covers all three.
+other view — the same ``SupConLoss`` covers all three. Optionally (``pretrain.pseudo_label_from_epoch``)
+the most confident unlabeled images take their nearest class prototype's label from some epoch on.
 
 One process or many: with ``ctx.world_size > 1`` each rank takes a disjoint slice of every epoch,
 BatchNorm is synchronised and the loss gathers every rank's views with gradients.
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from pipeline.config import Config
 from pipeline.data import dataset_info
@@ -43,7 +45,7 @@ from pipeline.stages.common import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["pretrain_labels", "run", "view_size"]
+__all__ = ["pretrain_labels", "pseudo_labels", "run", "view_size"]
 
 
 def view_size(cfg: Config, info: dict[str, Any]) -> int:
@@ -93,6 +95,47 @@ def _mix_labeled(
     pick = pool[torch.randperm(len(pool), generator=gen)[:k]]
     rest = idx[~torch.isin(idx, pick)]
     return torch.cat([pick, rest])[: len(idx)]
+
+
+def pseudo_labels(
+    features: torch.Tensor, labels: torch.Tensor, fraction: float, temperature: float = 0.1
+) -> torch.Tensor:
+    """``labels`` with the most confident unlabeled rows given their nearest class prototype.
+
+    A prototype is the normalised mean feature of a class's labeled rows (``labels >= 0``); an
+    unlabeled row (``-1``) is assigned the class of the most similar prototype, with confidence the
+    softmax of its cosine similarities at ``temperature``. Per predicted class the
+    ``fraction * n_unlabeled / n_classes`` most confident rows keep their assignment (class-balanced,
+    so a prototype that attracts many rows does not take over); the rest stay -1. Labeled rows are
+    unchanged. This is the pseudo-labelling of self-training (Lee 2013; with prototypes as in
+    Snell et al. 2017, arXiv:1703.05175) applied to the semi-supervised contrastive loss.
+
+    Args:
+        features: (N, D) features of every row (normalised here).
+        labels: (N,) class index, -1 for unlabeled rows.
+        fraction: share of the unlabeled rows to pseudo-label, in (0, 1].
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"pseudo-label fraction must be in (0, 1], got {fraction}")
+    if features.shape[0] != labels.shape[0]:
+        raise ValueError(f"{features.shape[0]} feature rows for {labels.shape[0]} labels")
+    labeled = labels >= 0
+    classes = labels[labeled].unique()  # (C,)
+    out = labels.clone()
+    unlabeled = (~labeled).nonzero().flatten()
+    if len(classes) < 2 or len(unlabeled) == 0:
+        return out
+    f = F.normalize(features.float(), dim=1)
+    onehot = (labels[labeled].unsqueeze(1) == classes.unsqueeze(0)).float()  # (L, C)
+    protos = F.normalize(onehot.T @ f[labeled], dim=1)  # (C, D)
+    probs = (f[unlabeled] @ protos.T / temperature).softmax(dim=1)  # (U, C)
+    conf, pred = probs.max(dim=1)  # (U,)
+    per_class = int(fraction * len(unlabeled) / len(classes))
+    for c in range(len(classes)):
+        rows = (pred == c).nonzero().flatten()
+        top = rows[conf[rows].argsort(descending=True)[:per_class]]
+        out[unlabeled[top]] = classes[c]
+    return out
 
 
 def _lr(cfg: Config) -> float:
@@ -180,6 +223,15 @@ def run(
         meter = Throughput()
         loss_sum, n_steps = 0.0, 0
         mix_gen = torch.Generator().manual_seed((cfg.seed * 7919 + epoch) * 131 + rank)
+        step_labels, pseudo = labels, None
+        if (
+            p.method == "semisup"
+            and p.pseudo_label_from_epoch
+            and epoch + 1 >= p.pseudo_label_from_epoch
+        ):
+            feats = encode(model.encoder, images, size=size).to(device)  # (N, D), eval mode
+            step_labels = pseudo_labels(feats, labels, p.pseudo_label_fraction)
+            pseudo = (step_labels >= 0) & (labels < 0)
         for step, idx in enumerate(
             batches(len(train), local_bs, epoch=epoch, seed=cfg.seed, rank=rank, world_size=world)
         ):
@@ -194,7 +246,7 @@ def run(
             with autocast:
                 _, z = net(x)  # (2b, D)
             z = z.float().view(2, -1, z.shape[-1]).transpose(0, 1)  # (b, 2, D)
-            y = labels[idx] if labels is not None else None
+            y = step_labels[idx] if step_labels is not None else None
             loss = loss_fn(z, y)
             value = loss.item()  # the step's one wait for the device
             if not math.isfinite(value):
@@ -216,6 +268,16 @@ def run(
             "resumed_from_epoch": start_epoch,  # > 0: this attempt continued from a checkpoint
             "world_size": world,
         }
+        if pseudo is not None:
+            # Monitoring only: how many unlabeled images took a class, and how often it was right.
+            n_pseudo = int(pseudo.sum())
+            metrics["pseudo_labels"] = n_pseudo
+            truth = train.labels.to(device)
+            metrics["pseudo_label_acc"] = (
+                100.0 * float((step_labels[pseudo] == truth[pseudo]).float().mean())
+                if n_pseudo
+                else 0.0
+            )
         if val is not None and ((epoch + 1) % p.knn_every == 0 or epoch + 1 == p.epochs):
             metrics["val_knn_top1"] = knn_accuracy(
                 cfg, model.encoder, train, val, size, int(len(info["classes"]))
