@@ -194,6 +194,16 @@ def test_evaluate_report_has_every_number(
         assert Path(result.outputs[key]).stat().st_size > 1000
 
 
+def test_report_header_names_the_pseudo_labels() -> None:
+    report = {"dataset": "digits", "fractions": {}, "test_images": 10}
+    plain = evaluate.render_markdown(
+        report, load_config("demo", ["pretrain.pseudo_label_from_epoch=0"])
+    )
+    assert "pretrain semisup τ=0.2 for 5 epochs" in plain and "pseudo" not in plain
+    md = evaluate.render_markdown(report, load_config("demo"))
+    assert "pretrain semisup τ=0.2 (pseudo-labels from epoch 2, 60% of the unlabeled images)" in md
+
+
 def test_knn_votes_by_weighted_neighbours() -> None:
     bank = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
     labels = torch.tensor([0, 0, 1])

@@ -147,8 +147,14 @@ def render_markdown(report: dict[str, Any], cfg: Config | None = None) -> str:
             f"Encoder {cfg.model.arch} ×{cfg.model.width:g}"
             + (f" (stem stride {cfg.model.stem_stride})" if cfg.model.stem_stride != 1 else "")
             + f", head depth {cfg.model.head_depth}, "
-            f"pretrain {cfg.pretrain.method} τ={cfg.pretrain.temperature:g} for "
-            f"{cfg.pretrain.epochs} epochs, batch {cfg.pretrain.batch_size}; seed {cfg.seed}.",
+            f"pretrain {cfg.pretrain.method} τ={cfg.pretrain.temperature:g}"
+            + (
+                f" (pseudo-labels from epoch {cfg.pretrain.pseudo_label_from_epoch}, "
+                f"{cfg.pretrain.pseudo_label_fraction:.0%} of the unlabeled images)"
+                if cfg.pretrain.pseudo_label_from_epoch
+                else ""
+            )
+            + f" for {cfg.pretrain.epochs} epochs, batch {cfg.pretrain.batch_size}; seed {cfg.seed}.",
             "",
         ]
     lines += [
