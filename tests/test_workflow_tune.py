@@ -321,6 +321,11 @@ def test_bad_input_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     (ds / "dataset.json").write_text("{}")
     with pytest.raises(tune_mod.TuneError, match="grace_period 5 exceeds tune.epochs 3"):
         tune_mod.run_search(_cfg(tmp_path, "tune.grace_period=5"), str(ds), tmp_path / "s")
+    # The base config is valid (pseudo-labels from its epoch 3 of 10); a 3-epoch trial's is too,
+    # a 2-epoch trial's is not: said before anything runs, not inside a trial.
+    semi = ["pretrain.method=semisup", "pretrain.pseudo_label_from_epoch=3"]
+    with pytest.raises(tune_mod.TuneError, match=r"tune.epochs 2 a trial's .*after the last epoch"):
+        tune_mod.run_search(_cfg(tmp_path, *semi, "tune.epochs=2"), str(ds), tmp_path / "s")
     with pytest.raises(tune_mod.TuneError, match="holds no shards"):
         tune_mod.run_search(_cfg(tmp_path), str(tmp_path / "none"), tmp_path / "s")
 

@@ -133,7 +133,7 @@ def pseudo_labels(
     per_class = int(fraction * len(unlabeled) / len(classes))
     for c in range(len(classes)):
         rows = (pred == c).nonzero().flatten()
-        top = rows[conf[rows].argsort(descending=True)[:per_class]]
+        top = rows[conf[rows].argsort(descending=True, stable=True)[:per_class]]
         out[unlabeled[top]] = classes[c]
     return out
 
