@@ -103,6 +103,7 @@ def bench_config(args: argparse.Namespace, root: str, **extra: Any) -> Config:
         f"data.max_train={args.max_train}",
         "data.max_test=500",
         "pretrain.method=simclr",
+        "pretrain.pseudo_label_from_epoch=0",  # semisup only (the demo's), and not a train step
         "pretrain.knn_every=0",
         f"pretrain.epochs={args.epochs}",
         f"pretrain.batch_size={args.batch}",
