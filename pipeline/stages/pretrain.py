@@ -2,8 +2,9 @@
 
 SimCLR: Chen et al. 2020, arXiv:2002.05709. SupCon: Khosla et al. 2020, arXiv:2004.11362.
 Semi-supervised: labeled anchors take class positives, unlabeled ones (label -1) only their own
-other view — the same ``SupConLoss`` covers all three. Optionally (``pretrain.pseudo_label_from_epoch``)
-the most confident unlabeled images take their nearest class prototype's label from some epoch on.
+other view — the same ``SupConLoss`` covers all three. Optionally
+(``pretrain.pseudo_label_from_epoch``) the most confident unlabeled images take their nearest class
+prototype's label from some epoch on (:func:`pseudo_labels`).
 
 One process or many: with ``ctx.world_size > 1`` each rank takes a disjoint slice of every epoch,
 BatchNorm is synchronised and the loss gathers every rank's views with gradients.
