@@ -287,8 +287,9 @@ def _check_config(cfg: Config) -> None:
         raise TuneError(
             f"tune: tune.grace_period {cfg.tune.grace_period} exceeds tune.epochs {cfg.tune.epochs}"
         )
-    apply_params(cfg.to_dict(), {})  # the base config itself must survive the round trip
-    try:  # and a trial's (pretrain.epochs = tune.epochs) must be valid too
+    # The base config must survive the round trip (apply_params, inside trial_config, raises
+    # TuneError if not), and a trial's (pretrain.epochs = tune.epochs) must be valid too.
+    try:
         trial_config(cfg.to_dict(), {})
     except ConfigError as err:
         raise TuneError(f"tune: with tune.epochs {cfg.tune.epochs} a trial's {err}") from None

@@ -224,15 +224,23 @@ def run(
         meter = Throughput()
         loss_sum, n_steps = 0.0, 0
         mix_gen = torch.Generator().manual_seed((cfg.seed * 7919 + epoch) * 131 + rank)
-        step_labels, pseudo = labels, None
-        if (
-            p.method == "semisup"
-            and p.pseudo_label_from_epoch
-            and epoch + 1 >= p.pseudo_label_from_epoch
-        ):
+        step_labels, pseudo_metrics = labels, {}
+        # Config validation allows pseudo-labels with semisup only, so `labels` is set here.
+        if p.pseudo_label_from_epoch and epoch + 1 >= p.pseudo_label_from_epoch:
             feats = encode(model.encoder, images, size=size).to(device)  # (N, D), eval mode
             step_labels = pseudo_labels(feats, labels, p.pseudo_label_fraction)
             pseudo = (step_labels >= 0) & (labels < 0)
+            # Monitoring only: how many unlabeled images took a class, and how often it is right.
+            n_pseudo = int(pseudo.sum())
+            truth = train.labels.to(device)
+            pseudo_metrics = {
+                "pseudo_labels": n_pseudo,
+                "pseudo_label_acc": (
+                    100.0 * float((step_labels[pseudo] == truth[pseudo]).float().mean())
+                    if n_pseudo
+                    else 0.0
+                ),
+            }
         for step, idx in enumerate(
             batches(len(train), local_bs, epoch=epoch, seed=cfg.seed, rank=rank, world_size=world)
         ):
@@ -268,17 +276,8 @@ def run(
             "epoch_seconds": meter.seconds,
             "resumed_from_epoch": start_epoch,  # > 0: this attempt continued from a checkpoint
             "world_size": world,
+            **pseudo_metrics,
         }
-        if pseudo is not None:
-            # Monitoring only: how many unlabeled images took a class, and how often it was right.
-            n_pseudo = int(pseudo.sum())
-            metrics["pseudo_labels"] = n_pseudo
-            truth = train.labels.to(device)
-            metrics["pseudo_label_acc"] = (
-                100.0 * float((step_labels[pseudo] == truth[pseudo]).float().mean())
-                if n_pseudo
-                else 0.0
-            )
         if val is not None and ((epoch + 1) % p.knn_every == 0 or epoch + 1 == p.epochs):
             metrics["val_knn_top1"] = knn_accuracy(
                 cfg, model.encoder, train, val, size, int(len(info["classes"]))
