@@ -13,7 +13,9 @@ from pipeline.losses import (
     DistillationLoss,
     NTXentLoss,
     SupConLoss,
+    confident_targets,
     distillation,
+    fixmatch,
     nt_xent,
     supcon,
 )
@@ -255,3 +257,68 @@ def test_distillation_teacher_gets_no_gradient_and_gradcheck() -> None:
     loss = distillation(s, t, 2.0, labels, 0.4)
     loss.backward()
     assert t.grad is None
+
+
+# ---------------------------------------------------------------- FixMatch
+
+
+def naive_fixmatch(strong: torch.Tensor, weak: torch.Tensor, tau: float) -> float:
+    """FixMatch eq. 4 with a loop: mean over all rows of 1[max q >= tau] · -log p_strong[argmax q]."""
+    total = 0.0
+    for s_b, w_b in zip(strong.double(), weak.double(), strict=True):
+        q = torch.softmax(w_b, 0)
+        if float(q.max()) >= tau:
+            total += -float(torch.log_softmax(s_b, 0)[int(q.argmax())])
+    return total / strong.shape[0]
+
+
+@pytest.mark.parametrize("tau", [0.3, 0.6, 0.95])
+def test_fixmatch_matches_formula(gen: torch.Generator, tau: float) -> None:
+    strong = torch.randn(16, 5, generator=gen) * 2
+    weak = torch.randn(16, 5, generator=gen) * 3
+    _, keep = confident_targets(weak, tau)
+    assert int(keep.sum()) > 0
+    if tau > 0.5:
+        assert int(keep.sum()) < 16  # dropped rows too
+    got = fixmatch(strong, weak, tau)
+    assert got.item() == pytest.approx(naive_fixmatch(strong, weak, tau), rel=1e-5)
+
+
+def test_fixmatch_confident_targets_are_the_weak_argmax() -> None:
+    weak = torch.tensor([[5.0, 0.0, 0.0], [0.0, 0.1, 0.0], [0.0, 0.0, 9.0]])
+    targets, keep = confident_targets(weak, 0.9)
+    assert targets.tolist() == [0, 1, 2]
+    assert keep.tolist() == [True, False, True]
+
+
+def test_fixmatch_no_confident_row_is_zero_with_grad_and_weak_gets_none(
+    gen: torch.Generator,
+) -> None:
+    strong = torch.randn(4, 3, generator=gen, requires_grad=True)
+    weak = torch.zeros(4, 3, requires_grad=True)  # uniform: max prob 1/3 < threshold
+    loss = fixmatch(strong, weak, 0.5)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert strong.grad is not None and torch.count_nonzero(strong.grad) == 0
+    assert weak.grad is None
+
+
+def test_fixmatch_gradient_pulls_the_strong_view_to_the_target() -> None:
+    strong = torch.zeros(1, 3, dtype=torch.float64, requires_grad=True)
+    weak = torch.tensor([[0.0, 8.0, 0.0]], dtype=torch.float64)
+    fixmatch(strong, weak, 0.9).backward()
+    # d CE / d logits = softmax - onehot(1): negative only at the target class.
+    assert strong.grad[0, 1] < 0 and strong.grad[0, 0] > 0 and strong.grad[0, 2] > 0
+    assert torch.autograd.gradcheck(lambda x: fixmatch(x, weak, 0.9), (strong,))
+
+
+def test_fixmatch_validation_errors(gen: torch.Generator) -> None:
+    x = torch.randn(4, 3, generator=gen)
+    with pytest.raises(ValueError, match="threshold"):
+        fixmatch(x, x, 0.0)
+    with pytest.raises(ValueError, match="threshold"):
+        fixmatch(x, x, 1.5)
+    with pytest.raises(ValueError, match="same shape"):
+        fixmatch(x, x[:3], 0.9)
+    with pytest.raises(ValueError, match="weak_logits"):
+        confident_targets(torch.randn(4), 0.9)

@@ -5,13 +5,25 @@
   unlabeled images (label -1) for SimCLR and the semi-supervised mix.
 - :func:`distillation` / :class:`DistillationLoss`: SimCLRv2 distillation (Chen et al. 2020,
   arXiv:2006.10029; Hinton et al. 2015).
+- :func:`fixmatch` / :func:`confident_targets`: FixMatch's consistency loss on unlabeled images
+  (Sohn et al. 2020, arXiv:2001.07685), for fine-tuning's consistency phase.
 
 The contrastive losses normalise their inputs, compute in float32 (float64 for float64 inputs)
 even under autocast, and gather across ranks when asked (see ``pipeline.distributed``).
 """
 
 from pipeline.losses.distill import DistillationLoss, distillation
+from pipeline.losses.fixmatch import confident_targets, fixmatch
 from pipeline.losses.ntxent import NTXentLoss, nt_xent
 from pipeline.losses.supcon import SupConLoss, supcon
 
-__all__ = ["DistillationLoss", "NTXentLoss", "SupConLoss", "distillation", "nt_xent", "supcon"]
+__all__ = [
+    "DistillationLoss",
+    "NTXentLoss",
+    "SupConLoss",
+    "confident_targets",
+    "distillation",
+    "fixmatch",
+    "nt_xent",
+    "supcon",
+]
