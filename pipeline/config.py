@@ -27,6 +27,7 @@ __all__ = [
     "AugmentConfig",
     "Config",
     "ConfigError",
+    "ConsistencyConfig",
     "DataConfig",
     "DistillConfig",
     "EvaluateConfig",
@@ -144,6 +145,35 @@ class PretrainConfig(_Section):
     max_steps_per_epoch: int | None = Field(None, ge=1)
 
 
+class ConsistencyConfig(_Section):
+    """FixMatch-style consistency training on the unlabeled train images after fine-tuning (Sohn
+    et al. 2020, arXiv:2001.07685): a weak view's confident prediction is the strong view's
+    target, next to cross-entropy on the labeled subset."""
+
+    epochs: int = Field(
+        0, ge=0, description="epochs over the unlabeled train images after fine-tuning; 0 = off"
+    )
+    threshold: float = Field(
+        0.95,
+        gt=0.0,
+        le=1.0,
+        description="softmax confidence a weak view's prediction needs to become a target",
+    )
+    weight: float = Field(1.0, gt=0.0, description="weight of the unlabeled loss")
+    strength: float = Field(
+        1.0, ge=0.0, description="the strong view's brightness/contrast (colour) jitter"
+    )
+    crop_min_scale: float = Field(1.0, gt=0.0, le=1.0, description="the strong view's crop")
+    batch_size: int = Field(256, ge=2, description="unlabeled images per step")
+    labeled_batch_size: int = Field(64, ge=1, description="labeled images per step")
+    lr: float = Field(1e-3, gt=0.0, description="AdamW, cosine decay, no warm-up")
+    baseline: bool = Field(
+        False,
+        description="train the from-scratch baseline this way too (a semi-supervised reference "
+        "that was not pretrained); off: the baseline sees only its labeled subset",
+    )
+
+
 class FinetuneConfig(_Section):
     label_fractions: list[float] = Field(default_factory=lambda: [1.0, 10.0])
     from_head_layer: int = Field(1, ge=0, le=4)
@@ -166,6 +196,7 @@ class FinetuneConfig(_Section):
         "the starting network's features of the labeled subset (LP-FT; baseline alike)",
     )
     baseline: bool = True
+    consistency: ConsistencyConfig = Field(default_factory=ConsistencyConfig)
     seed: int | None = Field(
         None,
         description="seed of fine-tuning, baseline and distillation; None = the run's seed. "

@@ -39,6 +39,9 @@ CONFIGS = Path(__file__).resolve().parent.parent / "workflows" / "configs"
         ("finetune.from_head_layer=4", "finetune.from_head_layer"),
         ("pretrain.pseudo_label_from_epoch=1", "pretrain.pseudo_label_from_epoch"),  # simclr
         ("pretrain.pseudo_label_fraction=0", "pretrain.pseudo_label_fraction"),
+        ("finetune.consistency.threshold=0", "finetune.consistency.threshold"),
+        ("finetune.consistency.epochs=-1", "finetune.consistency.epochs"),
+        ("finetune.consistency.strenght=1", "finetune.consistency.strenght"),
     ],
 )
 def test_bad_value_is_one_line_naming_the_field(override: str, field: str) -> None:

@@ -88,6 +88,76 @@ def test_pretrain_resumes_from_checkpoint(cfg: Config, dataset: str, tmp_path: P
     assert [h["epoch"] for h in result.history] == [1, 2]
 
 
+def _with_consistency(cfg: Config, baseline: bool = False) -> Config:
+    c = cfg.model_copy(deep=True)
+    c.finetune.consistency.epochs = 2
+    c.finetune.consistency.batch_size = 128
+    c.finetune.consistency.threshold = 0.2  # a two-epoch digits network is rarely sure
+    c.finetune.consistency.baseline = baseline
+    return c
+
+
+def test_finetune_consistency_trains_on_the_unlabeled_images(
+    cfg: Config, dataset: str, pretrained: str, tmp_path: Path
+) -> None:
+    frac = cfg.finetune.label_fractions[0]
+    inputs = {"dataset": dataset, "pretrain": pretrained}
+    c = _with_consistency(cfg)
+    result = finetune.run(c, inputs, str(tmp_path / "c"), fraction=frac)
+    hist = result.history
+    assert [h["epoch"] for h in hist] == [1, 2, 3, 4]
+    assert [h.get("consistency_epoch") for h in hist] == [None, None, 1, 2]
+    for h in hist[2:]:
+        assert 0.0 < h["mask_rate"] <= 100.0
+        assert 0.0 <= h["pseudo_label_acc"] <= 100.0
+        assert h["unlabeled_loss"] > 0.0
+    assert "val_top1" in hist[-1] and "val_top1" not in hist[1]  # evaluated once, at the end
+    assert result.metrics["val_top1"] == hist[-1]["val_top1"]
+    # The same seed without the phase gives other weights.
+    plain = finetune.run(cfg, inputs, str(tmp_path / "plain"), fraction=frac)
+    a = load_model(result.outputs["model"]).state_dict()
+    b = load_model(plain.outputs["model"]).state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    # The baseline keeps to its labeled subset unless consistency.baseline says otherwise.
+    base = finetune.run(c, inputs, str(tmp_path / "b"), fraction=frac, baseline=True)
+    assert len(base.history) == 2
+    c_base = _with_consistency(cfg, baseline=True)
+    base = finetune.run(c_base, inputs, str(tmp_path / "cb"), fraction=frac, baseline=True)
+    assert [h.get("consistency_epoch") for h in base.history] == [None, None, 1, 2]
+
+
+class _StopAtConsistencyEpoch(LocalContext):
+    """Dies right after the first consistency epoch's checkpoint is written."""
+
+    def report(self, metrics, checkpoint=None):
+        super().report(metrics, checkpoint)
+        if metrics.get("consistency_epoch") == 1:
+            raise _Interrupt
+
+
+def test_finetune_consistency_resumes_without_redoing_the_supervised_part(
+    cfg: Config, dataset: str, pretrained: str, tmp_path: Path
+) -> None:
+    frac = cfg.finetune.label_fractions[0]
+    inputs = {"dataset": dataset, "pretrain": pretrained}
+    c = _with_consistency(cfg)
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(_Interrupt):
+        finetune.run(c, inputs, str(tmp_path / "out"), _StopAtConsistencyEpoch(ckpt), fraction=frac)
+    assert torch.load(ckpt / "latest.pt", weights_only=False)["phase"] == "consistency"
+    ctx = LocalContext(ckpt)
+    result = finetune.run(c, inputs, str(tmp_path / "out"), ctx, fraction=frac)
+    assert [m["epoch"] for m in ctx.reports] == [4]  # only the last consistency epoch re-ran
+    assert [h["epoch"] for h in result.history] == [1, 2, 3, 4]
+    # Bit for bit the run that was never interrupted.
+    whole = finetune.run(
+        c, inputs, str(tmp_path / "whole"), LocalContext(tmp_path / "ck2"), fraction=frac
+    )
+    a = load_model(result.outputs["model"]).state_dict()
+    b = load_model(whole.outputs["model"]).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_semisup_labels_only_on_the_subset(cfg: Config, dataset: str) -> None:
     semi = cfg.model_copy(deep=True)
     semi.pretrain.method = "semisup"
@@ -202,6 +272,15 @@ def test_report_header_names_the_pseudo_labels() -> None:
     assert "pretrain semisup τ=0.2 for 5 epochs" in plain and "pseudo" not in plain
     md = evaluate.render_markdown(report, load_config("demo"))
     assert "pretrain semisup τ=0.2 (pseudo-labels from epoch 2, 60% of the unlabeled images)" in md
+
+
+def test_report_header_names_the_consistency_phase() -> None:
+    report = {"dataset": "digits", "fractions": {}, "test_images": 10}
+    md = evaluate.render_markdown(report, load_config("demo", ["finetune.consistency.epochs=0"]))
+    assert "FixMatch" not in md
+    md = evaluate.render_markdown(report, load_config("demo", ["finetune.consistency.epochs=3"]))
+    assert "trains 3 epochs on the unlabeled images too (FixMatch, threshold 0.95)" in md
+    assert "the baseline sees only its labeled subset" in md
 
 
 def test_knn_votes_by_weighted_neighbours() -> None:

@@ -61,6 +61,13 @@ class SplitData:
         idx = torch.tensor([pos[k] for k in keys], dtype=torch.long)
         return SplitData(self.images[idx], self.labels[idx], list(keys))
 
+    def drop(self, keys: list[str]) -> SplitData:
+        """The rows whose keys are not given, in split order (e.g. the unlabeled rest of a
+        labeled subset)."""
+        gone = set(keys)
+        idx = torch.tensor([i for i, k in enumerate(self.keys) if k not in gone], dtype=torch.long)
+        return SplitData(self.images[idx], self.labels[idx], [self.keys[i] for i in idx.tolist()])
+
     def limit(self, n: int | None, seed: int = 0) -> SplitData:
         """At most n rows, drawn at random with a fixed seed (for cheap monitors)."""
         if n is None or n >= len(self):

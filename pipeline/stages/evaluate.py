@@ -155,8 +155,15 @@ def render_markdown(report: dict[str, Any], cfg: Config | None = None) -> str:
                 else ""
             )
             + f" for {cfg.pretrain.epochs} epochs, batch {cfg.pretrain.batch_size}; seed {cfg.seed}.",
-            "",
         ]
+        c = cfg.finetune.consistency
+        if c.epochs:
+            lines.append(
+                f"Fine-tuning then trains {c.epochs} epochs on the unlabeled images too (FixMatch, "
+                f"threshold {c.threshold:g}); the baseline "
+                + ("does the same." if c.baseline else "sees only its labeled subset.")
+            )
+        lines.append("")
     lines += [
         f"Top-1 accuracy (%) on the test split ({report.get('test_images', '?')} images).",
         "",

@@ -2,7 +2,9 @@
 supervised-from-scratch baseline on the same labels.
 
 The fine-tuned network is the pretrained encoder plus the first ``finetune.from_head_layer``
-projection-head layers plus a linear classifier. The baseline is the very same architecture from
+projection-head layers plus a linear classifier. With ``finetune.consistency.epochs`` it then trains
+on the unlabeled train images too (FixMatch, :mod:`pipeline.stages.consistency`); the baseline
+does so only with ``finetune.consistency.baseline``. The baseline is the very same architecture from
 random initialisation, trained with the same augmentation, optimiser, schedule and step budget;
 only its learning rate may differ (``finetune.baseline_lr``, one value or one per label fraction),
 so that each side gets its own best.
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 
 from pipeline.config import Config
 from pipeline.data import dataset_info
+from pipeline.data.transforms import BatchTwoViewAugment
 from pipeline.distributed import convert_sync_batchnorm
 from pipeline.models import (
     Classifier,
@@ -37,6 +40,7 @@ from pipeline.stages.common import (
     single_view_augment,
     subset_keys,
 )
+from pipeline.stages.consistency import fit_consistency, resumes_consistency
 from pipeline.stages.pretrain import view_size
 from pipeline.stages.supervised import SupervisedPlan, fit
 
@@ -118,7 +122,8 @@ def run(
     info = dataset_info(ds)
     channels, size, n_classes = int(info["channels"]), view_size(cfg, info), len(info["classes"])
     train = load_data(ds, "train")
-    labeled = train.take(subset_keys(ds, fraction))
+    keys = subset_keys(ds, fraction)
+    labeled = train.take(keys)
     val = load_data(ds, "val")
     model = build_network(cfg, channels, n_classes, None if baseline else inputs["pretrain"])
     if ctx.world_size > 1:
@@ -131,16 +136,45 @@ def run(
         logits = encode(m, val.images, size=size)
         return {"val_top1": accuracy(logits, val.labels)} if len(val) else {}
 
-    history = fit(
-        model,
-        labeled.images,
-        labeled.labels,
-        loss_fn=F.cross_entropy,
-        augment=single_view_augment(cfg, channels, size, cfg.finetune.crop_min_scale),
-        plan=plan_for(cfg, name, fraction, baseline),
-        ctx=ctx,
-        evaluate=evaluate,
-    )
+    augment = single_view_augment(cfg, channels, size, cfg.finetune.crop_min_scale)
+    c = cfg.finetune.consistency
+    consistency = c.epochs > 0 and (c.baseline or not baseline)
+    ckpt = ctx.load_checkpoint() if consistency else None
+    if resumes_consistency(ckpt):
+        history: list[dict[str, Any]] = []  # the supervised part finished; its rows are in ckpt
+    else:
+        history = fit(
+            model,
+            labeled.images,
+            labeled.labels,
+            loss_fn=F.cross_entropy,
+            augment=augment,
+            plan=plan_for(cfg, name, fraction, baseline),
+            ctx=ctx,
+            evaluate=None if consistency else evaluate,
+        )
+    if consistency:
+        unlabeled = train.drop(keys)
+        strong = BatchTwoViewAugment(
+            size=size, channels=channels, strength=c.strength, crop_min_scale=c.crop_min_scale
+        ).single
+        history = fit_consistency(
+            model,
+            labeled.images,
+            labeled.labels,
+            unlabeled.images,
+            cfg=c,
+            weak=augment,
+            strong=strong,
+            ctx=ctx,
+            history=history,
+            seed=cfg.supervised_seed,
+            weight_decay=cfg.finetune.weight_decay,
+            bf16=cfg.pretrain.bf16,
+            name=name,
+            evaluate=evaluate,
+            unlabeled_labels=unlabeled.labels,
+        )
     outputs = {"model": str(out / "model.pt"), "history": str(out / "history.json")}
     metrics: dict[str, Any] = {}
     final = history[-1]

@@ -1,0 +1,169 @@
+"""Fine-tuning's consistency phase: FixMatch on the unlabeled train images (Sohn et al. 2020,
+arXiv:2001.07685), after the supervised fine-tuning.
+
+Each step takes ``batch_size`` unlabeled images and ``labeled_batch_size`` labeled ones. The
+network in eval mode predicts the unlabeled images' weak view (fine-tuning's own augmentation);
+where its confidence reaches ``threshold`` that class becomes the target of a strong view (colour
+jitter of ``strength``, crop of ``crop_min_scale``). One forward pass over labeled weak views and
+unlabeled strong views (BatchNorm sees both, as in the paper) gives
+``loss = CE(labeled) + weight · fixmatch(strong, weak)``.
+
+The phase continues the stage's history (epochs numbered after the supervised ones) and its
+checkpoints carry ``phase: "consistency"``, so a resumed stage skips the finished supervised part.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config import ConsistencyConfig
+from pipeline.losses import confident_targets, fixmatch
+from pipeline.optim import build_optimizer, warmup_cosine
+from pipeline.runtime import TrainContext
+from pipeline.stages.common import (
+    Throughput,
+    batches,
+    restore_training_state,
+    training_state,
+)
+from pipeline.stages.supervised import epoch_order
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PHASE", "fit_consistency", "resumes_consistency"]
+
+#: The ``phase`` entry of this loop's checkpoints.
+PHASE = "consistency"
+
+
+def resumes_consistency(ckpt: dict[str, Any] | None) -> bool:
+    """Whether ``ckpt`` (a stage's latest checkpoint) was written by the consistency phase."""
+    return ckpt is not None and ckpt.get("phase") == PHASE
+
+
+def fit_consistency(
+    model: nn.Module,
+    labeled_images: torch.Tensor,
+    labeled_labels: torch.Tensor,
+    unlabeled_images: torch.Tensor,
+    *,
+    cfg: ConsistencyConfig,
+    weak: Callable[[torch.Tensor], torch.Tensor],
+    strong: Callable[[torch.Tensor], torch.Tensor],
+    ctx: TrainContext,
+    history: list[dict[str, Any]],
+    seed: int = 0,
+    weight_decay: float = 1e-4,
+    bf16: bool = False,
+    name: str = "consistency",
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+    unlabeled_labels: torch.Tensor | None = None,
+) -> list[dict[str, Any]]:
+    """Run ``cfg.epochs`` epochs over ``unlabeled_images`` (uint8, N×C×H×W) after the supervised
+    ``history``; returns that history extended by one row per epoch.
+
+    ``unlabeled_labels`` (optional, row-aligned) are never trained on: they only measure how
+    often the confident pseudo-labels are right (``pseudo_label_acc``, monitoring).
+    Checkpoints every epoch through ``ctx``; resumes from a consistency-phase checkpoint.
+    """
+    n_u, n_l = int(unlabeled_images.shape[0]), int(labeled_images.shape[0])
+    if n_l == 0:
+        raise ValueError(f"{name}: no labeled images")
+    rank, world = ctx.rank, ctx.world_size
+    b_u = max(1, cfg.batch_size // world)
+    steps = n_u // world // b_u
+    if steps == 0:
+        raise ValueError(
+            f"{name}: {n_u} unlabeled images are fewer than one batch "
+            f"(finetune.consistency.batch_size={cfg.batch_size} over {world} worker(s))"
+        )
+    b_l = max(1, min(cfg.labeled_batch_size // world, n_l))
+    total = steps * cfg.epochs
+    net = ctx.prepare_model(model)
+    device = ctx.device
+    unlabeled_images = unlabeled_images.to(device)
+    labeled_images, labeled_labels = labeled_images.to(device), labeled_labels.to(device)
+    if unlabeled_labels is not None:
+        unlabeled_labels = unlabeled_labels.to(device)
+    opt = build_optimizer("adamw", model, lr=cfg.lr, weight_decay=weight_decay)
+    sched = warmup_cosine(opt, warmup_steps=0, total_steps=total)
+    history = list(history)
+    base_epoch = len(history)
+    start = 0
+    ckpt = ctx.load_checkpoint()
+    if resumes_consistency(ckpt):
+        start, history = restore_training_state(ckpt, model, opt, sched)
+        base_epoch = int(ckpt["base_epoch"])
+        log.info("%s: resuming after consistency epoch %d", name, start)
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        if bf16
+        else contextlib.nullcontext()
+    )
+    for epoch in range(start, cfg.epochs):
+        order_l = epoch_order(n_l, steps * b_l * world, seed=seed * 7919 + 104729 + epoch)
+        meter = Throughput()
+        sums = {"loss": 0.0, "labeled_loss": 0.0, "unlabeled_loss": 0.0}
+        kept = right = 0
+        # Every rank takes the same number of steps (DDP), whatever n_u % world is.
+        draws = batches(n_u, b_u, epoch=epoch, seed=seed + 31, rank=rank, world_size=world)
+        for step, idx in enumerate(itertools.islice(draws, steps)):
+            xu = unlabeled_images[idx]
+            model.eval()
+            with torch.no_grad(), autocast:
+                weak_logits = model(weak(xu)).float()  # (b_u, K): the targets, no gradient
+            net.train()
+            li = order_l[(step * world + rank) * b_l : (step * world + rank + 1) * b_l]
+            x = torch.cat([weak(labeled_images[li]), strong(xu)])  # (b_l + b_u, C, H, W)
+            with autocast:
+                logits = net(x)
+            logits = logits.float()
+            sup = F.cross_entropy(logits[: len(li)], labeled_labels[li])
+            uns = fixmatch(logits[len(li) :], weak_logits, cfg.threshold)
+            loss = sup + cfg.weight * uns
+            value = loss.item()
+            if not math.isfinite(value):
+                raise FloatingPointError(f"{name}: loss is {value} at consistency epoch {epoch}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            sums["loss"] += value
+            sums["labeled_loss"] += sup.item()
+            sums["unlabeled_loss"] += uns.item()
+            targets, keep = confident_targets(weak_logits, cfg.threshold)
+            kept += int(keep.sum())
+            if unlabeled_labels is not None:
+                right += int((targets[keep] == unlabeled_labels[idx][keep]).sum())
+            meter.add((len(idx) + len(li)) * world)
+        seen = steps * b_u
+        metrics: dict[str, Any] = {
+            "epoch": base_epoch + epoch + 1,
+            "consistency_epoch": epoch + 1,
+            **{k: v / steps for k, v in sums.items()},
+            "mask_rate": 100.0 * kept / seen,
+            "lr": opt.param_groups[0]["lr"],
+            "images_per_s": meter.rate,
+            "epoch_seconds": meter.seconds,
+        }
+        if unlabeled_labels is not None:
+            metrics["pseudo_label_acc"] = 100.0 * right / max(kept, 1)
+        if evaluate is not None and epoch + 1 == cfg.epochs:
+            metrics.update(evaluate(model))
+        history.append(metrics)
+        state = None
+        if rank == 0:
+            state = training_state(
+                model, opt, sched, epoch, history, phase=PHASE, base_epoch=base_epoch
+            )
+        ctx.report(metrics, checkpoint=state)
+    return history
