@@ -220,3 +220,76 @@ def test_supcon_gather_distributed_flag_ignored_in_one_process() -> None:
         SupConLoss(0.2, gather_distributed=True)(feats),
         SupConLoss(0.2, gather_distributed=False)(feats),
     )
+
+
+class _DDPContext:
+    """A TrainContext for one gloo rank: DDP-wrapped model, checkpoints kept in memory."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank, self.world_size, self.device = rank, WORLD, torch.device("cpu")
+        self.reports: list[dict] = []
+
+    def report(self, metrics, checkpoint=None) -> None:
+        self.reports.append(dict(metrics))
+
+    def load_checkpoint(self):
+        return None
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        return nn.parallel.DistributedDataParallel(model)
+
+
+def _consistency_worker(rank: int, out_dir: str) -> None:
+    from pipeline.config import ConsistencyConfig
+    from pipeline.data.transforms import BatchTwoViewAugment
+    from pipeline.stages.consistency import fit_consistency
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
+    try:
+        torch.manual_seed(0)
+        model = convert_sync_batchnorm(
+            nn.Sequential(
+                nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3)
+            )
+        )
+        model(torch.zeros(2, 1, 8, 8))  # materialise the lazy layer identically on both ranks
+        g = torch.Generator().manual_seed(1)
+        unlabeled = torch.randint(0, 256, (31, 1, 8, 8), dtype=torch.uint8, generator=g)
+        labeled = torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8, generator=g)
+        aug = BatchTwoViewAugment(size=8, channels=1, strength=1.0, crop_min_scale=1.0)
+        ctx = _DDPContext(rank)
+        # 31 images, 4 per rank and step: rank 0's strided share (16) holds 4 batches, rank 1's
+        # (15) only 3. Both must take 3 steps, or rank 0 waits forever in its 4th all-reduce.
+        cfg = ConsistencyConfig(epochs=1, batch_size=8, labeled_batch_size=4, threshold=0.34)
+        hist = fit_consistency(
+            model,
+            labeled,
+            torch.tensor([0, 1, 2, 0, 1]),
+            unlabeled,
+            cfg=cfg,
+            weak=aug.single,
+            strong=aug.single,
+            ctx=ctx,
+            history=[],
+        )
+        torch.save(
+            {"hist": hist, "state": {k: v.clone() for k, v in model.state_dict().items()}},
+            Path(out_dir) / f"consistency{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(180)
+def test_consistency_phase_on_two_gloo_ranks_stays_in_step(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    mp.spawn(_consistency_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"consistency{r}.pt") for r in range(WORLD)]
+    for r in ranks:
+        assert [h["consistency_epoch"] for h in r["hist"]] == [1]
+        assert r["hist"][0]["images_per_s"] > 0
+    # DDP averaged every step's gradients: the replicas end identical.
+    for k, v in ranks[0]["state"].items():
+        torch.testing.assert_close(ranks[1]["state"][k], v, msg=k)
