@@ -172,6 +172,23 @@ def test_finetune_seed_reseeds_supervised_stages_only():
     }
 
 
+def test_consistency_phase_keys_the_baseline_only_when_it_trains_with_it():
+    base = compute_keys(build_graph(cfg_with()), cfg_with())
+    on = {"label_fractions": [1, 10], "consistency": {"epochs": 2}}
+    c = cfg_with(finetune=on)
+    k = compute_keys(build_graph(c), c)
+    assert {n for n in base if base[n] != k[n]} == {
+        "finetune@1",
+        "finetune@10",
+        "distill@1",
+        "distill@10",
+        "evaluate",
+    }
+    c = cfg_with(finetune={**on, "consistency": {"epochs": 2, "baseline": True}})
+    k2 = compute_keys(build_graph(c), c)
+    assert k2["baseline@1"] != k["baseline@1"] and k2["finetune@1"] == k["finetune@1"]
+
+
 def test_semisup_pretraining_key_follows_the_labels_it_sees():
     """Semi-supervised pretraining uses the smallest fine-tuning fraction's labels unless
     pretrain.label_fraction says otherwise: that fraction is part of its key, so a run with

@@ -255,8 +255,20 @@ def stage_config(node: StageNode, cfg: Config) -> dict[str, Any]:
         drop = _NOT_IN_KEY.get(s)
         if drop and isinstance(v, dict):
             v = {k: x for k, x in v.items() if k not in drop}
+        if s == "finetune" and isinstance(v, dict) and "consistency" in v:
+            v = _consistency_slice(node.kind, v)
         out[s] = v
     return out
+
+
+def _consistency_slice(kind: str, finetune: dict[str, Any]) -> dict[str, Any]:
+    """``finetune.consistency`` is an input of the baseline only with ``consistency.baseline``,
+    and that flag itself is never an input of fine-tuning."""
+    c = dict(finetune["consistency"])
+    use = c.pop("baseline", False)
+    if kind == "baseline" and not use:
+        return {k: x for k, x in finetune.items() if k != "consistency"}
+    return {**finetune, "consistency": c}
 
 
 def cache_key(
