@@ -167,6 +167,11 @@ class ConsistencyConfig(_Section):
     batch_size: int = Field(256, ge=2, description="unlabeled images per step")
     labeled_batch_size: int = Field(64, ge=1, description="labeled images per step")
     lr: float = Field(1e-3, gt=0.0, description="AdamW, cosine decay, no warm-up")
+    distribution_alignment: bool = Field(
+        False,
+        description="scale the weak view's class probabilities by the labeled subset's class "
+        "frequencies over their running mean before thresholding (ReMixMatch)",
+    )
     baseline: bool = Field(
         False,
         description="train the from-scratch baseline this way too (a semi-supervised reference "

@@ -13,6 +13,7 @@ from pipeline.losses import (
     DistillationLoss,
     NTXentLoss,
     SupConLoss,
+    align_distribution,
     confident_targets,
     distillation,
     fixmatch,
@@ -322,3 +323,36 @@ def test_fixmatch_validation_errors(gen: torch.Generator) -> None:
         fixmatch(x, x[:3], 0.9)
     with pytest.raises(ValueError, match="weak_logits"):
         confident_targets(torch.randn(4), 0.9)
+
+
+def test_align_distribution_is_identity_when_the_running_mean_is_the_target(
+    gen: torch.Generator,
+) -> None:
+    logits = torch.randn(6, 4, generator=gen)
+    prior = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    got = align_distribution(logits, prior, prior)
+    torch.testing.assert_close(got.softmax(1), logits.softmax(1))
+
+
+def test_align_distribution_moves_targets_away_from_an_over_predicted_class() -> None:
+    logits = torch.tensor([[2.0, 1.9, 0.0], [0.0, 0.0, 0.0]])
+    uniform = torch.full((3,), 1 / 3)
+    running = torch.tensor([0.6, 0.2, 0.2])  # the network says class 0 far too often
+    q = align_distribution(logits, running, uniform).exp()
+    torch.testing.assert_close(q.sum(1), torch.ones(2))
+    # By hand: q ∝ softmax(logits) · (1/3) / running.
+    p = logits.softmax(1) / running
+    torch.testing.assert_close(q, p / p.sum(1, keepdim=True))
+    assert q[0].argmax() == 1 and logits[0].argmax() == 0  # the close call flips
+    assert q[1, 0] < q[1, 1] == q[1, 2]
+
+
+def test_align_distribution_validation_errors(gen: torch.Generator) -> None:
+    x = torch.randn(4, 3, generator=gen)
+    ok = torch.full((3,), 1 / 3)
+    with pytest.raises(ValueError, match="running: expected shape"):
+        align_distribution(x, torch.ones(4), ok)
+    with pytest.raises(ValueError, match="target: every class"):
+        align_distribution(x, ok, torch.tensor([0.5, 0.5, 0.0]))
+    with pytest.raises(ValueError, match="weak_logits"):
+        align_distribution(torch.randn(3), ok, ok)

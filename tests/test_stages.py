@@ -88,12 +88,13 @@ def test_pretrain_resumes_from_checkpoint(cfg: Config, dataset: str, tmp_path: P
     assert [h["epoch"] for h in result.history] == [1, 2]
 
 
-def _with_consistency(cfg: Config, baseline: bool = False) -> Config:
+def _with_consistency(cfg: Config, baseline: bool = False, align: bool = False) -> Config:
     c = cfg.model_copy(deep=True)
     c.finetune.consistency.epochs = 2
     c.finetune.consistency.batch_size = 128
     c.finetune.consistency.threshold = 0.2  # a two-epoch digits network is rarely sure
     c.finetune.consistency.baseline = baseline
+    c.finetune.consistency.distribution_alignment = align
     return c
 
 
@@ -140,11 +141,12 @@ def test_finetune_consistency_resumes_without_redoing_the_supervised_part(
 ) -> None:
     frac = cfg.finetune.label_fractions[0]
     inputs = {"dataset": dataset, "pretrain": pretrained}
-    c = _with_consistency(cfg)
+    c = _with_consistency(cfg, align=True)  # the alignment's running mean is checkpointed too
     ckpt = tmp_path / "ckpt"
     with pytest.raises(_Interrupt):
         finetune.run(c, inputs, str(tmp_path / "out"), _StopAtConsistencyEpoch(ckpt), fraction=frac)
-    assert torch.load(ckpt / "latest.pt", weights_only=False)["phase"] == "consistency"
+    saved = torch.load(ckpt / "latest.pt", weights_only=False)
+    assert saved["phase"] == "consistency" and saved["align_running"].shape == (10,)
     ctx = LocalContext(ckpt)
     result = finetune.run(c, inputs, str(tmp_path / "out"), ctx, fraction=frac)
     assert [m["epoch"] for m in ctx.reports] == [4]  # only the last consistency epoch re-ran

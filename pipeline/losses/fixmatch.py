@@ -9,6 +9,9 @@ Semi-Supervised Learning with Consistency and Confidence", arXiv:2001.07685, eq.
 where α is a weak augmentation, A a strong one, and τ the confidence threshold. The weak view's
 prediction is a constant target (no gradient). The mean runs over the whole unlabeled batch, not
 over the rows kept, as in the paper: the loss grows as the model becomes confident on more images.
+
+:func:`align_distribution` is ReMixMatch's distribution alignment (Berthelot et al. 2020,
+arXiv:1911.09785, §3.2), applied to the weak view's prediction before it becomes a target.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["confident_targets", "fixmatch"]
+__all__ = ["align_distribution", "confident_targets", "fixmatch"]
 
 
 def _check_threshold(threshold: float) -> float:
@@ -69,3 +72,28 @@ def fixmatch(strong_logits: Tensor, weak_logits: Tensor, threshold: float = 0.95
     dtype = torch.float64 if strong_logits.dtype == torch.float64 else torch.float32
     ce = F.cross_entropy(strong_logits.to(dtype), targets, reduction="none")  # (B,)
     return (ce * keep.to(dtype)).mean()
+
+
+@torch.no_grad()
+def align_distribution(weak_logits: Tensor, running: Tensor, target: Tensor) -> Tensor:
+    """Distribution alignment (ReMixMatch, arXiv:1911.09785 §3.2):
+    ``q̃ = normalise(q · target / running)`` for the weak view's class probabilities ``q``.
+
+    Args:
+        weak_logits: (B, C) logits of the weakly augmented unlabeled images.
+        running: (C,) running mean of the model's class probabilities on unlabeled images.
+        target: (C,) the class marginal to align to (e.g. the labeled subset's class frequencies).
+
+    Returns:
+        (B, C) ``log q̃``, usable wherever logits are (``softmax(log q̃) = q̃``).
+    """
+    if weak_logits.ndim != 2:
+        raise ValueError(f"weak_logits: expected (B, C), got shape {tuple(weak_logits.shape)}")
+    c = weak_logits.shape[1]
+    for name, v in (("running", running), ("target", target)):
+        if v.shape != (c,):
+            raise ValueError(f"{name}: expected shape ({c},), got {tuple(v.shape)}")
+        if not bool((v > 0).all()):
+            raise ValueError(f"{name}: every class needs a probability > 0")
+    q = weak_logits.float().softmax(dim=1) * (target.float() / running.float())  # (B, C)
+    return torch.log(q / q.sum(dim=1, keepdim=True))

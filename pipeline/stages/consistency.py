@@ -6,7 +6,10 @@ network in eval mode predicts the unlabeled images' weak view (fine-tuning's own
 where its confidence reaches ``threshold`` that class becomes the target of a strong view (colour
 jitter of ``strength``, crop of ``crop_min_scale``). One forward pass over labeled weak views and
 unlabeled strong views (BatchNorm sees both, as in the paper) gives
-``loss = CE(labeled) + weight · fixmatch(strong, weak)``.
+``loss = CE(labeled) + weight · fixmatch(strong, weak)``. With ``distribution_alignment`` the
+weak view's probabilities are first scaled by the labeled subset's class frequencies over their
+running mean (momentum :data:`ALIGN_MOMENTUM` per step, started at the first batch's mean), which
+keeps the targets from drifting towards the classes the network already favours.
 
 The phase continues the stage's history (epochs numbered after the supervised ones) and its
 checkpoints carry ``phase: "consistency"``, so a resumed stage skips the finished supervised part.
@@ -26,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import ConsistencyConfig
-from pipeline.losses import confident_targets, fixmatch
+from pipeline.losses import align_distribution, confident_targets, fixmatch
 from pipeline.optim import build_optimizer, warmup_cosine
 from pipeline.runtime import TrainContext
 from pipeline.stages.common import (
@@ -39,10 +42,12 @@ from pipeline.stages.supervised import epoch_order
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PHASE", "fit_consistency", "resumes_consistency"]
+__all__ = ["ALIGN_MOMENTUM", "PHASE", "fit_consistency", "resumes_consistency"]
 
 #: The ``phase`` entry of this loop's checkpoints.
 PHASE = "consistency"
+#: Per-step momentum of the running mean of the predictions (distribution alignment).
+ALIGN_MOMENTUM = 0.999
 
 
 def resumes_consistency(ckpt: dict[str, Any] | None) -> bool:
@@ -99,10 +104,13 @@ def fit_consistency(
     history = list(history)
     base_epoch = len(history)
     start = 0
+    prior: torch.Tensor | None = None  # (K,) the labeled subset's class frequencies
+    running: torch.Tensor | None = None  # (K,) mean prediction on unlabeled weak views
     ckpt = ctx.load_checkpoint()
     if resumes_consistency(ckpt):
         start, history = restore_training_state(ckpt, model, opt, sched)
         base_epoch = int(ckpt["base_epoch"])
+        running = ckpt.get("align_running")
         log.info("%s: resuming after consistency epoch %d", name, start)
     autocast = (
         torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -121,6 +129,15 @@ def fit_consistency(
             model.eval()
             with torch.no_grad(), autocast:
                 weak_logits = model(weak(xu)).float()  # (b_u, K): the targets, no gradient
+            if cfg.distribution_alignment:
+                if prior is None:
+                    # A class missing from the labeled subset counts once (the target must be > 0).
+                    counts = torch.bincount(labeled_labels, minlength=weak_logits.shape[1])
+                    prior = counts.clamp(min=1).float() / counts.clamp(min=1).sum()
+                mean = weak_logits.softmax(dim=1).mean(dim=0)  # (K,)
+                running = mean if running is None else running.to(device)
+                running = ALIGN_MOMENTUM * running + (1 - ALIGN_MOMENTUM) * mean
+                weak_logits = align_distribution(weak_logits, running, prior)
             net.train()
             li = order_l[(step * world + rank) * b_l : (step * world + rank + 1) * b_l]
             x = torch.cat([weak(labeled_images[li]), strong(xu)])  # (b_l + b_u, C, H, W)
@@ -163,7 +180,14 @@ def fit_consistency(
         state = None
         if rank == 0:
             state = training_state(
-                model, opt, sched, epoch, history, phase=PHASE, base_epoch=base_epoch
+                model,
+                opt,
+                sched,
+                epoch,
+                history,
+                phase=PHASE,
+                base_epoch=base_epoch,
+                align_running=None if running is None else running.cpu(),
             )
         ctx.report(metrics, checkpoint=state)
     return history
