@@ -120,8 +120,9 @@ def fit_consistency(
     for epoch in range(start, cfg.epochs):
         order_l = epoch_order(n_l, steps * b_l * world, seed=seed * 7919 + 104729 + epoch)
         meter = Throughput()
-        sums = {"loss": 0.0, "labeled_loss": 0.0, "unlabeled_loss": 0.0}
-        kept = right = 0
+        loss_sum = 0.0
+        # labeled loss, unlabeled loss, kept targets, right targets: on the device, read per epoch
+        sums = torch.zeros(4, device=device)
         # Every rank takes the same number of steps (DDP), whatever n_u % world is.
         draws = batches(n_u, b_u, epoch=epoch, seed=seed + 31, rank=rank, world_size=world)
         for step, idx in enumerate(itertools.islice(draws, steps)):
@@ -147,33 +148,36 @@ def fit_consistency(
             sup = F.cross_entropy(logits[: len(li)], labeled_labels[li])
             uns = fixmatch(logits[len(li) :], weak_logits, cfg.threshold)
             loss = sup + cfg.weight * uns
-            value = loss.item()
+            value = loss.item()  # the step's one wait for the device
             if not math.isfinite(value):
                 raise FloatingPointError(f"{name}: loss is {value} at consistency epoch {epoch}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            sums["loss"] += value
-            sums["labeled_loss"] += sup.item()
-            sums["unlabeled_loss"] += uns.item()
+            loss_sum += value
             targets, keep = confident_targets(weak_logits, cfg.threshold)
-            kept += int(keep.sum())
-            if unlabeled_labels is not None:
-                right += int((targets[keep] == unlabeled_labels[idx][keep]).sum())
+            right = (
+                ((targets == unlabeled_labels[idx]) & keep).sum()
+                if unlabeled_labels is not None
+                else keep.new_zeros(())
+            )
+            sums += torch.stack([sup.detach(), uns.detach(), keep.sum(), right]).float()
             meter.add((len(idx) + len(li)) * world)
-        seen = steps * b_u
+        sup_sum, uns_sum, kept, right_sum = sums.tolist()
         metrics: dict[str, Any] = {
             "epoch": base_epoch + epoch + 1,
             "consistency_epoch": epoch + 1,
-            **{k: v / steps for k, v in sums.items()},
-            "mask_rate": 100.0 * kept / seen,
+            "loss": loss_sum / steps,
+            "labeled_loss": sup_sum / steps,
+            "unlabeled_loss": uns_sum / steps,
+            "mask_rate": 100.0 * kept / (steps * b_u),
             "lr": opt.param_groups[0]["lr"],
             "images_per_s": meter.rate,
             "epoch_seconds": meter.seconds,
         }
         if unlabeled_labels is not None:
-            metrics["pseudo_label_acc"] = 100.0 * right / max(kept, 1)
+            metrics["pseudo_label_acc"] = 100.0 * right_sum / max(kept, 1.0)
         if evaluate is not None and epoch + 1 == cfg.epochs:
             metrics.update(evaluate(model))
         history.append(metrics)
