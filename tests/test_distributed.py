@@ -168,12 +168,17 @@ def test_single_process_helpers_are_no_ops() -> None:
     assert gather_sizes(3) == [3]
 
 
-@pytest.mark.timeout(180)
-def test_two_gloo_ranks_match_one_process(tmp_path: Path, monkeypatch) -> None:
+def _spawn_ranks(worker, tmp_path: Path, monkeypatch, stem: str) -> list[dict]:
+    """Run ``worker(rank, out_dir)`` on WORLD gloo processes; the dict each saved as STEM{rank}.pt."""
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(_free_port()))
-    mp.spawn(_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    mp.spawn(worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    return [torch.load(tmp_path / f"{stem}{r}.pt") for r in range(WORLD)]
+
+
+@pytest.mark.timeout(180)
+def test_two_gloo_ranks_match_one_process(tmp_path: Path, monkeypatch) -> None:
+    ranks = _spawn_ranks(_worker, tmp_path, monkeypatch, "rank")
 
     bn = make_bn2d()
     img, weight = make_images()
@@ -283,10 +288,7 @@ def _consistency_worker(rank: int, out_dir: str) -> None:
 
 @pytest.mark.timeout(180)
 def test_consistency_phase_on_two_gloo_ranks_stays_in_step(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
-    mp.spawn(_consistency_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"consistency{r}.pt") for r in range(WORLD)]
+    ranks = _spawn_ranks(_consistency_worker, tmp_path, monkeypatch, "consistency")
     for r in ranks:
         assert [h["consistency_epoch"] for h in r["hist"]] == [1]
         assert r["hist"][0]["images_per_s"] > 0
