@@ -66,6 +66,7 @@ def fit_consistency(
     strong: Callable[[torch.Tensor], torch.Tensor],
     ctx: TrainContext,
     history: list[dict[str, Any]],
+    resume: dict[str, Any] | None = None,
     seed: int = 0,
     weight_decay: float = 1e-4,
     bf16: bool = False,
@@ -78,7 +79,8 @@ def fit_consistency(
 
     ``unlabeled_labels`` (optional, row-aligned) are never trained on: they only measure how
     often the confident pseudo-labels are right (``pseudo_label_acc``, monitoring).
-    Checkpoints every epoch through ``ctx``; resumes from a consistency-phase checkpoint.
+    Checkpoints every epoch through ``ctx``; ``resume`` (the stage's latest checkpoint, loaded
+    by the caller) continues from it when the consistency phase wrote it.
     """
     n_u, n_l = int(unlabeled_images.shape[0]), int(labeled_images.shape[0])
     if n_l == 0:
@@ -106,11 +108,11 @@ def fit_consistency(
     start = 0
     prior: torch.Tensor | None = None  # (K,) the labeled subset's class frequencies
     running: torch.Tensor | None = None  # (K,) mean prediction on unlabeled weak views
-    ckpt = ctx.load_checkpoint()
-    if resumes_consistency(ckpt):
-        start, history = restore_training_state(ckpt, model, opt, sched)
-        base_epoch = int(ckpt["base_epoch"])
-        running = ckpt.get("align_running")
+    if resumes_consistency(resume):
+        start, history = restore_training_state(resume, model, opt, sched)
+        base_epoch = int(resume["base_epoch"])
+        if resume.get("align_running") is not None:
+            running = resume["align_running"].to(device)
         log.info("%s: resuming after consistency epoch %d", name, start)
     autocast = (
         torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -136,7 +138,8 @@ def fit_consistency(
                     counts = torch.bincount(labeled_labels, minlength=weak_logits.shape[1])
                     prior = counts.clamp(min=1).float() / counts.clamp(min=1).sum()
                 mean = weak_logits.softmax(dim=1).mean(dim=0)  # (K,)
-                running = mean if running is None else running.to(device)
+                if running is None:
+                    running = mean
                 running = ALIGN_MOMENTUM * running + (1 - ALIGN_MOMENTUM) * mean
                 weak_logits = align_distribution(weak_logits, running, prior)
             net.train()

@@ -168,6 +168,7 @@ def run(
             strong=strong,
             ctx=ctx,
             history=history,
+            resume=ckpt,
             seed=cfg.supervised_seed,
             weight_decay=cfg.finetune.weight_decay,
             bf16=cfg.pretrain.bf16,
