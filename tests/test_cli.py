@@ -104,8 +104,9 @@ def test_compare_aggregates_runs_and_names_what_differs(tmp_path) -> None:
     assert cells[:2] == ["5%", "3"]
     assert cells[2:5] == ["64.0", "±", "4.0"] and cells[5:8] == ["71.0", "±", "1.0"]
     assert cells[8:11] == ["+7.0", "±", "3.6"]  # mean of the per-run differences, not of means
-    assert cells[11:14] == ["70.8", "±", "0.3"] and cells[14:17] == ["-0.2", "±", "1.0"]
-    assert cells[17] == "-"  # no linear probe recorded
+    assert cells[11] == "2.1"  # its standard error: 3.61 / sqrt(3)
+    assert cells[12:15] == ["70.8", "±", "0.3"] and cells[15:18] == ["-0.2", "±", "1.0"]
+    assert cells[18] == "-"  # no linear probe recorded
     assert "kNN (all labels): 81.0 ± 1.0" in out.output
     code = code_label(store.load_run(ids[0]).code)
     assert f"\ncode: {code}\n" in out.output  # all three made with this checkout's code

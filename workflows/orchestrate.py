@@ -270,6 +270,13 @@ def _mean_sd(values: list[float], signed: bool = False) -> str:
     return mean if len(values) == 1 else f"{mean} ± {statistics.stdev(values):.1f}"
 
 
+def _standard_error(values: list[float]) -> str:
+    """sd / sqrt(n) of ``values``: how far their mean may sit from the recipe's (needs 2 runs)."""
+    if len(values) < 2:
+        return "-"
+    return f"{statistics.stdev(values) / math.sqrt(len(values)):.1f}"
+
+
 def _fraction_key(name: str) -> float:
     try:
         return float(name)
@@ -280,7 +287,7 @@ def _fraction_key(name: str) -> float:
 def compare_text(storage_root: str, run_ids: list[str], last: int | None = None) -> str:
     """The label-efficiency numbers of several finished runs side by side: per label fraction the
     mean ± sample standard deviation over the runs of baseline, fine-tuned, their difference (per
-    run, then averaged), student, student − teacher and linear probe; then kNN and the all-label
+    run, then averaged, with the standard error of that mean), student, student − teacher and linear probe; then kNN and the all-label
     linear probe; which config fields differ between the runs (e.g. ``seed``); and the code each
     run was made with (commit, ``+changes-<hash>`` for uncommitted edits; ``unknown`` for runs
     recorded without it), since the same config at two commits is not a repeat of one recipe.
@@ -339,14 +346,15 @@ def compare_text(storage_root: str, run_ids: list[str], last: int | None = None)
                 str(n),
                 _mean_sd(col("baseline_top1", frac)),
                 _mean_sd(col("finetune_top1", frac)),
-                _mean_sd(diff("finetune_top1", "baseline_top1", frac), signed=True),
+                _mean_sd(lead := diff("finetune_top1", "baseline_top1", frac), signed=True),
+                _standard_error(lead),
                 _mean_sd(col("student_top1", frac)),
                 _mean_sd(diff("student_top1", "finetune_top1", frac), signed=True),
                 _mean_sd(col("linear_top1", frac)),
             ]
         )
-    header = ["labels", "runs", "baseline", "SSL fine-tuned", "Δ", "student", "student − teacher",
-              "linear probe"]  # fmt: skip
+    header = ["labels", "runs", "baseline", "SSL fine-tuned", "Δ", "Δ s.e.", "student",
+              "student − teacher", "linear probe"]  # fmt: skip
     knn = [m["knn_top1"] for m in metrics if "knn_top1" in m]
     lin = [m["linear_full_top1"] for m in metrics if "linear_full_top1" in m]
     if not differ:
@@ -366,7 +374,7 @@ def compare_text(storage_root: str, run_ids: list[str], last: int | None = None)
         what,
         code,
         "top-1 % on the test split; mean ± sample standard deviation over the runs "
-        "(Δ and student − teacher per run, then averaged)",
+        "(Δ and student − teacher per run, then averaged; Δ s.e.: standard error of Δ's mean)",
         _table(rows, header),
         f"kNN (all labels): {_mean_sd(knn)}; linear probe (all labels): {_mean_sd(lin)}",
     ]
