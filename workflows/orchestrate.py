@@ -287,10 +287,11 @@ def _fraction_key(name: str) -> float:
 def compare_text(storage_root: str, run_ids: list[str], last: int | None = None) -> str:
     """The label-efficiency numbers of several finished runs side by side: per label fraction the
     mean ± sample standard deviation over the runs of baseline, fine-tuned, their difference (per
-    run, then averaged, with the standard error of that mean), student, student − teacher and linear probe; then kNN and the all-label
-    linear probe; which config fields differ between the runs (e.g. ``seed``); and the code each
-    run was made with (commit, ``+changes-<hash>`` for uncommitted edits; ``unknown`` for runs
-    recorded without it), since the same config at two commits is not a repeat of one recipe.
+    run, then averaged, with the standard error of that mean), student, student − teacher and
+    linear probe; then kNN and the all-label linear probe; which config fields differ between the
+    runs (e.g. ``seed``); and the code each run was made with (commit, ``+changes-<hash>`` for
+    uncommitted edits; ``unknown`` for runs recorded without it), since the same config at two
+    commits is not a repeat of one recipe.
 
     Read from each run's ``evaluate`` manifest (so a run whose evaluation was reused from an
     earlier run counts). At few labels one run is one draw (README, "What this shows"): compare
