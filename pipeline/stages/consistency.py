@@ -136,7 +136,8 @@ def fit_consistency(
                 if prior is None:
                     # A class missing from the labeled subset counts once (the target must be > 0).
                     counts = torch.bincount(labeled_labels, minlength=weak_logits.shape[1])
-                    prior = counts.clamp(min=1).float() / counts.clamp(min=1).sum()
+                    counts = counts.clamp(min=1).float()
+                    prior = counts / counts.sum()
                 mean = weak_logits.softmax(dim=1).mean(dim=0)  # (K,)
                 if running is None:
                     running = mean
