@@ -149,6 +149,46 @@ def test_projection_head_structure(depth: int) -> None:
     assert (z < 0).any()  # no ReLU at the end: z can be negative
 
 
+@pytest.mark.parametrize("depth", [1, 3])
+def test_projection_head_simclrv2_last_layer(depth: int) -> None:
+    """SimCLRv2's last head layer: a bias-free Linear, then batch norm with a scale and no shift,
+    no ReLU; the shift stays zero through training and survives SyncBatchNorm conversion."""
+    from pipeline.models.heads import ScaleOnlyBatchNorm1d
+
+    head = ProjectionHead(16, 12, 8, depth, last_bn=True)
+    last = head.blocks[-1]
+    assert [type(m) for m in last] == [nn.Linear, ScaleOnlyBatchNorm1d]
+    assert last[0].bias is None
+    names = {n for n, _ in head.named_parameters()}
+    assert f"blocks.{depth - 1}.1.weight" in names
+    assert not any(n.startswith(f"blocks.{depth - 1}.1.") and "bias" in n for n in names)
+    opt = torch.optim.SGD(head.parameters(), lr=0.5)
+    x = torch.randn(32, 16) + 3.0
+    for _ in range(3):  # trained towards a target with non-zero mean: no shift can learn it
+        loss = (head(x) - 1.0).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert not torch.equal(last[1].weight.detach(), torch.ones(8))  # the scale does learn
+    z = head.train()(torch.randn(64, 16))
+    # batch norm without a shift: each output feature has zero mean over the batch
+    torch.testing.assert_close(z.mean(0), torch.zeros(8), atol=1e-5, rtol=0)
+    sync = nn.SyncBatchNorm.convert_sync_batchnorm(head)
+    assert isinstance(sync.blocks[-1][1].bn, nn.SyncBatchNorm)
+    state = head.state_dict()
+    again = ProjectionHead(16, 12, 8, depth, last_bn=True)
+    again.load_state_dict(state)
+
+
+def test_model_config_head_last_bn_builds_the_simclrv2_head() -> None:
+    from pipeline.models.heads import ScaleOnlyBatchNorm1d
+
+    cfg = ModelConfig(arch="resnet18", width=0.125, head_depth=3, head_last_bn=True)
+    model = build_contrastive_model(cfg, 1)
+    assert isinstance(model.head.blocks[-1][1], ScaleOnlyBatchNorm1d)
+    assert not any(isinstance(m, ScaleOnlyBatchNorm1d) for m in _small_model().modules())
+
+
 @pytest.mark.parametrize(
     "args", [(0, 8, 8, 2), (8, 0, 8, 2), (8, 8, 0, 2), (8, 8, 8, 0), (8, 8, 8, 5), (8, 8, 8, 2.0)]
 )

@@ -94,7 +94,9 @@ def build_contrastive_model(model_cfg: ModelSection, in_channels: int) -> Contra
     cfg = model_config(model_cfg)
     encoder = build_encoder(cfg.arch, cfg.width, cfg.cifar_stem, in_channels, cfg.stem_stride)
     hidden = cfg.head_hidden or encoder.out_dim
-    head = ProjectionHead(encoder.out_dim, hidden, cfg.head_out, cfg.head_depth)
+    head = ProjectionHead(
+        encoder.out_dim, hidden, cfg.head_out, cfg.head_depth, last_bn=cfg.head_last_bn
+    )
     model = ContrastiveModel(encoder, head)
     if cfg.channels_last:
         to_channels_last(model)

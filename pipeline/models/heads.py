@@ -6,10 +6,16 @@ encoder and applies the contrastive loss to ``z``. SimCLRv2 (Chen et al. 2020, a
 the first ``j`` head layers. :func:`backbone_from` cuts that network; :class:`Classifier` puts a
 linear layer on it.
 
-Head layout (``depth`` linear layers, SimCLRv2 style)::
+Head layout (``depth`` linear layers)::
 
     block 0 .. depth-2 : Linear(d_in, hidden, bias=False) -> BatchNorm1d(hidden) -> ReLU
-    block depth-1      : Linear(d_in, out)                    (no BN, no ReLU)
+    block depth-1      : Linear(d_in, out)                                (last_bn=False: SimCLR)
+                         Linear(d_in, out, bias=False) -> BatchNorm(scale, no shift)
+                                                                          (last_bn=True: SimCLRv2)
+
+The ``last_bn`` form is the one of the SimCLRv2 authors' code (google-research/simclr
+``tf2/model.py``: every head layer is a bias-free dense layer with batch norm; the last one has
+``center=False`` and no ReLU).
 """
 
 from __future__ import annotations
@@ -17,9 +23,17 @@ from __future__ import annotations
 import copy
 from collections import OrderedDict
 
+import torch
 from torch import Tensor, nn
 
-__all__ = ["Backbone", "Classifier", "ContrastiveModel", "ProjectionHead", "backbone_from"]
+__all__ = [
+    "Backbone",
+    "Classifier",
+    "ContrastiveModel",
+    "ProjectionHead",
+    "ScaleOnlyBatchNorm1d",
+    "backbone_from",
+]
 
 
 def _check_int(name: str, value: object, low: int, high: int | None = None) -> int:
@@ -34,30 +48,51 @@ def _check_int(name: str, value: object, low: int, high: int | None = None) -> i
     return value
 
 
+class ScaleOnlyBatchNorm1d(nn.Module):
+    """Batch norm with a learned scale and no shift (TF's ``center=False``): ``bn(x) * weight``
+    with ``bn`` a ``BatchNorm1d(affine=False)``, so ``SyncBatchNorm`` conversion applies to it
+    as to any other batch norm, and the 1-d ``weight`` falls in the no-decay group like a BN
+    scale."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(num_features, affine=False)
+        self.weight = nn.Parameter(torch.ones(num_features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bn(x) * self.weight
+
+
 class ProjectionHead(nn.Module):
     """MLP projection head ``z = g(h)`` with ``depth`` linear layers (1..4).
 
-    Hidden layers are ``Linear -> BatchNorm1d -> ReLU``; the last layer is a plain ``Linear`` (no
-    ReLU after it, SimCLRv2, arXiv:2006.10029). ``z`` is *not* normalised: the loss does that.
+    Hidden layers are ``Linear -> BatchNorm1d -> ReLU``; the last layer is a plain ``Linear`` or,
+    with ``last_bn``, a bias-free ``Linear`` followed by a scale-only batch norm, with no ReLU
+    after it either way (SimCLRv2, arXiv:2006.10029). ``z`` is *not* normalised: the loss does that.
 
     Args:
         in_dim: size of h (the encoder's ``out_dim``).
         hidden_dim: width of the hidden layers (unused when ``depth == 1``).
         out_dim: size of z.
         depth: number of linear layers, 1..4.
+        last_bn: end in ``Linear(bias=False) -> ScaleOnlyBatchNorm1d`` (SimCLRv2) instead of a
+            ``Linear`` with a bias (SimCLR).
 
     Attributes:
         blocks: ``nn.ModuleList`` of ``depth`` ``nn.Sequential`` blocks (see the module docstring).
         dims: ``[in_dim, hidden_dim, ..., out_dim]``, the size after each block (``len == depth+1``).
     """
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, depth: int = 2) -> None:
+    def __init__(
+        self, in_dim: int, hidden_dim: int, out_dim: int, depth: int = 2, last_bn: bool = False
+    ) -> None:
         super().__init__()
         _check_int("in_dim", in_dim, 1)
         _check_int("hidden_dim", hidden_dim, 1)
         _check_int("out_dim", out_dim, 1)
         _check_int("depth", depth, 1, 4)
         self.in_dim, self.hidden_dim, self.out_dim, self.depth = in_dim, hidden_dim, out_dim, depth
+        self.last_bn = bool(last_bn)
         self.dims: list[int] = [in_dim] + [hidden_dim] * (depth - 1) + [out_dim]
         blocks: list[nn.Sequential] = []
         for i in range(depth):
@@ -70,6 +105,10 @@ class ProjectionHead(nn.Module):
                         nn.BatchNorm1d(d_out),
                         nn.ReLU(inplace=True),
                     )
+                )
+            elif self.last_bn:  # (N, d_in) -> (N, out_dim), SimCLRv2's last layer
+                blocks.append(
+                    nn.Sequential(nn.Linear(d_in, d_out, bias=False), ScaleOnlyBatchNorm1d(d_out))
                 )
             else:
                 blocks.append(nn.Sequential(nn.Linear(d_in, d_out)))  # (N, d_in) -> (N, out_dim)
