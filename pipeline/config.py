@@ -91,6 +91,11 @@ class ModelConfig(_Section):
     head_depth: int = Field(2, ge=1, le=4, description="projection-head layers")
     head_hidden: int | None = Field(None, ge=1, description="hidden width; None = encoder width")
     head_out: int = Field(128, ge=1)
+    head_last_bn: bool = Field(
+        False,
+        description="last head layer: bias-free Linear + scale-only BatchNorm (SimCLRv2) "
+        "instead of Linear with bias (SimCLR)",
+    )
     channels_last: bool = False
 
     @model_validator(mode="after")
@@ -290,7 +295,12 @@ class DistillConfig(_Section):
     enabled: bool = True
     student: StudentConfig = Field(default_factory=StudentConfig)
     temperature: float = Field(1.0, gt=0.0)
-    alpha: float = Field(0.0, ge=0.0, le=1.0, description="weight of hard-label CE on the subset")
+    label_weight: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="w: loss = (1 - w) * distillation + w * cross-entropy on the labeled subset",
+    )
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(256, ge=2)
     lr: float = Field(2e-3, gt=0.0)
@@ -457,11 +467,20 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
     return ".".join(parts) if parts else "(top level)"
 
 
+# Keys that were renamed: the unknown-key error names the new one.
+_RENAMED = {
+    "distill.alpha": "distill.label_weight (the weight of the cross-entropy term; the "
+    "distillation term gets 1 - label_weight)",
+}
+
+
 def _format_error(err: ValidationError) -> str:
     first = err.errors()[0]
     loc = _format_loc(first["loc"])
     kind, msg, got = first["type"], first["msg"], first.get("input")
     if kind == "extra_forbidden":
+        if loc in _RENAMED:
+            return f"config error: {loc}: unknown key; it is now {_RENAMED[loc]}"
         return f"config error: {loc}: unknown key"
     msg = msg.removeprefix("Value error, ")
     if kind == "value_error" and isinstance(got, dict):

@@ -200,8 +200,8 @@ def test_validation_errors(gen: torch.Generator) -> None:
         supcon(z[:, None], torch.zeros(4))
     with pytest.raises(ValueError, match=r"\(4, 3\) and \(4, 2\)"):
         distillation(z, z[:, :2])
-    with pytest.raises(ValueError, match="alpha"):
-        DistillationLoss(alpha=1.5)
+    with pytest.raises(ValueError, match="label_weight"):
+        DistillationLoss(label_weight=1.5)
 
 
 # ---------------------------------------------------------------- distillation
@@ -224,17 +224,17 @@ def test_distillation_matches_formula(gen: torch.Generator, tau: float) -> None:
     )
 
 
-def test_distillation_alpha_mixing(gen: torch.Generator) -> None:
+def test_distillation_label_weight_mixing(gen: torch.Generator) -> None:
     s, t = torch.randn(6, 4, generator=gen), torch.randn(6, 4, generator=gen)
     labels = torch.tensor([0, -1, 3, 2, -1, 1])
     kd = distillation(s, t, 2.0)
     ce = F.cross_entropy(s[labels >= 0], labels[labels >= 0])
-    got = DistillationLoss(2.0, alpha=0.3)(s, t, labels)
+    got = DistillationLoss(2.0, label_weight=0.3)(s, t, labels)
     torch.testing.assert_close(got, 0.7 * kd + 0.3 * ce)
-    torch.testing.assert_close(DistillationLoss(2.0, alpha=0.0)(s, t, labels), kd)
-    torch.testing.assert_close(DistillationLoss(2.0, alpha=1.0)(s, t, labels), ce)
+    torch.testing.assert_close(DistillationLoss(2.0, label_weight=0.0)(s, t, labels), kd)
+    torch.testing.assert_close(DistillationLoss(2.0, label_weight=1.0)(s, t, labels), ce)
     unlabeled = torch.full((6,), -1)  # no labeled entry: the CE term adds 0, never NaN
-    torch.testing.assert_close(DistillationLoss(2.0, alpha=0.3)(s, t, unlabeled), 0.7 * kd)
+    torch.testing.assert_close(DistillationLoss(2.0, label_weight=0.3)(s, t, unlabeled), 0.7 * kd)
 
 
 @pytest.mark.parametrize("tau", [1.0, 3.0])

@@ -7,9 +7,18 @@ Semi-Supervised Learners", arXiv:2006.10029, eq. (2):
     P(y | x; tau) = softmax(logits / tau),
 
 averaged over the batch here, following Hinton, Vinyals, Dean 2015, "Distilling the Knowledge in a
-Neural Network", arXiv:1503.02531 (soft targets at temperature tau). Unlike Hinton et al., no
-tau^2 factor is applied (SimCLRv2 uses the plain form). With labeled examples the paper mixes in
-the ground-truth cross-entropy: (1 - alpha) · L_distill + alpha · CE(student, labels).
+Neural Network", arXiv:1503.02531 (soft targets at temperature tau).
+
+Conventions, which differ between the sources:
+
+- tau^2. The paper's formula has no tau^2 factor, and neither does this loss. The authors' code
+  (google-research/simclr, and Hinton et al.) multiplies the distillation term by tau^2, which
+  keeps its gradient's scale independent of tau. The two agree at tau = 1; at another tau, scale
+  the learning rate by tau^2 to match the authors' code.
+- Mixing with labels. The paper weights the distillation term by alpha and the labeled
+  cross-entropy by 1 - alpha. To leave no doubt about which term a weight belongs to, this loss
+  takes ``label_weight`` w, the weight of the cross-entropy: (1 - w) · L_distill + w · CE (so
+  w = 1 - alpha of the paper; w = 0, the default, is pure distillation).
 """
 
 from __future__ import annotations
@@ -25,11 +34,11 @@ from pipeline.losses.ntxent import check_temperature, compute_dtype
 __all__ = ["DistillationLoss", "distillation"]
 
 
-def _check_alpha(alpha: float) -> float:
-    a = float(alpha)
-    if not (math.isfinite(a) and 0.0 <= a <= 1.0):
-        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
-    return a
+def _check_weight(label_weight: float) -> float:
+    w = float(label_weight)
+    if not (math.isfinite(w) and 0.0 <= w <= 1.0):
+        raise ValueError(f"label_weight must be in [0, 1], got {label_weight!r}")
+    return w
 
 
 def distillation(
@@ -37,7 +46,7 @@ def distillation(
     teacher_logits: Tensor,
     temperature: float = 1.0,
     labels: Tensor | None = None,
-    alpha: float = 0.0,
+    label_weight: float = 0.0,
 ) -> Tensor:
     """SimCLRv2 distillation loss (arXiv:2006.10029 eq. 2), optionally mixed with cross-entropy.
 
@@ -45,19 +54,20 @@ def distillation(
         student_logits: (B, C) student outputs (gets the gradient).
         teacher_logits: (B, C) teacher outputs (treated as constant: detached).
         temperature: tau > 0, applied to both teacher and student logits.
-        labels: (B,) integer classes, -1 for unlabeled entries; used only when ``alpha > 0``.
-        alpha: weight of the cross-entropy on labeled entries, in [0, 1]. Without labels, or with
-            ``alpha == 0``, the loss is the distillation term alone.
+        labels: (B,) integer classes, -1 for unlabeled entries; used only when
+            ``label_weight > 0``.
+        label_weight: weight w of the cross-entropy on labeled entries, in [0, 1] (the paper's
+            1 - alpha). Without labels, or with ``w == 0``, the loss is the distillation term alone.
 
     Returns:
         Scalar: ``mean_b[-sum_y softmax(t_b / tau)_y · log_softmax(s_b / tau)_y]``, mixed as
-        ``(1 - alpha) · that + alpha · CE(student, labels)`` over entries with label >= 0 (a batch
+        ``(1 - w) · that + w · CE(student, labels)`` over entries with label >= 0 (a batch
         without any labeled entry adds 0). Computed in at least float32, also under autocast.
         Its gradient w.r.t. the student logits is ``(softmax(s / tau) - softmax(t / tau)) / (tau·B)``
         for the distillation term: 0 when student == teacher.
     """
     tau = check_temperature(temperature)
-    a = _check_alpha(alpha)
+    w = _check_weight(label_weight)
     if not isinstance(student_logits, Tensor) or not isinstance(teacher_logits, Tensor):
         raise ValueError("distillation expects student_logits and teacher_logits tensors (B, C)")
     if student_logits.dim() != 2 or student_logits.shape != teacher_logits.shape:
@@ -90,7 +100,7 @@ def distillation(
         p_teacher = F.softmax(teacher_logits.detach().to(dtype) / tau, dim=1)  # (B, C)
         log_p_student = F.log_softmax(s / tau, dim=1)  # (B, C)
         kd = -(p_teacher * log_p_student).sum(dim=1).mean()  # ()
-        if labels is None or a == 0.0:
+        if labels is None or w == 0.0:
             return kd
         labels = labels.to(device=s.device, dtype=torch.long)
         labeled = labels >= 0  # (B,)
@@ -98,7 +108,7 @@ def distillation(
             ce = F.cross_entropy(s[labeled], labels[labeled])  # () mean over labeled entries
         else:
             ce = s.sum() * 0.0  # no labeled entry: 0, graph kept
-        return (1.0 - a) * kd + a * ce
+        return (1.0 - w) * kd + w * ce
 
 
 class DistillationLoss(nn.Module):
@@ -108,19 +118,22 @@ class DistillationLoss(nn.Module):
 
     Args:
         temperature: tau > 0 for the soft targets.
-        alpha: weight in [0, 1] of the ground-truth cross-entropy on labeled entries.
+        label_weight: weight in [0, 1] of the ground-truth cross-entropy on labeled entries
+            (the paper's 1 - alpha; see the module docstring).
     """
 
-    def __init__(self, temperature: float = 1.0, alpha: float = 0.0) -> None:
+    def __init__(self, temperature: float = 1.0, label_weight: float = 0.0) -> None:
         super().__init__()
         self.temperature = check_temperature(temperature)
-        self.alpha = _check_alpha(alpha)
+        self.label_weight = _check_weight(label_weight)
 
     def forward(
         self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None
     ) -> Tensor:
         """Loss for (B, C) student and teacher logits and optional (B,) labels (-1 = unlabeled)."""
-        return distillation(student_logits, teacher_logits, self.temperature, labels, self.alpha)
+        return distillation(
+            student_logits, teacher_logits, self.temperature, labels, self.label_weight
+        )
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, alpha={self.alpha}"
+        return f"temperature={self.temperature}, label_weight={self.label_weight}"

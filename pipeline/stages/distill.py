@@ -3,7 +3,7 @@
 SimCLRv2 (Chen et al. 2020, arXiv:2006.10029, eq. 2), after Hinton et al. 2015: the teacher's
 tempered class probabilities over every train image are the student's targets,
 loss = −Σ_y P_T(y|x; τ) log P_S(y|x; τ), optionally mixed with cross-entropy on the labeled
-subset (``distill.alpha``). Teacher logits are computed once on the un-augmented images; the
+subset (``distill.label_weight``). Teacher logits are computed once on the un-augmented images; the
 student sees crop + flip with ``distill.crop_min_scale`` (default: fine-tuning's crop). 1.0 — flip
 only, so the student's input is the image its target was computed on — closed most of the
 student-teacher gap on Fashion-MNIST (docs/demo_tuning.md).
@@ -74,7 +74,7 @@ def run(
     teacher_logits = encode(teacher, train.images, size=size)  # (N, K), clean images
     teacher_params = count_params(teacher)
     del teacher
-    if d.alpha > 0:
+    if d.label_weight > 0:
         keep = set(subset_keys(ds, fraction))
         hard = torch.tensor(
             [
@@ -85,10 +85,10 @@ def run(
         targets = torch.cat([teacher_logits, hard[:, None].float()], dim=1)  # (N, K+1)
     else:
         targets = teacher_logits
-    loss = DistillationLoss(temperature=d.temperature, alpha=d.alpha)
+    loss = DistillationLoss(temperature=d.temperature, label_weight=d.label_weight)
 
     def loss_fn(student_logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if d.alpha > 0:
+        if d.label_weight > 0:
             return loss(student_logits, t[:, :-1], t[:, -1].long())
         return loss(student_logits, t)
 
