@@ -13,8 +13,16 @@ and for a group with ``lars_exclude=True`` (plain momentum SGD, no weight decay)
 
     v = momentum · v + g ;   w = w − lr · v
 
-``η`` is ``trust_coefficient``. The learning rate multiplies outside the momentum buffer (as in
-``torch.optim.SGD``), so a schedule acts on the very next step.
+``η`` is ``trust_coefficient``.
+
+Where the learning rate sits. Here it multiplies *outside* the momentum buffer (as in
+``torch.optim.SGD``, solo-learn and lightly), so a schedule acts on the very next step. The
+TensorFlow original (google-research/simclr ``lars_optimizer.py``) puts it *inside*:
+``v = momentum · v + lr · trust · d ; w = w − v``. The two give the same trajectory while the
+learning rate is constant, and differ while it changes: during warm-up the TF buffer still carries
+the smaller rates of earlier steps, and during the cosine decay the larger ones, so the TF update
+lags the schedule by about ``1 / (1 − momentum)`` steps. A recipe tuned on the TF code may need a
+slightly different warm-up here.
 """
 
 from __future__ import annotations
