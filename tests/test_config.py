@@ -79,11 +79,32 @@ def test_override_without_equals_is_an_error() -> None:
         apply_overrides({}, ["pretrain.epochs"])
 
 
-@pytest.mark.parametrize("name", ["smoke", "demo"])
+@pytest.mark.parametrize("name", ["smoke", "demo", "simclrv2"])
 def test_shipped_configs_validate(name: str) -> None:
     cfg = load_config(CONFIGS / f"{name}.yaml")
     assert isinstance(cfg, Config)
     assert Path(cfg.storage.root).is_absolute()
+
+
+def test_simclrv2_config_is_the_papers_recipe() -> None:
+    """The shipped SimCLRv2 config: 3-layer head ending in batch norm, fine-tuning from its first
+    layer, LARS with the square-root rule (4.8 at batch 4096, as in the paper)."""
+    from pipeline.optim import scale_lr
+
+    cfg = load_config(CONFIGS / "simclrv2.yaml")
+    assert cfg.model.head_depth == 3 and cfg.model.head_last_bn
+    assert cfg.finetune.from_head_layer == 1
+    assert cfg.pretrain.optimizer == "lars" and cfg.pretrain.lr_scaling == "sqrt"
+    assert cfg.pretrain.lr is None
+    lr = scale_lr(cfg.pretrain.base_lr, cfg.pretrain.batch_size, cfg.pretrain.lr_scaling)
+    assert lr == pytest.approx(4.8)
+
+
+def test_renamed_distill_alpha_names_its_replacement() -> None:
+    with pytest.raises(
+        ConfigError, match=r"distill\.alpha: unknown key; it is now distill\.label_weight"
+    ):
+        parse_config({"distill": {"alpha": 0.5}})
 
 
 def test_shipped_config_by_name_and_missing_file(tmp_path: Path) -> None:
