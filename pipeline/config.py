@@ -17,6 +17,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,13 +42,37 @@ __all__ = [
     "TuneConfig",
     "apply_overrides",
     "config_hash",
+    "format_fraction",
     "load_config",
     "parse_config",
+    "subset_fractions",
 ]
 
 
 class ConfigError(ValueError):
     """A configuration problem; ``str(err)`` is one line naming the dotted field."""
+
+
+FRACTION_DECIMALS = 6
+
+
+def format_fraction(p: float) -> str:
+    """A label percentage as it appears in subset file and stage names, with at most
+    :data:`FRACTION_DECIMALS` decimals: 1 -> '1', 10.0 -> '10', 0.1 -> '0.1', 12.5 -> '12.5'.
+
+    The one formatting of fractions (``pipeline.data.shards`` and ``workflows.dag`` use it); a
+    value outside (0, 100] or one that rounds to 0 is a ``ValueError``. Two fractions with the same
+    name are rejected when a config is validated.
+    """
+    p = float(p)
+    if not 0.0 < p <= 100.0:
+        raise ValueError(f"label fraction {p:g} is outside (0, 100]")
+    s = f"{p:.{FRACTION_DECIMALS}f}".rstrip("0").rstrip(".")
+    if s == "0":
+        raise ValueError(
+            f"label fraction {p:g} rounds to 0 (subset names keep {FRACTION_DECIMALS} decimals)"
+        )
+    return s
 
 
 class _Section(BaseModel):
@@ -57,8 +82,12 @@ class _Section(BaseModel):
 Arch = Literal["resnet18", "resnet34", "resnet50"]
 
 
+IMAGE_KEYS_DEFAULT = ("jpg", "jpeg", "png", "webp")
+_EXT = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
 class DataConfig(_Section):
-    source: Literal["fashion-mnist", "cifar10", "image-folder", "digits"] = "digits"
+    source: Literal["fashion-mnist", "cifar10", "image-folder", "digits", "webdataset"] = "digits"
     root: str | None = Field(None, description="where the source's files are; None = its default")
     download: bool = Field(
         False, description="fetch fashion-mnist/cifar10 when absent (needs the internet)"
@@ -70,6 +99,95 @@ class DataConfig(_Section):
     seed: int = 0
     loader_workers: int = Field(1, ge=0, description="DataLoader worker processes")
     in_memory: bool = Field(True, description="decode the shards once into a uint8 tensor")
+    max_side: int | None = Field(
+        None,
+        ge=8,
+        description="image-folder: images whose longer side exceeds this are resized to it (and "
+        "re-encoded); None = every image keeps its original bytes",
+    )
+    train_urls: str | list[str] | None = Field(
+        None,
+        description="webdataset: the train shards, a brace pattern or a list (local paths, "
+        "file://, s3://, gs://, pipe:)",
+    )
+    test_urls: str | list[str] | None = Field(None, description="webdataset: the test shards")
+    val_urls: str | list[str] | None = Field(
+        None,
+        description="webdataset: the val shards; None = val_fraction of train, chosen by a stable "
+        "hash of the sample key",
+    )
+    image_keys: list[str] = Field(
+        default_factory=lambda: list(IMAGE_KEYS_DEFAULT),
+        description="webdataset: member extensions holding the image, first present wins",
+    )
+    label_key: str = Field(
+        "cls", description="webdataset: the label member (an ASCII integer), or json:<field>"
+    )
+    classes: list[str] | None = Field(
+        None,
+        description="webdataset: class names (label i is classes[i]; labels outside are skipped); "
+        "None = 0..the largest label",
+    )
+
+    @field_validator("train_urls", "test_urls", "val_urls")
+    @classmethod
+    def _urls(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if v is None:
+            return v
+        items = [v] if isinstance(v, str) else v
+        if not items:
+            raise ValueError("needs at least one shard URL")
+        for u in items:
+            if not u.strip():
+                raise ValueError("empty shard URL")
+        return v
+
+    @field_validator("image_keys")
+    @classmethod
+    def _image_keys(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("needs at least one member extension, e.g. [jpg, png]")
+        for k in v:
+            if not _EXT.match(k):
+                raise ValueError(f"{k!r} is not a member extension (letters, digits, _ or -)")
+        return v
+
+    @field_validator("label_key")
+    @classmethod
+    def _label_key(cls, v: str) -> str:
+        if v.startswith("json:"):
+            if not v[5:]:
+                raise ValueError("json: needs a field name, e.g. json:label")
+        elif not _EXT.match(v):
+            raise ValueError(f"{v!r}: expected a member extension (e.g. cls) or json:<field>")
+        return v
+
+    @field_validator("classes")
+    @classmethod
+    def _classes(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and (len(v) < 2 or len(set(v)) != len(v)):
+            raise ValueError(f"needs at least two distinct class names (got {v})")
+        return v
+
+    @model_validator(mode="after")
+    def _webdataset(self) -> DataConfig:
+        if self.source == "webdataset":
+            for name in ("train_urls", "test_urls"):
+                if getattr(self, name) is None:
+                    raise ValueError(f"{name}: required for source webdataset")
+            for name in ("max_train", "max_test"):
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"{name}: not supported for source webdataset (the shards are read as "
+                        "they are; make a smaller shard list instead)"
+                    )
+        else:
+            for name in ("train_urls", "test_urls", "val_urls", "classes"):
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"{name}: only for source webdataset (source is {self.source})"
+                    )
+        return self
 
 
 class AugmentConfig(_Section):
@@ -220,8 +338,7 @@ class FinetuneConfig(_Section):
         if not v:
             raise ValueError("needs at least one label fraction")
         for p in v:
-            if not 0.0 < p <= 100.0:
-                raise ValueError(f"label fraction {p} is outside (0, 100]")
+            format_fraction(p)
         if len(set(v)) != len(v):
             raise ValueError(f"label fractions repeat: {v}")
         return v
@@ -428,6 +545,7 @@ class Config(_Section):
                 f"finetune.from_head_layer: {self.finetune.from_head_layer} exceeds "
                 f"model.head_depth {self.model.head_depth}"
             )
+        _check_fraction_names(self)
         pl = self.pretrain.pseudo_label_from_epoch
         if pl and self.pretrain.method != "semisup":
             raise ValueError(
@@ -460,6 +578,36 @@ class Config(_Section):
         if "://" in root:
             raise ConfigError("config error: tracking.uri: must be set when storage.root is a URI")
         return "sqlite:///" + str(Path(root).expanduser().resolve() / "mlflow.db")
+
+
+def subset_fractions(cfg: Config) -> list[float]:
+    """The label percentages the shard stage writes subsets for: ``finetune.label_fractions`` and,
+    when set, ``pretrain.label_fraction`` (duplicates removed, order kept)."""
+    fr = [float(p) for p in cfg.finetune.label_fractions]
+    if cfg.pretrain.label_fraction is not None:
+        fr.append(float(cfg.pretrain.label_fraction))
+    return list(dict.fromkeys(fr))
+
+
+def _check_fraction_names(cfg: Config) -> None:
+    """Two different label fractions that format to one subset name would share one file."""
+    seen: dict[str, float] = {}
+    for p in subset_fractions(cfg):
+        field = (
+            "finetune.label_fractions"
+            if p in cfg.finetune.label_fractions
+            else "pretrain.label_fraction"
+        )
+        try:
+            name = format_fraction(p)
+        except ValueError as err:
+            raise ValueError(f"{field}: {err}") from None
+        other = seen.setdefault(name, p)
+        if other != p:
+            raise ValueError(
+                f"{field}: {other!r} and {p!r} give the same subset name label_{name} "
+                f"(names keep {FRACTION_DECIMALS} decimals)"
+            )
 
 
 def _format_loc(loc: tuple[Any, ...]) -> str:

@@ -15,7 +15,7 @@ from PIL import Image
 
 from pipeline.config import parse_config
 from pipeline.data import format_fraction, load_split, load_subset
-from pipeline.data.shards import encode_png, label_subset, tar_header
+from pipeline.data.shards import encode_png, label_subset, tar_info, write_tar
 from pipeline.data.sources import DataError, prepare_splits
 from pipeline.stages import shard as shard_stage
 
@@ -152,9 +152,11 @@ def test_format_fraction():
     ]
     with pytest.raises(DataError):
         format_fraction(0)
+    with pytest.raises(DataError, match="rounds to 0"):
+        format_fraction(1e-7)
 
 
-def test_png_and_tar_header_are_standard():
+def test_png_and_tar_are_standard_and_deterministic(tmp_path: Path):
     rng = np.random.default_rng(0)
     for shape in [(5, 7), (5, 7, 3), (6, 4, 4)]:
         x = rng.integers(0, 256, shape, dtype=np.uint8)
@@ -163,9 +165,17 @@ def test_png_and_tar_header_are_standard():
         assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), x)
     with pytest.raises(DataError, match="expected uint8"):
         encode_png(np.zeros((4, 4), np.float32))
-    ti = tarfile.TarInfo("abc_001.png")
-    ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = 1234, 0, 0o644, 0, 0, "", ""
-    assert tar_header("abc_001.png", 1234) == ti.tobuf(format=tarfile.USTAR_FORMAT)
+    ti = tar_info("abc_001.png", 1234)
+    assert (ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname) == (0, 0o644, 0, 0, "", "")
+    members = [("a.png", b"x" * 700), ("a.cls", b"3")]
+    n, sha = write_tar(tmp_path / "a.tar", members)
+    data = (tmp_path / "a.tar").read_bytes()
+    assert n == len(data) and n % 10240 == 0 and sha == hashlib.sha256(data).hexdigest()
+    with tarfile.open(tmp_path / "a.tar") as tf:
+        assert [(m.name, m.size) for m in tf.getmembers()] == [("a.png", 700), ("a.cls", 1)]
+    assert write_tar(tmp_path / "b.tar", members) == (n, sha)
+    with pytest.raises(DataError, match="longer than 100 bytes"):
+        tar_info("k" * 101, 1)
 
 
 def test_rgb_source_round_trip(tmp_path: Path):

@@ -69,6 +69,17 @@ def test_prepare_splits_caps_and_val():
     assert np.bincount([r.label for r in d.splits["val"]], minlength=10).min() >= 9
 
 
+def _shard_folder(root: Path, out: Path, **data) -> dict:
+    cfg = parse_config(
+        {
+            "data": {"source": "image-folder", "root": str(root), "val_fraction": 0.0, **data},
+            "finetune": {"label_fractions": [50]},
+        }
+    )
+    shard_stage.run(cfg, out)
+    return json.loads((out / "dataset.json").read_text())
+
+
 def test_image_folder_presplit_and_bad_files(tmp_path: Path):
     root = tmp_path / "imgs"
     for split in ("train", "test"):
@@ -77,13 +88,19 @@ def test_image_folder_presplit_and_bad_files(tmp_path: Path):
                 _png(root / split / cls / f"img {i}.png", 40 * ci + i)
     (root / "train" / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     (root / "train" / "dog" / "notes.txt").write_text("hello")
-    _png(root / "train" / "dog" / "big.png", 9, size=(24, 24))  # other size: resized, counted
+    _png(root / "train" / "dog" / "big.png", 9, size=(24, 24))  # another size: kept as it is
     d = load_image_folder(root)
     assert d.classes == ["cat", "dog"]
-    assert len(d.splits["train"]) == 7 and len(d.splits["test"]) == 6
-    assert d.info["resized"] == 1 and d.height == 12 and d.channels == 1
-    reasons = {Path(s.path).name: s.reason for s in d.skipped}
-    assert set(reasons) == {"broken.png", "notes.txt"}
+    assert len(d.splits["train"]) == 8 and len(d.splits["test"]) == 6  # listed, not decoded
+    assert all(r.image is None and Path(r.path).is_file() for r in d.splits["train"])
+    assert [Path(s.path).name for s in d.skipped] == ["notes.txt"]
+    info = _shard_folder(root, tmp_path / "out")
+    assert info["counts"] == {"train": 7, "val": 0, "test": 6}
+    assert (info["height"], info["width"], info["channels"]) == (12, 12, 1)
+    assert info["fixed_size"] is False and info["max_side"] is None
+    skipped = json.loads((tmp_path / "out" / "skipped.json").read_text())
+    reasons = {Path(s["path"]).name: s["reason"] for s in skipped["skipped"]}
+    assert set(reasons) == {"broken.png", "notes.txt"} and skipped["count"] == 2
     assert "unreadable image" in reasons["broken.png"] and "not an image" in reasons["notes.txt"]
     keys = [r.key for r in d.splits["train"]]
     assert all("." not in k and "/" not in k and " " not in k for k in keys)
@@ -92,11 +109,13 @@ def test_image_folder_presplit_and_bad_files(tmp_path: Path):
 
 def test_image_folder_mixed_modes_give_rgb_and_seeded_split(tmp_path: Path):
     for i in range(10):
-        _png(tmp_path / "a" / f"{i}.png", i, mode="L")
-        _png(tmp_path / "b" / f"{i}.jpg", 200, mode="RGB")
-    d = load_image_folder(tmp_path, seed=0)
-    assert d.channels == 3 and len(d.splits["test"]) == 4
+        _png(tmp_path / "src" / "a" / f"{i}.png", i, mode="L")
+        _png(tmp_path / "src" / "b" / f"{i}.jpg", 200, mode="RGB")
+    d = load_image_folder(tmp_path / "src", seed=0)
+    assert len(d.splits["test"]) == 4
     assert np.bincount([r.label for r in d.splits["test"]]).tolist() == [2, 2]
+    info = _shard_folder(tmp_path / "src", tmp_path / "out")
+    assert info["channels"] == 3 and info["fixed_size"] is True
 
 
 def test_image_folder_corrupt_counted_in_skipped_json(tmp_path: Path):
@@ -123,11 +142,14 @@ def test_image_folder_corrupt_counted_in_skipped_json(tmp_path: Path):
 
 
 def test_image_folder_all_bad_is_a_clear_error(tmp_path: Path):
-    (tmp_path / "a").mkdir()
-    (tmp_path / "a" / "x.png").write_bytes(b"nope")
-    (tmp_path / "a" / "y.jpg").write_bytes(b"")
-    with pytest.raises(DataError, match=r"no readable images \(2 skipped; e\.g\. .*x\.png") as ei:
-        load_image_folder(tmp_path)
+    for cls in ("a", "b"):
+        (tmp_path / "src" / cls).mkdir(parents=True)
+        (tmp_path / "src" / cls / "x.png").write_bytes(b"nope")
+        (tmp_path / "src" / cls / "y.jpg").write_bytes(b"")
+    with pytest.raises(
+        DataError, match=r"no usable training images \(\d skipped; e\.g\. .*\.(png|jpg): unreadable"
+    ) as ei:
+        _shard_folder(tmp_path / "src", tmp_path / "out")
     assert "\n" not in str(ei.value)
     with pytest.raises(DataError, match="does not exist"):
         load_image_folder(tmp_path / "missing")

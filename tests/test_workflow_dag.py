@@ -25,7 +25,7 @@ def test_format_fraction():
     assert format_fraction(10.0) == "10"
     assert format_fraction(0.1) == "0.1"
     assert format_fraction(100) == "100"
-    with pytest.raises(GraphError, match="must be > 0"):
+    with pytest.raises(GraphError, match=r"outside \(0, 100\]"):
         format_fraction(0)
 
 

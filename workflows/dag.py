@@ -11,7 +11,8 @@ For a config the graph is::
 A stage's cache key is a SHA-256 over its kind, its params, the config sections it reads (minus the
 keys that only shape the graph, e.g. ``finetune.label_fractions``), its upstream keys in dependency
 order and the package version: a key changes when — and only when — something the stage's result
-depends on changes. (Semi-supervised pretraining also reads the smallest label fraction: it is
+depends on changes. The shard stage's key covers the label fractions it writes subsets for; the key
+its dependants fold in does not (each reads only its own fraction's subset). (Semi-supervised pretraining also reads the smallest label fraction: it is
 one of that stage's params.)
 """
 
@@ -24,7 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pipeline
-from pipeline.config import Config
+from pipeline.config import Config, subset_fractions
+from pipeline.config import format_fraction as _format_fraction
 
 __all__ = [
     "Graph",
@@ -79,12 +81,20 @@ _NOT_IN_KEY: dict[str, frozenset[str]] = {
 }
 
 
+# Params in a stage's own key but not in the key its dependants see: the shard stage writes one
+# label subset per fraction (so a shard with other subsets is another result), but every
+# dependant reads at most its own fraction's subset, whose content does not depend on the others
+# (so pretraining is still reused by a run with other fractions).
+_NOT_FOR_DEPENDANTS: dict[str, tuple[str, ...]] = {"shard": ("label_fractions",)}
+
+
 def format_fraction(p: float) -> str:
-    """A label fraction (percent) as it appears in stage names: 1.0 -> '1', 10.0 -> '10', 0.1 -> '0.1'."""
-    p = float(p)
-    if p <= 0:
-        raise GraphError(f"graph error: label fraction must be > 0 (got {p})")
-    return f"{p:g}"
+    """A label fraction (percent) as it appears in stage names: the subset files' own formatting
+    (:func:`pipeline.config.format_fraction`), so stage ``finetune@<f>`` reads ``label_<f>``."""
+    try:
+        return _format_fraction(p)
+    except ValueError as err:
+        raise GraphError(f"graph error: {err}") from None
 
 
 @dataclass
@@ -200,7 +210,14 @@ def build_graph(cfg: Config) -> Graph:
     if cfg.pretrain.method == "semisup":
         seen["label_fraction"] = cfg.pretrain_label_fraction
     nodes = [
-        node("shard", "shard", {}, False),
+        # The shard stage writes one label subset per fraction: they are part of its result.
+        node(
+            "shard",
+            "shard",
+            {},
+            False,
+            label_fractions=[format_fraction(p) for p in subset_fractions(cfg)],
+        ),
         node("pretrain", "pretrain", {"dataset": "shard"}, True, **seen),
     ]
     evaluated: list[str] = []
@@ -302,6 +319,15 @@ def cache_key(
 def compute_keys(graph: Graph, cfg: Config, version: str | None = None) -> dict[str, str]:
     """The cache key of every stage, by stage name."""
     keys: dict[str, str] = {}
+    seen_by_dependants: dict[str, str] = {}
     for n in graph.topological_order():
-        keys[n.name] = cache_key(n, cfg, {i: keys[up] for i, up in n.deps.items()}, version)
+        ups = {i: seen_by_dependants[up] for i, up in n.deps.items()}
+        keys[n.name] = cache_key(n, cfg, ups, version)
+        drop = _NOT_FOR_DEPENDANTS.get(n.kind, ())
+        if any(p in n.params for p in drop):
+            params = {k: v for k, v in n.params.items() if k not in drop}
+            n_dep = StageNode(n.name, n.kind, n.deps, params, n.sections, n.training)
+            seen_by_dependants[n.name] = cache_key(n_dep, cfg, ups, version)
+        else:
+            seen_by_dependants[n.name] = keys[n.name]
     return keys

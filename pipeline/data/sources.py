@@ -14,10 +14,14 @@ Four sources, selected by ``cfg.data.source``:
     ``~/.cache/contrastive/cifar10``; ``data.download=true`` fetches and unpacks the official archive.
 ``image-folder``
     ``root/<class>/**/*.{jpg,jpeg,png,webp}``; with ``root/train`` and ``root/test`` sub-folders those
-    are the splits, else a seeded, class-stratified 20 % test split is drawn. Unreadable, corrupt and
-    non-image files are skipped, counted and listed (path, reason); no readable image at all is an
-    error. Greyscale-only folders give one-channel images, anything else RGB. Images whose size differs
-    from the most common size are resized (shorter side) and centre-cropped to it, and counted.
+    are the splits, else a seeded, class-stratified 20 % test split is drawn. The folder is only
+    *listed* here (records carry the file path, no pixels): the shard stage reads, decode-checks
+    and writes each file's original bytes, one shard per task. The folder is contained: hidden
+    files and folders are ignored; class folders, sub-folders and files that resolve outside
+    ``data.root`` (or to it), symlink loops, broken links, a second link to a folder or file
+    already listed, and files of other types are skipped, counted and listed (path, reason); a
+    class folder without images is reported the same way and is not a class; fewer than two
+    classes is an error. Unreadable or corrupt images are skipped the same way when sharded.
 ``digits``
     scikit-learn's ``load_digits`` (8x8, values 0..16 scaled to uint8 0..255), seeded class-stratified
     80/20 train/test split. Needs no files: the smoke-test source.
@@ -32,6 +36,7 @@ Problems are :class:`DataError` with a one-line message naming the file or folde
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import logging
@@ -41,7 +46,6 @@ import re
 import tarfile
 import tempfile
 import urllib.request
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,11 +84,13 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Record:
-    """One labelled image. ``image`` is uint8, ``HxW`` (one channel) or ``HxWxC``."""
+    """One labelled image: ``image`` uint8, ``HxW`` (one channel) or ``HxWxC``; or, for sources
+    read from files, ``image`` None and ``path`` the file whose bytes the shard stage keeps."""
 
     key: str
-    image: np.ndarray
+    image: np.ndarray | None
     label: int
+    path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -126,9 +132,9 @@ class SourceData:
 
     def _first_image(self) -> np.ndarray:
         for recs in self.splits.values():
-            if recs:
+            if recs and recs[0].image is not None:
                 return recs[0].image
-        raise DataError(f"source {self.name}: no images in any split")
+        raise DataError(f"source {self.name}: no decoded images in any split")
 
 
 # --------------------------------------------------------------------------------------------
@@ -421,7 +427,6 @@ def load_cifar10(root: str | os.PathLike[str] | None = None, download: bool = Fa
 # --------------------------------------------------------------------------------------------
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
-_GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_-]+")
 
 
@@ -437,138 +442,158 @@ def _make_key(rel: str, used: set[str]) -> str:
     return key
 
 
-def _decode_file(path: Path) -> tuple[np.ndarray, bool]:
-    """Decode an image file into (uint8 array HxW or HxWx3, was_grey); raises on a bad file."""
-    from PIL import Image, ImageOps
+class _Walker:
+    """Lists image folders inside one root: every entry is resolved, and what lies outside the
+    root, loops, broken links and second links to an already listed folder or file are skips."""
 
-    with Image.open(path) as im:
-        im.load()
-        im = ImageOps.exif_transpose(im)
-        grey = im.mode in _GREY_MODES
-        if grey:
-            if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-                arr = np.asarray(im, dtype=np.float64)
-                hi = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
-                return np.clip(np.rint(arr * (255.0 / hi)), 0, 255).astype(np.uint8), True
-            return np.asarray(im.convert("L"), dtype=np.uint8), True
-        return np.asarray(im.convert("RGB"), dtype=np.uint8), False
+    def __init__(self, root: Path, skipped: list[Skip]) -> None:
+        self.root = root.resolve()
+        self.skipped = skipped
+        self.dirs: set[Path] = {self.root}
+        self.files: dict[Path, str] = {}
 
+    def _resolve(self, p: Path) -> Path | None:
+        try:
+            real = p.resolve(strict=True)
+        except RuntimeError:  # Python < 3.13 reports a loop this way
+            self.skipped.append(Skip(str(p), "symlink loop"))
+            return None
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                self.skipped.append(Skip(str(p), "symlink loop"))
+            elif p.is_symlink():
+                self.skipped.append(Skip(str(p), "broken symlink"))
+            else:
+                self.skipped.append(Skip(str(p), f"unreadable ({err.strerror or err})"))
+            return None
+        if real == self.root:
+            self.skipped.append(Skip(str(p), "resolves to data.root itself"))
+            return None
+        if not real.is_relative_to(self.root):
+            self.skipped.append(Skip(str(p), f"resolves outside data.root (to {real})"))
+            return None
+        return real
 
-def _fit_size(img: np.ndarray, h: int, w: int) -> np.ndarray:
-    """Resize the shorter side to cover ``h x w`` and centre-crop."""
-    from PIL import Image
+    def entries(self, folder: Path) -> list[Path]:
+        try:
+            names = sorted(os.listdir(folder))
+        except OSError as err:
+            self.skipped.append(Skip(str(folder), f"unreadable folder ({err.strerror or err})"))
+            return []
+        return [folder / n for n in names if not n.startswith(".")]  # hidden: ignored
 
-    ih, iw = img.shape[:2]
-    scale = max(h / ih, w / iw)
-    nh, nw = max(h, round(ih * scale)), max(w, round(iw * scale))
-    im = Image.fromarray(img).resize((nw, nh), Image.Resampling.BICUBIC)
-    top, left = (nh - h) // 2, (nw - w) // 2
-    return np.asarray(im.crop((left, top, left + w, top + h)), dtype=np.uint8)
+    def enter(self, p: Path, ancestors: frozenset[Path]) -> Path | None:
+        """The real path of folder ``p`` if it is to be listed, else None (skip recorded)."""
+        real = self._resolve(p)
+        if real is None:
+            return None
+        if real in ancestors:
+            self.skipped.append(Skip(str(p), "symlink loop (links to an enclosing folder)"))
+            return None
+        if real in self.dirs:
+            self.skipped.append(Skip(str(p), "links to a folder listed already"))
+            return None
+        self.dirs.add(real)
+        return real
 
-
-def _is_hidden(p: Path) -> bool:
-    return p.name.startswith(".")
-
-
-def _scan_classes(folder: Path, skipped: list[Skip]) -> dict[str, list[Path]]:
-    """class name -> sorted image candidate paths under ``folder/<class>/`` (recursively)."""
-    out: dict[str, list[Path]] = {}
-    for entry in sorted(folder.iterdir()):
-        if entry.is_dir():
-            if _is_hidden(entry):
-                skipped.append(Skip(str(entry), "hidden folder ignored"))
+    def files_under(self, folder: Path, real: Path, ancestors: frozenset[Path]) -> list[Path]:
+        """Image files under ``folder`` (recursively, in sorted order); other entries skipped."""
+        out: list[Path] = []
+        ancestors = ancestors | {real}
+        for p in self.entries(folder):
+            if p.is_dir():
+                sub = self.enter(p, ancestors)
+                if sub is not None:
+                    out += self.files_under(p, sub, ancestors)
                 continue
-            files = sorted(p for p in entry.rglob("*") if p.is_file())
+            target = self._resolve(p)
+            if target is None:
+                continue
+            if not target.is_file():
+                self.skipped.append(Skip(str(p), "not a regular file"))
+                continue
+            if p.suffix.lower() not in IMAGE_EXTENSIONS:
+                self.skipped.append(
+                    Skip(str(p), f"not an image (extension {p.suffix or 'none'!r})")
+                )
+                continue
+            first = self.files.setdefault(target, str(p))
+            if first != str(p):
+                self.skipped.append(Skip(str(p), f"same file as {first}"))
+                continue
+            out.append(p)
+        return out
+
+
+def _scan_classes(folder: Path, walker: _Walker) -> dict[str, list[Path]]:
+    """class name -> sorted image paths under ``folder/<class>/`` (recursively)."""
+    out: dict[str, list[Path]] = {}
+    top = walker.root if folder.resolve() == walker.root else folder.resolve()
+    for entry in walker.entries(folder):
+        if entry.is_dir():
+            real = walker.enter(entry, frozenset({walker.root, top}))
+            if real is None:
+                continue
+            files = walker.files_under(entry, real, frozenset({walker.root, top}))
+            if not files:
+                walker.skipped.append(Skip(str(entry), "empty class folder (no images)"))
+                continue
             out[entry.name] = files
-        elif entry.is_file():
-            skipped.append(Skip(str(entry), "file outside a class folder"))
+        elif entry.exists() or entry.is_symlink():
+            walker.skipped.append(Skip(str(entry), "file outside a class folder"))
     return out
 
 
 def load_image_folder(
     root: str | os.PathLike[str] | None, seed: int = 0, test_fraction: float = 0.2
 ) -> SourceData:
-    """Images in ``root/<class>/`` (or ``root/{train,test}/<class>/``); see the module docstring."""
+    """The files in ``root/<class>/`` (or ``root/{train,test}/<class>/``) as records with a path
+    and no pixels; see the module docstring."""
     if root is None:
         raise DataError("data.root: must name the image folder for source image-folder")
     base = Path(root).expanduser()
     if not base.is_dir():
         raise DataError(f"data.root: image folder {base} does not exist")
     skipped: list[Skip] = []
+    walker = _Walker(base, skipped)
     presplit = (base / "train").is_dir() and (base / "test").is_dir()
     if presplit:
-        scans = {s: _scan_classes(base / s, skipped) for s in ("train", "test")}
+        scans = {}
+        for s in ("train", "test"):
+            real = walker.enter(base / s, frozenset({walker.root}))
+            scans[s] = _scan_classes(base / s, walker) if real is not None else {}
         # Anything else at the top level is not part of the dataset.
-        for entry in sorted(base.iterdir()):
+        for entry in walker.entries(base):
             if entry.name not in ("train", "test"):
                 skipped.append(Skip(str(entry), "outside the train/test folders"))
     else:
-        scans = {"all": _scan_classes(base, skipped)}
+        scans = {"all": _scan_classes(base, walker)}
     classes = sorted({c for scan in scans.values() for c in scan})
-    if not classes:
+    if len(classes) < 2:
+        found = f"only {classes[0]!r}" if classes else "none"
+        example = f"; e.g. {skipped[0].path}: {skipped[0].reason}" if skipped else ""
         raise DataError(
-            f"image folder {base}: no class sub-folders (expected root/<class>/*.png ...)"
+            f"image folder {base}: needs at least two class folders with images, found {found} "
+            f"(expected root/<class>/*.jpg ...; {len(skipped)} skipped{example})"
         )
     class_idx = {c: i for i, c in enumerate(classes)}
 
     used: set[str] = set()
-    decoded: dict[str, list[tuple[str, np.ndarray, int, bool]]] = {}
+    records: dict[str, list[Record]] = {}
     for split, scan in scans.items():
-        items: list[tuple[str, np.ndarray, int, bool]] = []
+        recs: list[Record] = []
         for cls in sorted(scan):
             for path in scan[cls]:
-                if path.suffix.lower() not in IMAGE_EXTENSIONS:
-                    skipped.append(
-                        Skip(str(path), f"not an image (extension {path.suffix or 'none'!r})")
-                    )
-                    continue
-                try:
-                    arr, grey = _decode_file(path)
-                except Exception as err:  # noqa: BLE001 - every decoder failure is a counted skip
-                    msg = " ".join(str(err).split()) or type(err).__name__
-                    skipped.append(
-                        Skip(str(path), f"unreadable image ({type(err).__name__}: {msg})")
-                    )
-                    continue
-                if arr.ndim < 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
-                    skipped.append(Skip(str(path), "empty image"))
-                    continue
                 key = _make_key(path.relative_to(base).as_posix(), used)
-                items.append((key, arr, class_idx[cls], grey))
-        decoded[split] = items
-    all_items = [it for items in decoded.values() for it in items]
-    if not all_items:
-        example = f"; e.g. {skipped[0].path}: {skipped[0].reason}" if skipped else ""
-        raise DataError(
-            f"image folder {base}: no readable images ({len(skipped)} skipped{example})"
-        )
-
-    all_grey = all(it[3] for it in all_items)
-    size_counts = Counter(it[1].shape[:2] for it in all_items)
-    (th, tw), _ = max(size_counts.items(), key=lambda kv: (kv[1], kv[0]))
-    resized = 0
-
-    def finish(arr: np.ndarray) -> np.ndarray:
-        nonlocal resized
-        if all_grey:
-            arr = arr if arr.ndim == 2 else arr[..., 0]
-        elif arr.ndim == 2:
-            arr = np.repeat(arr[..., None], 3, axis=2)
-        if arr.shape[:2] != (th, tw):
-            resized += 1
-            arr = _fit_size(arr, th, tw)
-        return np.ascontiguousarray(arr)
-
-    records = {
-        s: [Record(k, finish(a), lab) for k, a, lab, _ in items] for s, items in decoded.items()
-    }
+                recs.append(Record(key, None, class_idx[cls], str(path)))
+        records[split] = recs
     if not presplit:
         recs = records.pop("all")
         keep, test = stratified_split([r.label for r in recs], test_fraction, seed, salt=7)
         records = {"train": [recs[i] for i in keep], "test": [recs[i] for i in test]}
     if skipped:
         log.warning("image folder %s: %d inputs skipped (see skipped.json)", base, len(skipped))
-    info = {"root": str(base), "resized": resized, "presplit": presplit}
+    info = {"root": str(base), "presplit": presplit}
     return SourceData("image-folder", classes, records, skipped, info)
 
 

@@ -1,7 +1,9 @@
-"""The ``shard`` stage: source -> WebDataset tar shards + manifest + subsets + dataset.json.
+"""The ``shard`` stage: source -> WebDataset tar shards + manifests + subsets + dataset.json.
 
 ``run(cfg, out_dir, map_fn=map)`` runs in one process with the builtin ``map``;
-``workflows.sharding.shard_with_ray`` passes a ``map_fn`` that writes the shards as Ray tasks.
+``workflows.sharding.shard_with_ray`` passes a ``map_fn`` that runs one Ray task per shard. For
+``data.source: webdataset`` the user's shards are not copied: each task indexes one of them
+(:func:`pipeline.data.external.index_webdataset`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline.config import subset_fractions
 from pipeline.data.shards import DATASET_JSON, MANIFEST, SKIPPED_JSON, ShardResult, build_dataset
 from pipeline.data.sources import prepare_splits
 from pipeline.runtime import StageResult
@@ -22,10 +25,7 @@ __all__ = ["label_fractions", "run"]
 def label_fractions(cfg: Any) -> list[float]:
     """The label percentages that need subsets: ``finetune.label_fractions`` and, when set,
     ``pretrain.label_fraction`` (duplicates removed, order kept)."""
-    fr = [float(p) for p in cfg.finetune.label_fractions]
-    if cfg.pretrain.label_fraction is not None:
-        fr.append(float(cfg.pretrain.label_fraction))
-    return list(dict.fromkeys(fr))
+    return subset_fractions(cfg)
 
 
 def run(
@@ -36,24 +36,33 @@ def run(
 ) -> StageResult:
     """Shard ``cfg.data.source`` into ``out_dir``.
 
-    ``map_fn(write_shard, specs)`` writes the shards (any ``map``-like callable, e.g. Ray tasks).
+    ``map_fn(fn, specs)`` writes (or, for external shards, indexes) one shard per call (any
+    ``map``-like callable, e.g. Ray tasks).
     ``fashion_mnist_dirs`` overrides where Fashion-MNIST is looked for when ``data.root`` is unset.
     Metrics: sample counts per split, shard count, skipped count and images/s.
     """
     out = Path(out_dir)
     t0 = time.perf_counter()
-    data = prepare_splits(cfg.data, fashion_mnist_dirs)
-    t_load = time.perf_counter() - t0
     fractions = label_fractions(cfg)
-    info = build_dataset(
-        data,
-        out,
-        cfg.data.shard_size,
-        fractions,
-        cfg.data.seed,
-        map_fn,
-        extra={"val_fraction": float(cfg.data.val_fraction)},
-    )
+    if cfg.data.source == "webdataset":
+        from pipeline.data.external import index_webdataset
+
+        t_load = 0.0
+        info = index_webdataset(cfg.data, out, fractions, cfg.data.seed, map_fn)
+    else:
+        data = prepare_splits(cfg.data, fashion_mnist_dirs)
+        t_load = time.perf_counter() - t0
+        info = build_dataset(
+            data,
+            out,
+            cfg.data.shard_size,
+            fractions,
+            cfg.data.seed,
+            map_fn,
+            extra={"val_fraction": float(cfg.data.val_fraction)},
+            max_side=cfg.data.max_side,
+        )
+        del data
     elapsed = time.perf_counter() - t0
     total = sum(info["counts"].values())
     outputs = {
