@@ -153,10 +153,12 @@ def test_cache_key_changes_only_with_relevant_sections():
         resources={"num_workers": 2}, tracking={"experiment": "other"}, data={"loader_workers": 3}
     )
     assert k == base
-    # adding a fraction leaves existing stages' keys alone (except evaluate, whose deps grow)
+    # adding a fraction leaves existing stages' keys alone (except evaluate, whose deps grow,
+    # and shard, which writes one more subset)
     c = parse_config({"finetune": {"label_fractions": [1, 10, 50]}})
     k = compute_keys(build_graph(c), c)
-    assert all(k[n] == base[n] for n in base if n != "evaluate")
+    assert all(k[n] == base[n] for n in base if n not in ("evaluate", "shard"))
+    assert k["shard"] != base["shard"]
     assert k["evaluate"] != base["evaluate"]
 
 
