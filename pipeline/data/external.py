@@ -114,8 +114,14 @@ def open_url(url: str) -> Iterator[IO[bytes]]:
         try:
             yield stream  # type: ignore[misc]
         except BaseException:
-            stream.proc.kill()
-            stream.proc.wait()
+            try:  # a command that failed is the cause of what went wrong reading it
+                stream.proc.wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                stream.proc.kill()
+                stream.proc.wait()
+                raise
+            if stream.proc.returncode:
+                stream.finish()
             raise
         stream.finish()
         return
