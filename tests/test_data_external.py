@@ -281,3 +281,24 @@ def test_image_folder_shards_are_byte_identical_on_reruns_and_on_ray(tmp_path: P
         data = (tmp_path / "a" / name).read_bytes()
         assert (tmp_path / "b" / name).read_bytes() == data
         assert a["shard_sha256"][name] == hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="Fashion-MNIST not installed"
+)
+def test_benchmark_jpeg_generator_output_is_indexed(tmp_path: Path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import make_wds_jpegs
+
+    res = make_wds_jpegs.main(
+        ["--out", str(tmp_path / "d"), "--n-train", "30", "--n-test", "10", "--shard-size", "16",
+         "--format", "both"]
+    )  # fmt: skip
+    info = _run(_cfg(res["train_urls"], res["test_urls"]), tmp_path / "out")
+    assert info["counts"]["train"] + info["counts"]["val"] == 30 and info["skipped"] == 0
+    assert info["channels"] == 3 and info["fixed_size"] is False
+    assert len(info["shards"]["train"]) == 2
+    files = sorted((tmp_path / "d" / "folder" / "train").rglob("*.jpg"))
+    assert len(files) == 30
