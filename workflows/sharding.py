@@ -1,6 +1,9 @@
-"""The ``shard`` stage on Ray: the same :func:`pipeline.stages.shard.run`, with every shard written
-by a Ray task (``ray.remote`` over :func:`pipeline.data.shards.write_shard`, results collected with
-``ray.get`` in plan order, so the output is byte-identical to a one-process run)."""
+"""The ``shard`` stage on Ray: the same :func:`pipeline.stages.shard.run`, with one Ray task per
+shard (``ray.remote`` over :func:`pipeline.data.shards.write_shard`, which reads, decode-checks and
+writes one shard's files, or over :func:`pipeline.data.external.index_shard`, which indexes one
+external shard in place). Results are collected with ``ray.get`` in plan order, so the output is
+byte-identical to a one-process run; a task's :class:`DataError` comes back as itself (one line
+naming the file or shard URL), not wrapped in Ray's traceback."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from typing import Any
 
 import ray
 
-from pipeline.data.shards import ShardResult, ShardSpec
+from pipeline.data.sources import DataError
 from pipeline.runtime import StageResult
 from pipeline.stages import shard as shard_stage
 
@@ -26,18 +29,27 @@ def ray_map(num_cpus: float = 1.0, max_in_flight: int | None = None) -> Callable
     if max_in_flight is not None and max_in_flight < 1:
         raise ValueError(f"max_in_flight: must be >= 1 (got {max_in_flight})")
 
-    def _map(fn: Callable[[ShardSpec], ShardResult], items: Iterable[ShardSpec]) -> list[Any]:
+    def _map(fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
         remote = ray.remote(num_cpus=num_cpus, max_retries=2)(fn)
         refs: list[Any] = []
         results: list[Any] = []
         for item in items:
             refs.append(remote.remote(item))
             if max_in_flight is not None and len(refs) - len(results) >= max_in_flight:
-                results.append(ray.get(refs[len(results)]))
-        results.extend(ray.get(refs[len(results) :]))
+                results.append(_get(refs[len(results)]))
+        results.extend(_get(r) for r in refs[len(results) :])
         return results
 
     return _map
+
+
+def _get(ref: Any) -> Any:
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as err:
+        if isinstance(err.cause, DataError):
+            raise DataError(str(err.cause)) from None
+        raise
 
 
 def shard_with_ray(
