@@ -76,7 +76,7 @@ def run(
     metrics: dict[str, float] = {
         "num_images": float(total),
         **{f"num_{s}": float(n) for s, n in info["counts"].items()},
-        "num_shards": float(sum(len(v) for v in info["shards"].values())),
+        "num_shards": float(len({ref for refs in info["shards"].values() for ref in refs})),
         "num_skipped": float(info["skipped"]),
         "load_seconds": round(t_load, 3),
         "seconds": round(elapsed, 3),
