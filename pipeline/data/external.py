@@ -134,7 +134,8 @@ def open_url(url: str) -> Iterator[IO[bytes]]:
             import pyarrow.fs as pafs
 
             fs, path = pafs.FileSystem.from_uri(url)
-            f = fs.open_input_stream(path)
+            # the raw bytes (no decompression by file name: the tar's sha256 is of the file)
+            f = fs.open_input_stream(path, compression=None, buffer_size=1 << 20)
     except FileNotFoundError:
         raise DataError(f"{url}: shard not found") from None
     except (OSError, ValueError) as err:
