@@ -181,7 +181,14 @@ class DataConfig(_Section):
                         f"{name}: not supported for source webdataset (the shards are read as "
                         "they are; make a smaller shard list instead)"
                     )
-        else:
+        if self.max_side is not None and self.source != "image-folder":
+            why = (
+                "its shards are read in place"
+                if self.source == "webdataset"
+                else "its images are decoded arrays, kept as they are"
+            )
+            raise ValueError(f"max_side: only for source image-folder ({self.source}: {why})")
+        if self.source != "webdataset":
             for name in ("train_urls", "test_urls", "val_urls", "classes"):
                 if getattr(self, name) is not None:
                     raise ValueError(

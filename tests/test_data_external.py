@@ -302,3 +302,27 @@ def test_benchmark_jpeg_generator_output_is_indexed(tmp_path: Path):
     assert len(info["shards"]["train"]) == 2
     files = sorted((tmp_path / "d" / "folder" / "train").rglob("*.jpg"))
     assert len(files) == 30
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"source": "webdataset", "test_urls": "t.tar"}, "data.train_urls: required"),
+        ({"source": "webdataset", "train_urls": "a.tar"}, "data.test_urls: required"),
+        ({"source": "webdataset", "train_urls": [], "test_urls": "t"}, "at least one shard URL"),
+        ({"train_urls": "a.tar"}, "data.train_urls: only for source webdataset"),
+        ({"label_key": "json:"}, "data.label_key: json: needs a field name"),
+        ({"image_keys": ["a.b"]}, "data.image_keys: 'a.b' is not a member extension"),
+        ({"max_side": 64}, "data.max_side: only for source image-folder"),
+        (
+            {"source": "webdataset", "train_urls": "a", "test_urls": "b", "max_train": 9},
+            "data.max_train: not supported for source webdataset",
+        ),
+    ],
+)
+def test_webdataset_config_errors_are_one_line(data, message):
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message) as ei:
+        parse_config({"data": data})
+    assert "\n" not in str(ei.value)

@@ -676,6 +676,7 @@ def finish_dataset(
         "seed": int(seed),
         "format": {"image_keys": image_keys, "label_key": label_key},
         "source_info": extra.pop("source_info", {}),
+        "external": bool(extra.pop("external", False)),
     }
     info.update(extra)
     _atomic_json(out / DATASET_JSON, info)
