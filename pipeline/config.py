@@ -492,6 +492,26 @@ class ResourcesConfig(_Section):
         description="overrides per stage kind, e.g. small-batch stages on 1 CPU each so two run "
         "at once: {finetune: {cpus_per_worker: 1, torch_threads: 1}}",
     )
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="environment variables for the driver and every stage's tasks and workers "
+        "(their Ray runtime environment), e.g. {AWS_ENDPOINT_URL: http://minio:9000}; visible in "
+        "the Ray dashboard and the run's config: endpoints, not credentials",
+    )
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _env_strings(cls, v: Any) -> Any:
+        if not isinstance(v, dict):
+            return v
+        out = {}
+        for k, x in v.items():
+            if not isinstance(k, str) or not k or "=" in k or k.strip() != k:
+                raise ValueError(f"variable name {k!r} is not valid")
+            if isinstance(x, (dict, list)) or x is None:
+                raise ValueError(f"{k}: the value must be a string or a number")
+            out[k] = str(x).lower() if isinstance(x, bool) else str(x)
+        return out
 
     @property
     def threads(self) -> int:

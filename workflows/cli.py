@@ -136,7 +136,9 @@ def shard(config: str, out: str | None, overrides: tuple[str, ...]) -> None:
         Path(cfg.storage.root) / "datasets" / f"{cfg.data.source}-seed{cfg.data.seed}"
     )
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+        ray.init(
+            address="local", include_dashboard=False, configure_logging=False, log_to_driver=False
+        )
     try:
         result = shard_with_ray(cfg, out_dir)
     except (FileNotFoundError, ValueError) as err:
@@ -152,7 +154,10 @@ def shard(config: str, out: str | None, overrides: tuple[str, ...]) -> None:
 @click.option("--run-id", default=None, help="Use this run id (must be new).")
 @click.option("--reuse", is_flag=True, help="Reuse finished stages of earlier runs by cache key.")
 @click.option(
-    "--address", default=None, help="Ray address: auto, ray://HOST:10001 (default: local)."
+    "--address",
+    default=None,
+    help="Ray cluster to run on: auto (the running one: $RAY_ADDRESS or this machine's "
+    "`ray start`), HOST:6379, ray://HOST:10001. Default: a private local Ray.",
 )
 @click.option(
     "--from-tune",
@@ -177,7 +182,16 @@ def run(
         cfg0 = _load(config, overrides)
         config = _guarded(orchestrate.best_config_path, cfg0.storage.root, from_tune)
     cfg = _load(config, overrides)
-    sys.exit(_guarded(orchestrate.run_pipeline, cfg, run_id=run_id, reuse=reuse, address=address))
+    from workflows.submit import JOB_ADDRESS_ENV, JOB_ID_ENV
+
+    job = None
+    if os.environ.get(JOB_ID_ENV):  # the driver of a job that `contrastive submit` sent
+        job = {"submission_id": os.environ[JOB_ID_ENV], "address": os.environ.get(JOB_ADDRESS_ENV)}
+    sys.exit(
+        _guarded(
+            orchestrate.run_pipeline, cfg, run_id=run_id, reuse=reuse, address=address, job=job
+        )
+    )
 
 
 @main.command()
@@ -234,7 +248,12 @@ def local(config: str, overrides: tuple[str, ...], out: str | None, device: str)
 @click.argument("run_id")
 @storage_option
 @tracking_option
-@click.option("--address", default=None, help="Ray address (default: local).")
+@click.option(
+    "--address",
+    default=None,
+    help="Ray cluster (auto, HOST:6379, ray://HOST:10001); default: the run's own, else a "
+    "private local Ray.",
+)
 def resume(run_id: str, storage: str | None, tracking_uri: str | None, address: str | None) -> None:
     """Continue a failed or killed run: finished stages are not run again."""
     from workflows import orchestrate
@@ -288,13 +307,28 @@ def compare(run_ids: tuple[str, ...], last: int | None, storage: str | None) -> 
 @click.argument("config")
 @click.option("--address", required=True, help="Ray dashboard address, http://HEAD:8265.")
 @set_option
-def submit(config: str, address: str, overrides: tuple[str, ...]) -> None:
+@click.option(
+    "--env",
+    "env",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A variable for the job's and every stage's runtime environment, e.g. "
+    "--env AWS_ENDPOINT_URL=http://minio:9000 (repeatable). Visible in the Ray dashboard: "
+    "endpoints, not credentials.",
+)
+def submit(config: str, address: str, overrides: tuple[str, ...], env: tuple[str, ...]) -> None:
     """Submit CONFIG as a Ray Job to a cluster; prints the job and run ids at once."""
     cfg = _load(config, overrides)
-    from workflows.submit import submit_job
+    from workflows.submit import parse_env, submit_job
 
     try:
-        job_id, run_id = submit_job(config, list(overrides), address, storage_root=cfg.storage.root)
+        job_id, run_id = submit_job(
+            config,
+            list(overrides),
+            address,
+            storage_root=cfg.storage.root,
+            env=parse_env(env),
+        )
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise UserError(str(err).splitlines()[0], exit_code=1) from None
     click.echo(f"job: {job_id}\nrun: {run_id}")
@@ -313,6 +347,11 @@ def submit(config: str, address: str, overrides: tuple[str, ...]) -> None:
 )
 @click.option("--show", "show_id", default=None, metavar="SEARCH_ID", help="Print a results table.")
 @storage_option
+@click.option(
+    "--address",
+    default=None,
+    help="Ray cluster (auto, HOST:6379, ray://HOST:10001); default: a private local Ray.",
+)
 def tune(
     config: str | None,
     overrides: tuple[str, ...],
@@ -320,13 +359,17 @@ def tune(
     resume_id: str | None,
     show_id: str | None,
     storage: str | None,
+    address: str | None,
 ) -> None:
     """Ray Tune search over temperature, head depth and augmentation strength."""
+    from workflows import orchestrate
     from workflows import tune as tune_mod
 
     if show_id:
         click.echo(tune_mod.show(_storage(storage), show_id))
         return
+    if address:
+        _guarded(orchestrate.connect_ray, address)
     if resume_id:
         sys.exit(tune_mod.resume(_storage(storage), resume_id))
     if config is None:
@@ -337,11 +380,17 @@ def tune(
 
 @main.command()
 @storage_option
-@tracking_option
+@click.option(
+    "--tracking-uri",
+    default=None,
+    metavar="URI",
+    help="MLflow backend store to browse (default: the SQLite store under the storage root).",
+)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address.")
 @click.option("--port", default=5000, show_default=True, type=int)
 def ui(storage: str | None, tracking_uri: str | None, host: str, port: int) -> None:
-    """Start the MLflow UI on the pipeline's store (bound to 127.0.0.1 by default)."""
+    """Start the MLflow UI on a local store: the SQLite store under the storage root, or
+    --tracking-uri (bound to 127.0.0.1 by default)."""
     import subprocess
 
     uri = tracking_uri or "sqlite:///" + str(Path(_storage(storage)) / "mlflow.db")

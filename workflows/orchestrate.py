@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import statistics
 import time
 from typing import Any
@@ -46,17 +47,134 @@ def best_config_path(storage_root: str, search_id: str) -> str:
     return _best(storage_root, search_id)
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def ray_token_available() -> bool:
+    """Whether this user has a Ray auth token where Ray looks for one: ``$RAY_AUTH_TOKEN``, the
+    file ``$RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``."""
+    from workflows.submit import token_headers
+
+    return bool(token_headers())
+
+
+def enable_ray_token_auth() -> bool:
+    """Before connecting to an existing cluster: with ``RAY_AUTH_MODE`` unset and a token
+    available, set ``RAY_AUTH_MODE=token`` for this process (and what it starts).
+
+    ``ray start`` (Ray 2.60) turns token authentication on by default, but a client only sends the
+    token when ``RAY_AUTH_MODE=token``; without it the cluster refuses the connection. Returns
+    whether token mode is on. An explicit ``RAY_AUTH_MODE`` is respected.
+    """
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode is not None:
+        return mode.lower() == "token"
+    if not ray_token_available():
+        return False
+    os.environ["RAY_AUTH_MODE"] = "token"
+    try:  # refresh Ray's cached config, as Ray does when it turns token mode on itself
+        from ray._raylet import Config as _RayConfig
+
+        _RayConfig.initialize("")
+    except Exception:  # noqa: BLE001 - older or newer Ray: the variable alone is read at init
+        pass
+    return True
+
+
+def _resolve_address(address: str) -> str:
+    """The ``HOST:PORT`` that ``address`` names, as far as it can be known before connecting
+    (``auto``: ``$RAY_ADDRESS``, else the cluster this machine's ``ray start`` recorded)."""
+    if address != "auto":
+        return address
+    env = os.environ.get("RAY_ADDRESS", "").strip()
+    if env and env != "auto":
+        return env
+    import tempfile
+
+    path = os.path.join(tempfile.gettempdir(), "ray", "ray_current_cluster")
+    try:
+        with open(path) as f:
+            return f.read().strip() or "auto"
+    except OSError:
+        return "auto"
+
+
+def _probe_gcs(target: str, timeout_s: float = 3.0) -> str | None:
+    """Why nothing can be reached at ``HOST:PORT`` (None when a TCP connection opens, or when the
+    address is not of that form, e.g. ``ray://``: then Ray's own error speaks)."""
+    import socket
+
+    if "://" in target or target.count(":") != 1:
+        return None
+    host, _, port = target.rpartition(":")
+    if not port.isdigit():
+        return f"{target!r} is not HOST:PORT"
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return None
+    except OSError as err:
+        return err.strerror or str(err) or type(err).__name__
+
+
+_AUTH_FIX = (
+    "a `ray start` cluster of Ray 2.60 requires its auth token: set RAY_AUTH_MODE=token and "
+    "RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the token `ray get-auth-token` prints on the head"
+)
+
+
 def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
-    """Connect to Ray: an existing connection is kept; ``None`` starts a local instance."""
+    """Connect to Ray; an existing connection is kept.
+
+    ``None`` starts a private Ray instance for this process (``address="local"``): it never
+    attaches to another cluster on the machine, whatever ``RAY_ADDRESS`` says. ``auto``, a
+    ``HOST:PORT`` or ``ray://HOST:10001`` connect to a running cluster, with token
+    authentication when a token is available (:func:`enable_ray_token_auth`). A failure is a
+    one-line :class:`PipelineError` naming the address and the fix.
+    """
     import ray
 
     if ray.is_initialized():
         return
     kwargs: dict[str, Any] = {"configure_logging": False, "log_to_driver": True}
-    if address:
+    if not address:
+        ray.init(address="local", include_dashboard=False, num_cpus=num_cpus, **kwargs)
+        return
+    target = _resolve_address(address)
+    if target == "auto":
+        raise PipelineError(
+            "cannot connect to Ray at auto: no running cluster found on this machine "
+            "($RAY_ADDRESS is unset); start one with `ray start --head`, or give --address HOST:PORT"
+        )
+    unreachable = _probe_gcs(target)
+    if unreachable is not None:
+        raise PipelineError(
+            f"cannot connect to Ray at {target} ({unreachable}): is the cluster up, and is this "
+            "the head's GCS address (`ray start --head` prints it; default port 6379)?"
+        )
+    token = enable_ray_token_auth()
+    try:
         ray.init(address=address, **kwargs)
-    else:
-        ray.init(include_dashboard=False, num_cpus=num_cpus, **kwargs)
+    except Exception as err:  # noqa: BLE001 - ConnectionError, AuthenticationError, RuntimeError ...
+        if ray.is_initialized():
+            ray.shutdown()
+        if token:
+            fix = "check that RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH hold this cluster's token"
+        else:
+            fix = _AUTH_FIX
+        raise PipelineError(
+            f"cannot connect to Ray at {target}: {_first_line(err)}; if the cluster uses token "
+            f"authentication, {fix}"
+        ) from None
+
+
+def apply_env(cfg: Config) -> dict[str, str]:
+    """Put ``resources.env`` into this process's environment (the driver reaches the storage
+    with it too) and return it; the runner passes it to every stage's runtime environment."""
+    env = {str(k): str(v) for k, v in cfg.resources.env.items()}
+    os.environ.update(env)
+    return env
 
 
 def _tracker(cfg: Config, uri: str | None = None) -> Any:
@@ -84,7 +202,13 @@ def _execute_graph(
 
     graph = build_graph(cfg)
     summary = run_graph(
-        graph, cfg, store, run_id, StageExecutor(cfg, started_at), tracker=tracker, reuse=reuse
+        graph,
+        cfg,
+        store,
+        run_id,
+        StageExecutor(cfg, started_at, run_id=run_id),
+        tracker=tracker,
+        reuse=reuse,
     )
     _say(summary.message())
     if summary.mlflow_run_id:
@@ -104,23 +228,29 @@ def run_pipeline(
     reuse: bool = False,
     address: str | None = None,
     num_cpus: int | None = None,
+    job: dict[str, str] | None = None,
 ) -> int:
     """Run the whole pipeline for ``cfg``; returns the exit code (0 = every stage succeeded).
+
+    ``job`` (set inside a submitted Ray Job): the submission's id and the dashboard address it
+    came through, recorded in ``run.json`` so that ``status`` can ask the Jobs API about it; a run
+    record that ``contrastive submit`` made for this job is taken over.
 
     Prints the run id, its folder, progress and, at the end, the path of ``report.md``.
     """
     started = time.time()
     build_graph(cfg).validate()
+    apply_env(cfg)
     tracker = _tracker(cfg)
     if tracker is not None:
         tracker.check_reachable()  # a clear error before any compute
     store = RunStore(cfg.storage.root)
+    connect_ray(address, num_cpus)  # before the run folder: a failed connection leaves none
     run_id = store.create_run(
-        cfg, run_id, tracking_uri=tracker.uri if tracker else None, address=address
+        cfg, run_id, tracking_uri=tracker.uri if tracker else None, address=address, job=job
     )
     _say(f"run: {run_id}")
     _say(f"folder: {store.uri(store.run_dir(run_id))}")
-    connect_ray(address, num_cpus)
     return _execute_graph(cfg, store, run_id, tracker, reuse, started)
 
 
@@ -142,12 +272,13 @@ def resume_pipeline(
         if report:
             _say(f"report: {report}")
         return 0
+    apply_env(cfg)
     tracker = _tracker(cfg, tracking_uri or info.tracking_uri)
     if tracker is not None:
         tracker.check_reachable()
+    connect_ray(address or info.address, num_cpus)
     _say(f"resuming run: {run_id} (was {info.status})")
     _say(f"folder: {info.path}")
-    connect_ray(address or info.address, num_cpus)
     return _execute_graph(cfg, store, run_id, tracker, False, started)
 
 
@@ -166,6 +297,26 @@ def _fmt_duration(s: float | None) -> str:
     return f"{s:.1f}s" if s < 120 else f"{s / 60:.1f}m"
 
 
+def job_verdict(info: Any) -> tuple[str, str | None]:
+    """The status and error to show for a run: as recorded, except a submitted run whose driver
+    has not started (``created``, with a Ray Job): the Jobs API says what became of the job, and
+    a job that ended (failed, stopped, or finished without the driver writing the run) shows
+    the run as ``failed`` with the job's message."""
+    if info.status != "created" or not info.job or not info.job.get("address"):
+        return info.status, info.error
+    from workflows.submit import job_status
+
+    sid = info.job.get("submission_id", "")
+    try:
+        status, message = job_status(info.job["address"], sid)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        return info.status, f"job {sid}: not known ({_first_line(err)})"
+    if status in ("FAILED", "STOPPED", "SUCCEEDED"):
+        first = message.splitlines()[0] if message else "no message"
+        return "failed", f"job {sid} {status} before the driver started: {first}"
+    return info.status, f"job {sid} {status}"
+
+
 def status_text(storage_root: str, run_id: str | None = None) -> str:
     """A table of run ``run_id``'s stages, or of all runs under ``storage_root`` without an id."""
     store = RunStore(storage_root)
@@ -173,10 +324,12 @@ def status_text(storage_root: str, run_id: str | None = None) -> str:
         runs = store.list_runs()
         if not runs:
             return f"no runs under {store.root}/runs"
-        rows = [
-            [r.run_id, r.name, r.status, r.created[:19], r.mlflow_run_id or "-", r.error or ""]
-            for r in runs
-        ]
+        rows = []
+        for r in runs:
+            shown, error = job_verdict(r)
+            rows.append(
+                [r.run_id, r.name, shown, r.created[:19], r.mlflow_run_id or "-", error or ""]
+            )
         return _table(rows, ["run", "name", "status", "created", "mlflow run", "error"])
     info = store.load_run(run_id)
     cfg = store.load_config(run_id)
@@ -203,13 +356,16 @@ def status_text(storage_root: str, run_id: str | None = None) -> str:
                 st.mlflow_run_id or "-",
             ]
         )
-    head = f"run {info.run_id} ({info.name}): {info.status}"
+    shown, error = job_verdict(info)
+    head = f"run {info.run_id} ({info.name}): {shown}"
     if info.mlflow_run_id:
         head += f"; mlflow parent {info.mlflow_run_id} at {info.tracking_uri}"
     lines = [
         head,
         _table(rows, ["stage", "state", "attempts", "duration", "key metric", "mlflow run"]),
     ]
+    if shown != info.status and error:
+        lines.append(error)
     for name in order:
         st = states.get(name)
         if st is not None and st.state == "failed" and st.error:

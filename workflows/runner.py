@@ -17,9 +17,12 @@ are not started, stages already running finish, and the run ends ``failed``. Cal
 :func:`run_graph` again with the same ``run_id`` resumes: finished stages are skipped, failed or
 killed ones run again with ``attempts + 1``.
 
-Object-store storage: a stage always sees local paths. The coordinator task downloads its inputs
-into a local cache, lets the stage write into a local folder and uploads that folder to
-``stages/<name>/out/`` before the manifest is written.
+Object-store storage: the coordinator passes the upstream outputs on as URIs, and whoever uses an
+input resolves it on its own node (:func:`workflows.stageio.materialize_input`; the training
+tasks do that on the node they run on). The stage writes into a local scratch folder of the
+coordinator (training tasks upload theirs from their own node, see :mod:`workflows.train`); the
+coordinator uploads that folder to ``stages/<name>/out/`` before the driver writes the manifest,
+whose outputs are URIs of real objects under it.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import posixpath
 import shutil
 import tempfile
 import time
@@ -184,6 +188,15 @@ def _normalize(result: Any, node: StageNode, out_dir: str) -> tuple[dict, dict, 
     return out, clean_metrics, list(history)
 
 
+def _output_uri(store: RunStore, out_dir: str, local_out: str, path: str) -> str:
+    """Where ``path`` (inside ``local_out``) lives once ``local_out`` is uploaded to ``out_dir``;
+    the output folder itself is ``out_dir``'s URI (never ``out/.``)."""
+    rel = os.path.relpath(path, os.path.realpath(local_out))
+    if rel == ".":
+        return store.uri(out_dir)
+    return store.uri(posixpath.join(out_dir, *rel.split(os.sep)))
+
+
 def _stage_task_body(
     execute: Execute,
     node: StageNode,
@@ -197,29 +210,17 @@ def _stage_task_body(
     scratch: str | None = None
     try:
         if store.is_local:
-            local_out, local_inputs = out_dir, inputs
+            local_out = out_dir
         else:
             scratch = tempfile.mkdtemp(prefix=f"contrastive-{node.name.replace('@', '-')}-")
             local_out = os.path.join(scratch, "out")
-            local_inputs = {}
-            for dep, outs in inputs.items():
-                local_inputs[dep] = {}
-                for name, uri in outs.items():
-                    dst = os.path.join(scratch, "in", dep, name, os.path.basename(uri.rstrip("/")))
-                    os.makedirs(os.path.dirname(dst), exist_ok=True)
-                    src_fs, src_path = pafs.FileSystem.from_uri(uri)
-                    pafs.copy_files(src_path, dst, source_filesystem=src_fs)
-                    local_inputs[dep][name] = dst
         os.makedirs(local_out, exist_ok=True)
-        result = execute(node, local_inputs, local_out, tracking_info)
+        result = execute(node, inputs, local_out, tracking_info)
         outputs, metrics, history = _normalize(result, node, local_out)
         digest = output_digest({k: v for k, v in outputs.items()})
         if not store.is_local:
             pafs.copy_files(local_out, out_dir, destination_filesystem=store.fs, use_threads=True)
-            outputs = {
-                k: store.uri(out_dir + "/" + os.path.relpath(v, os.path.realpath(local_out)))
-                for k, v in outputs.items()
-            }
+            outputs = {k: _output_uri(store, out_dir, local_out, v) for k, v in outputs.items()}
         return {
             "ok": True,
             "outputs": outputs,
@@ -422,9 +423,15 @@ def run_graph(
         if store.is_local:
             os.makedirs(out_dir, exist_ok=True)
         log.info("stage %s started (attempt %d)", node.name, st.attempts)
-        ref = _stage_task.options(
-            name=f"stage:{node.name}", scheduling_strategy=_driver_node_strategy()
-        ).remote(execute, node, inputs, out_dir, tracking_info, store)
+        options: dict[str, Any] = {
+            "name": f"stage:{node.name}",
+            "scheduling_strategy": _driver_node_strategy(),
+        }
+        if cfg.resources.env:  # inherited by the stage's own tasks and Ray Train workers
+            options["runtime_env"] = {"env_vars": dict(cfg.resources.env)}
+        ref = _stage_task.options(**options).remote(
+            execute, node, inputs, out_dir, tracking_info, store
+        )
         running[ref] = (node, time.time())
 
     def record_failure(node: StageNode, error: str, tb: str, duration: float) -> None:

@@ -57,5 +57,5 @@ def shard_with_ray(
 ) -> StageResult:
     """Run the shard stage with Ray tasks writing the shards (``ray.init()`` only if needed)."""
     if not ray.is_initialized():
-        ray.init()
+        ray.init(address="local")
     return shard_stage.run(cfg, out_dir, map_fn=ray_map(max_in_flight=max_in_flight))

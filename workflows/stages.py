@@ -15,7 +15,9 @@ evaluate    ``pipeline.stages.evaluate.run`` (one worker)           dataset, pre
 ==========  ======================================================  ===========================
 
 Upstream outputs are mapped to the paths a stage function takes: the ``dataset`` input is the
-shard folder, every other input the upstream's ``model`` file.
+shard folder, every other input the upstream's ``model`` file. With the run on an object store
+these are URIs, resolved on the node that runs the training task
+(:func:`workflows.stageio.materialize_input`); the stage's checkpoints live in the run's storage.
 
 MLflow (when tracking is on): per-epoch metrics stream from the training workers through a
 :class:`workflows.tracking.MetricsSink`; afterwards the stage's run receives its config slice
@@ -38,6 +40,7 @@ import yaml
 
 from pipeline.config import Config
 from pipeline.runtime import StageResult, atomic_write_text
+from workflows import stageio
 from workflows.dag import StageNode, build_graph, compute_keys, stage_config
 
 __all__ = ["MODEL_NAMES", "StageExecutor", "stage_function", "stage_inputs", "stage_params"]
@@ -108,7 +111,7 @@ def tuned_config(cfg: Config, inputs: dict[str, dict[str, str]]) -> Config:
         return cfg
     from pipeline.config import apply_overrides, parse_config
 
-    best = json.loads(Path(inputs["tune"]["best_params"]).read_text())
+    best = json.loads(stageio.read_text(inputs["tune"]["best_params"]))
     return parse_config(apply_overrides(cfg.to_dict(), [f"{k}={v}" for k, v in best.items()]))
 
 
@@ -135,27 +138,51 @@ def _run_tune(cfg: Config, dataset_dir: str, out_dir: str, info: Any) -> StageRe
     return StageResult(outputs=outputs, metrics=metrics, history=[])
 
 
-def _guard_checkpoints(checkpoint_dir: Path, key: str) -> None:
-    """Drop checkpoints an earlier attempt left under a *different* cache key (config changed)."""
-    marker = checkpoint_dir / _KEY_FILE
-    if checkpoint_dir.is_dir() and (not marker.is_file() or marker.read_text().strip() != key):
-        if any(p.name != _KEY_FILE for p in checkpoint_dir.iterdir()):
+def _guard_checkpoints(checkpoint_dir: str, key: str) -> None:
+    """Drop checkpoints an earlier attempt left under a *different* cache key (config changed).
+    ``checkpoint_dir`` is a local path or an object-store URI."""
+    marker = stageio.join(checkpoint_dir, _KEY_FILE)
+    if not stageio.is_uri(checkpoint_dir):
+        d = Path(checkpoint_dir)
+        if d.is_dir() and (not Path(marker).is_file() or Path(marker).read_text().strip() != key):
+            if any(p.name != _KEY_FILE for p in d.iterdir()):
+                log.info("checkpoints in %s are from another config; starting afresh", d)
+            shutil.rmtree(d, ignore_errors=True)
+        atomic_write_text(marker, key + "\n")
+        return
+    old = stageio.read_text(marker).strip() if stageio.exists(marker) else None
+    if old != key:
+        if stageio.exists(stageio.join(checkpoint_dir, "latest.pt")):
             log.info("checkpoints in %s are from another config; starting afresh", checkpoint_dir)
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    atomic_write_text(marker, key + "\n")
+        stageio.remove_tree(checkpoint_dir)
+        stageio.write_text(marker, key + "\n")
 
 
 class StageExecutor:
     """Runs one stage node of a pipeline run (picklable: it is sent to the stage's Ray task).
 
     ``started_at`` (epoch seconds) is when the pipeline run started; the evaluate stage reports
-    the wall time since then.
+    the wall time since then. ``run_id`` names the run in ``cfg.storage.root``: a stage's
+    checkpoints then live in ``<run>/stages/<stage>/checkpoints`` there (an object store
+    included); without it, next to the ``out_dir`` it is given.
     """
 
-    def __init__(self, cfg: Config, started_at: float | None = None) -> None:
+    def __init__(
+        self, cfg: Config, started_at: float | None = None, run_id: str | None = None
+    ) -> None:
         self.cfg = cfg
         self.started_at = started_at if started_at is not None else time.time()
+        self.run_id = run_id
         self._keys: dict[str, str] | None = None
+
+    def stage_dir(self, node: StageNode, out_dir: str) -> str:
+        """The stage's folder in the run's storage (a local path or a URI)."""
+        if self.run_id is None:
+            return str(Path(out_dir).parent)
+        from workflows.state import RunStore
+
+        store = RunStore(self.cfg.storage.root)
+        return store.uri(store.stage_dir(self.run_id, node.name))
 
     def cache_key(self, node: StageNode) -> str:
         if self._keys is None:
@@ -176,11 +203,14 @@ class StageExecutor:
 
             result = shard_with_ray(cfg, out_dir)
         elif node.kind == "tune":
-            return _run_tune(cfg, inputs["dataset"]["dataset"], out_dir, tracking_info)
+            # the trials read the dataset in this node's cache (one copy for every trial)
+            dataset = stageio.materialize_input("dataset", inputs["dataset"]["dataset"])
+            return _run_tune(cfg, dataset, out_dir, tracking_info)
         else:
             from workflows.train import run_training_stage
 
-            _guard_checkpoints(Path(out_dir).parent / "checkpoints", self.cache_key(node))
+            stage_dir = self.stage_dir(node, out_dir)
+            _guard_checkpoints(stageio.join(stage_dir, "checkpoints"), self.cache_key(node))
             params = stage_params(node, self.started_at)
             workers = 1 if node.kind == "evaluate" else None
             stage_cfg = cfg.model_copy(update={"resources": cfg.resources.for_stage(node.kind)})
@@ -192,6 +222,7 @@ class StageExecutor:
                 params=params,
                 sink=sink,
                 num_workers=workers,
+                stage_dir=stage_dir,
             )
         if tracking_info is not None:
             try:
@@ -240,9 +271,7 @@ def log_stage_to_mlflow(
         tracker.log_artifact(rid, outs["model"], "checkpoint")
         shape = None
         if dataset_dir:
-            from pipeline.data import dataset_info
-
-            d = dataset_info(dataset_dir)
+            d = json.loads(stageio.read_text(stageio.join(dataset_dir, "dataset.json")))
             size = cfg.augment.image_size or d["height"]
             shape = (int(d["channels"]), int(size), int(size))
         log_torch_model(info, outs["model"], MODEL_NAMES.get(node.kind, "model"), node.kind, shape)

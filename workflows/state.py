@@ -43,6 +43,10 @@ __all__ = [
     "now_iso",
 ]
 
+#: ``contrastive submit`` ships :func:`code_version` of its checkout in this variable of the job's
+#: runtime environment: the packages arrive without their ``.git``.
+CODE_ENV = "CONTRASTIVE_CODE_VERSION"
+
 STAGE_STATES = ("pending", "running", "succeeded", "failed", "skipped")
 RUN_STATES = ("created", "running", "succeeded", "failed")
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -61,7 +65,8 @@ def code_version() -> dict[str, Any]:
     """The code a run is made with: the package version and, in a git checkout, the commit,
     whether tracked files differ from it (``dirty``) and, if so, a short hash of that difference
     (``changes``: two runs with different uncommitted edits get different hashes). ``commit`` is
-    None outside a checkout, e.g. an installed wheel or a Ray Job's packaged working dir."""
+    None outside a checkout (an installed wheel), unless ``$CONTRASTIVE_CODE_VERSION`` carries the
+    checkout's (a Ray Job sent by ``contrastive submit``)."""
     import hashlib
     import subprocess
 
@@ -70,6 +75,14 @@ def code_version() -> dict[str, Any]:
     out: dict[str, Any] = {"version": pipeline.__version__, "commit": None, "dirty": None}
     repo = Path(pipeline.__file__).resolve().parent.parent
     if not (repo / ".git").exists():
+        shipped = os.environ.get(CODE_ENV)  # set by `contrastive submit` from its checkout
+        if shipped:
+            try:
+                got = json.loads(shipped)
+            except json.JSONDecodeError:
+                got = None
+            if isinstance(got, dict) and got.get("commit"):
+                out.update({k: got[k] for k in ("commit", "dirty", "changes") if k in got})
         return out
     try:
         git = ["git", "-C", str(repo)]
@@ -155,6 +168,7 @@ class RunInfo:
     updated: str | None = None
     error: str | None = None
     code: dict[str, Any] | None = None  # code_version() at creation: version, commit, dirty
+    job: dict[str, str] | None = None  # a submitted run's Ray Job: submission_id, address
     path: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -216,7 +230,8 @@ class RunStore:
             return path
         if "://" in self.root:
             scheme = self.root.split("://", 1)[0]
-            return f"{scheme}://{path.lstrip('/')}"
+            query = self.root.partition("?")[2]  # e.g. endpoint_override=HOST:PORT&scheme=http
+            return f"{scheme}://{path.lstrip('/')}" + (f"?{query}" if query else "")
         return path
 
     # -- low-level I/O ---------------------------------------------------------------------
@@ -297,16 +312,25 @@ class RunStore:
         *,
         tracking_uri: str | None = None,
         address: str | None = None,
+        job: dict[str, str] | None = None,
     ) -> str:
         """Create a new run folder (exclusively), write ``config.yaml`` and ``run.json``.
 
-        With ``run_id`` given, an existing run of that id is an error; without it a fresh
+        With ``run_id`` given, an existing run of that id is an error, except the record that
+        ``contrastive submit`` made for the same Ray Job (``job["submission_id"]``) and that no
+        driver has started yet: the job's driver takes it over. Without ``run_id`` a fresh
         time-sortable id is generated.
         """
+        created = now_iso()
         if run_id is not None:
             check_run_id(run_id)
             if not self._mkdir_exclusive(self.run_dir(run_id)):
-                raise StateError(f"state error: run {run_id!r} already exists under {self.root}")
+                prior = self._submitted_record(run_id, job)
+                if prior is None:
+                    raise StateError(
+                        f"state error: run {run_id!r} already exists under {self.root}"
+                    )
+                created = prior.created
         else:
             for _ in range(20):
                 run_id = new_run_id()
@@ -321,15 +345,27 @@ class RunStore:
         self.write_text(self.run_dir(run_id) + "/config.yaml", cfg.to_yaml())
         info = RunInfo(
             run_id=run_id,
-            created=now_iso(),
+            created=created,
             status="created",
             name=cfg.name,
             tracking_uri=tracking_uri,
             address=address,
             code=code_version(),
+            job=dict(job) if job else None,
         )
         self._write_json(self.run_dir(run_id) + "/run.json", info.to_dict())
         return run_id
+
+    def _submitted_record(self, run_id: str, job: dict[str, str] | None) -> RunInfo | None:
+        """The record ``contrastive submit`` left for ``job``, if the run is still only that."""
+        if not job or not job.get("submission_id"):
+            return None
+        try:
+            info = self.load_run(run_id)
+        except StateError:
+            return None
+        mine = (info.job or {}).get("submission_id") == job["submission_id"]
+        return info if mine and info.status == "created" and not self.stage_names(run_id) else None
 
     def load_run(self, run_id: str) -> RunInfo:
         """The run's record; an unknown id is a one-line error naming the storage root."""

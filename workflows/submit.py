@@ -7,19 +7,29 @@ What travels with the job (its runtime environment):
 * ``working_dir``: a small folder holding ``config.yaml``, the **resolved** config (the file plus
   every ``--set``, validated here before anything is sent).
 
+The runtime environment's ``env_vars`` hold ``resources.env`` of the config and every
+``--env KEY=VALUE`` (the job's driver, its stages' tasks and Ray Train workers all see them; they
+are visible in the dashboard, so pass endpoints there and give nodes credentials through their
+role or a secret), the run id, the job's submission id and dashboard address, and the code version
+of this checkout (commit, uncommitted changes), which the packaged code cannot find itself.
+
 The entrypoint is ``python -m workflows.cli run config.yaml --run-id RUN_ID --address auto``.
 ``python -m`` rather than the ``contrastive`` console script: it needs nothing on the cluster's
 ``PATH`` and always imports the shipped packages (``py_modules`` come first on ``sys.path``); the
 images under ``docker/`` install the package as well, so the third-party dependencies are there.
 Inside a Ray Job ``RAY_ADDRESS`` points at the cluster, so ``--address auto`` attaches to it.
 
-The run id is chosen here (:func:`workflows.state.new_run_id`), so ``contrastive status RUN_ID
---storage ROOT`` finds the run once the job has started writing under ``ROOT/runs/RUN_ID``; the Ray
-submission id is ``contrastive-RUN_ID``, so one id leads to the other.
+The run id is chosen here (:func:`workflows.state.new_run_id`); the Ray submission id is
+``contrastive-RUN_ID``, so one id leads to the other. When this machine sees the run's storage
+(an object store, or a local path with a cluster on this machine) the run record is written here,
+``created`` with its job, before the job is sent: ``contrastive status`` lists the run at once and
+asks the Jobs API about a run whose driver has not started (a job that failed before it did is
+shown as failed, with the job's message). The job's driver takes that record over.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
@@ -31,13 +41,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from workflows.state import CODE_ENV
+
 __all__ = [
     "CONFIG_NAME",
     "JobSpec",
     "build_job_spec",
     "check_reachable",
     "connect",
+    "job_status",
     "normalize_address",
+    "parse_env",
     "submit_job",
     "token_headers",
 ]
@@ -45,6 +59,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.yaml"
+#: Set in a submitted job's runtime environment: its submission id and the dashboard it came in by.
+JOB_ID_ENV = "CONTRASTIVE_JOB_ID"
+JOB_ADDRESS_ENV = "CONTRASTIVE_JOB_ADDRESS"
 # Never shipped: caches and build leftovers inside the package folders (.gitignore is honoured too).
 EXCLUDES = ["__pycache__", "*.pyc", "*.egg-info", ".pytest_cache", ".ruff_cache"]
 _LOOPBACK = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
@@ -87,12 +104,18 @@ def build_job_spec(
     overrides: list[str] | None = None,
     entrypoint: str | None = None,
     python: str = "python",
+    env: dict[str, str] | None = None,
+    address: str | None = None,
+    code: dict[str, Any] | None = None,
 ) -> JobSpec:
     """The job for ``run_id``: entrypoint, runtime environment and metadata (no I/O).
 
     ``working_dir`` must hold :data:`CONFIG_NAME`, the resolved config. ``entrypoint`` replaces the
     pipeline command (tests use it to check the plumbing without running the pipeline).
     ``overrides`` are only recorded in the metadata: they are already part of the resolved config.
+    ``env``: variables for the job's runtime environment; ``address``: the dashboard URL the job
+    is sent to (recorded so that the run can be looked up in the Jobs API); ``code``: the
+    :func:`workflows.state.code_version` to record for the run.
     """
     if entrypoint is None:
         entrypoint = shlex.join(
@@ -103,8 +126,17 @@ def build_job_spec(
         "working_dir": working_dir,
         "py_modules": list(py_modules if py_modules is not None else package_dirs()),
         "excludes": list(EXCLUDES),
-        "env_vars": {"PYTHONUNBUFFERED": "1", "CONTRASTIVE_RUN_ID": run_id},
+        "env_vars": {
+            **(env or {}),
+            "PYTHONUNBUFFERED": "1",
+            "CONTRASTIVE_RUN_ID": run_id,
+            JOB_ID_ENV: f"contrastive-{run_id}",
+        },
     }
+    if address:
+        runtime_env["env_vars"][JOB_ADDRESS_ENV] = address
+    if code and code.get("commit"):
+        runtime_env["env_vars"][CODE_ENV] = json.dumps(code, sort_keys=True)
     metadata = {"run_id": run_id, "name": name, "submitted_by": "contrastive submit"}
     if storage_root:
         metadata["storage_root"] = storage_root
@@ -210,6 +242,40 @@ def connect(url: str) -> Any:
         ) from None
 
 
+def parse_env(items: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """``KEY=VALUE`` strings -> a dict; a malformed one is a one-line :class:`ValueError`."""
+    env: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or key.strip() != key or not key.replace("_", "a").isalnum():
+            raise ValueError(
+                f"submit: --env {item!r}: expected KEY=VALUE, e.g. AWS_REGION=eu-west-1"
+            )
+        env[key] = value
+    return env
+
+
+def job_status(address: str, submission_id: str, timeout_s: float = 3.0) -> tuple[str, str]:
+    """``(status, message)`` of a Ray Job (``FAILED``, ``RUNNING``, ...); raises a one-line
+    :class:`ConnectionError` / :class:`RuntimeError` when the Jobs API cannot tell."""
+    url = normalize_address(address)
+    check_reachable(url, timeout_s)
+    client = connect(url)
+    try:
+        info = client.get_job_info(submission_id)
+    except Exception as err:  # noqa: BLE001 - e.g. an unknown job id
+        raise RuntimeError(f"job {submission_id}: {_first_line(err)}") from None
+    status = getattr(info.status, "value", str(info.status))
+    return str(status), (info.message or "").strip()
+
+
+def _storage_visible_here(storage_root: str, url: str) -> bool:
+    """Whether this machine sees the storage the cluster writes the run to."""
+    if "://" in storage_root:
+        return True
+    return os.path.isabs(storage_root) and urllib.parse.urlparse(url).hostname in _LOOPBACK
+
+
 def submit_job(
     config: str,
     overrides: list[str],
@@ -218,6 +284,7 @@ def submit_job(
     *,
     entrypoint: str | None = None,
     timeout_s: float = 5.0,
+    env: dict[str, str] | None = None,
 ) -> tuple[str, str]:
     """Submit the run of ``config`` (+ ``overrides``) to the cluster whose dashboard is at
     ``address``; return ``(job_id, run_id)`` without waiting for the job.
@@ -237,7 +304,10 @@ def submit_job(
             "object store (s3://...) to follow it from here with `contrastive status`",
             storage_root,
         )
+    from workflows.state import RunStore, StateError, code_version
+
     run_id = new_run_id()
+    job_env = {**cfg.resources.env, **(env or {})}
     with tempfile.TemporaryDirectory(prefix="contrastive-submit-") as staging:
         Path(staging, CONFIG_NAME).write_text(cfg.to_yaml())
         spec = build_job_spec(
@@ -247,14 +317,35 @@ def submit_job(
             storage_root=storage_root,
             overrides=list(overrides),
             entrypoint=entrypoint,
+            env=job_env,
+            address=url,
+            code=code_version(),
         )
         client = connect(url)
+        store = None
+        if _storage_visible_here(storage_root, url):
+            try:
+                store = RunStore(storage_root)
+                store.create_run(
+                    cfg,
+                    run_id,
+                    address="auto",
+                    job={"submission_id": spec.submission_id, "address": url},
+                )
+            except (StateError, OSError) as err:
+                log.warning("submit: the run record is left to the job (%s)", _first_line(err))
+                store = None
         try:
             # The client packs and uploads working_dir and py_modules before it returns.
             job_id = client.submit_job(**spec.as_kwargs())
-        except ConnectionError as err:
-            raise ConnectionError(f"submit: {url}: {_first_line(err)}") from None
         except Exception as err:  # the job server's refusals come as assorted exception types
+            if store is not None:
+                try:
+                    store.fs.delete_dir(store.run_dir(run_id))
+                except OSError:
+                    pass
+            if isinstance(err, ConnectionError):
+                raise ConnectionError(f"submit: {url}: {_first_line(err)}") from None
             raise RuntimeError(f"submit: {url} refused the job: {_first_line(err)}") from None
     log.info("submitted job %s (run %s) to %s", job_id, run_id, url)
     return job_id, run_id

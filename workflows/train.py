@@ -10,8 +10,15 @@ Every training stage is a plain function ``run(cfg, inputs, out_dir, ctx, **para
 * ``resources.num_workers == 1``: a Ray task with the worker's CPUs/GPU and ``max_retries``;
   no process group is needed, which saves the ~20 s a ``TorchTrainer`` costs per stage on CPU.
 
-Either way rank 0 also writes the checkpoint durably as ``<stage folder>/checkpoints/latest.pt``,
-so ``contrastive resume`` continues an interrupted stage after the driver itself was killed.
+Either way rank 0 also writes the checkpoint durably as ``<stage folder>/checkpoints/latest.pt``
+in the run's storage (a local path or an object-store URI, see :mod:`workflows.stageio`), so
+``contrastive resume`` continues an interrupted stage after the driver itself was killed or the
+node it ran on was lost.
+
+With the run on an object store every task and worker resolves its inputs from storage on its own
+node (:func:`workflows.stageio.materialize_inputs`), writes into a local scratch folder, and rank 0
+uploads that folder to ``<stage folder>/out`` before returning; the coordinator then copies the
+(small) outputs back for its digest and MLflow.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import posixpath
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +37,8 @@ import ray
 import torch
 
 from pipeline.config import Config
-from pipeline.runtime import StageResult, atomic_torch_save, atomic_write_text
+from pipeline.runtime import StageResult, atomic_write_text
+from workflows import stageio
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +57,16 @@ class _Durable:
     """Rank 0's copy of the latest checkpoint in the stage folder, and the metrics sink."""
 
     def __init__(self, checkpoint_dir: str, sink: Callable[[dict, int], None] | None) -> None:
-        self.path = Path(checkpoint_dir) / "latest.pt"
+        self.path = stageio.join(checkpoint_dir, "latest.pt")  # a local path or a URI
+        base = checkpoint_dir.partition("?")[0].rstrip("/")
+        self.stage = posixpath.basename(posixpath.dirname(base)) or "stage"
         self.sink = sink
 
     def save(self, state: dict[str, Any]) -> None:
-        atomic_torch_save(state, self.path)
+        stageio.save_torch(state, self.path)
 
     def load(self) -> dict[str, Any] | None:
-        if self.path.is_file():
-            return torch.load(self.path, map_location="cpu", weights_only=False)
-        return None
+        return stageio.load_torch(self.path)
 
     def log(self, metrics: dict[str, Any]) -> None:
         # one progress line per epoch; Ray forwards worker output to the driver's terminal
@@ -65,7 +75,7 @@ class _Durable:
             for k, v in metrics.items()
             if k in _PROGRESS and isinstance(v, (int, float))
         )
-        print(f"[{self.path.parent.parent.name}] {shown}", flush=True)
+        print(f"[{self.stage}] {shown}", flush=True)
         if self.sink is not None:
             numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
             self.sink(numeric, int(metrics.get("epoch", 0)))
@@ -151,14 +161,57 @@ def _read_result(out_dir: str, history: list[dict[str, Any]]) -> StageResult:
     return StageResult(outputs=d["outputs"], metrics=d["metrics"], history=history)
 
 
+def _run_here(
+    fn: StageFn,
+    cfg: Config,
+    inputs: dict[str, str],
+    out_dir: str,
+    params: dict[str, Any],
+    ctx: Any,
+    upload_to: str | None,
+    write_result: bool,
+) -> StageResult:
+    """Run the stage function on this node: inputs resolved here; with ``upload_to`` (the stage's
+    output folder on an object store) it writes into a local scratch folder that rank 0 uploads
+    there, and the outputs it returns are the paths they will have under ``out_dir`` once the
+    coordinator has copied them back."""
+    local_inputs = stageio.materialize_inputs(inputs)
+    if upload_to is None:
+        result = fn(cfg, local_inputs, out_dir, ctx, **params)
+        if write_result and ctx.rank == 0:
+            _write_result(out_dir, result)
+        return result
+    scratch = tempfile.mkdtemp(prefix="contrastive-out-")
+    try:
+        result = fn(cfg, local_inputs, scratch, ctx, **params)
+        result.outputs = {
+            k: os.path.join(out_dir, os.path.relpath(os.path.join(scratch, v), scratch))
+            for k, v in result.outputs.items()
+        }
+        if ctx.rank == 0:
+            if write_result:
+                _write_result(scratch, result)
+            stageio.upload_dir(scratch, upload_to)
+        return result
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def _train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker entry point."""
     cfg: Config = config["cfg"]
     _set_threads(cfg)
     ctx = RayTrainContext(config["checkpoint_dir"], config.get("sink"))
-    result = config["fn"](cfg, config["inputs"], config["out_dir"], ctx, **config["params"])
-    if ctx.rank == 0:
-        _write_result(config["out_dir"], result)
+    _run_here(
+        config["fn"],
+        cfg,
+        config["inputs"],
+        config["out_dir"],
+        config["params"],
+        ctx,
+        config.get("upload_to"),
+        write_result=True,
+    )
 
 
 def _task_body(
@@ -169,10 +222,11 @@ def _task_body(
     params: dict[str, Any],
     checkpoint_dir: str,
     sink,
+    upload_to: str | None = None,
 ) -> StageResult:
     _set_threads(cfg)
     ctx = TaskContext(checkpoint_dir, sink, use_gpu=cfg.resources.use_gpu)
-    result = fn(cfg, inputs, out_dir, ctx, **params)
+    result = _run_here(fn, cfg, inputs, out_dir, params, ctx, upload_to, write_result=False)
     result.history = list(result.history)
     return result
 
@@ -185,14 +239,24 @@ def run_training_stage(
     params: dict[str, Any] | None = None,
     sink: Callable[[dict, int], None] | None = None,
     num_workers: int | None = None,
+    stage_dir: str | None = None,
 ) -> StageResult:
-    """Run ``fn`` on Ray with ``resources.num_workers`` workers (or ``num_workers``)."""
+    """Run ``fn`` on Ray with ``resources.num_workers`` workers (or ``num_workers``).
+
+    ``inputs`` are local paths or URIs (resolved on the node that runs each worker).
+    ``stage_dir`` is the stage's folder in the run's storage (default: ``out_dir``'s parent):
+    checkpoints go to ``<stage_dir>/checkpoints``, Ray Train's state to ``<stage_dir>/ray``. When
+    it is an object-store URI, ``out_dir`` is a local folder of this process: the workers upload
+    their outputs to ``<stage_dir>/out`` and they are copied into ``out_dir`` at the end.
+    """
     params = params or {}
     res = cfg.resources
     workers = num_workers or res.num_workers
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint_dir = str(out.parent / "checkpoints")
+    stage_dir = stage_dir or str(out.parent)
+    checkpoint_dir = stageio.join(stage_dir, "checkpoints")
+    upload_to = stageio.join(stage_dir, "out") if stageio.is_uri(stage_dir) else None
     if workers == 1:
         task = ray.remote(_task_body).options(
             num_cpus=res.cpus_per_worker,
@@ -200,7 +264,12 @@ def run_training_stage(
             max_retries=res.max_failures,
             retry_exceptions=False,
         )
-        return ray.get(task.remote(fn, cfg, inputs, out_dir, params, checkpoint_dir, sink))
+        result = ray.get(
+            task.remote(fn, cfg, inputs, out_dir, params, checkpoint_dir, sink, upload_to)
+        )
+        if upload_to is not None:
+            stageio.download_dir(upload_to, out_dir)
+        return result
 
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -215,6 +284,7 @@ def run_training_stage(
             "params": params,
             "checkpoint_dir": checkpoint_dir,
             "sink": sink,
+            "upload_to": upload_to,
         },
         scaling_config=ScalingConfig(
             num_workers=workers,
@@ -224,13 +294,15 @@ def run_training_stage(
         torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
         run_config=RunConfig(
             name="train",
-            storage_path=str(out.parent / "ray"),
+            storage_path=stageio.join(stage_dir, "ray"),
             failure_config=FailureConfig(max_failures=res.max_failures),
         ),
     )
     result = trainer.fit()
     if result.error is not None:
         raise result.error
+    if upload_to is not None:
+        stageio.download_dir(upload_to, out_dir)
     history: list[dict[str, Any]] = []
     hist = out / "history.json"
     if hist.is_file():

@@ -760,8 +760,12 @@ def _plots(rows: list[dict[str, Any]], out: Path) -> list[str]:
 
 # -- running ------------------------------------------------------------------------------------
 def _ensure_ray() -> None:
+    """A private local Ray unless already connected (``contrastive tune --address`` connects
+    first); never an attachment to another cluster on the machine."""
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+        ray.init(
+            address="local", include_dashboard=False, configure_logging=False, log_to_driver=False
+        )
 
 
 def _tune_config(cfg: Config) -> tune.TuneConfig:
