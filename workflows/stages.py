@@ -201,7 +201,10 @@ class StageExecutor:
         if node.kind == "shard":
             from workflows.sharding import shard_with_ray
 
-            result = shard_with_ray(cfg, out_dir)
+            # on object storage out_dir is this node's scratch: shard tasks elsewhere send bytes
+            result = shard_with_ray(
+                cfg, out_dir, ship_bytes=stageio.is_uri(self.stage_dir(node, out_dir))
+            )
         elif node.kind == "tune":
             # the trials read the dataset in this node's cache (one copy for every trial)
             dataset = stageio.materialize_input("dataset", inputs["dataset"]["dataset"])
