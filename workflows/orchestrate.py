@@ -139,7 +139,12 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
         return
     kwargs: dict[str, Any] = {"configure_logging": False, "log_to_driver": True}
     if not address:
-        ray.init(address="local", include_dashboard=False, num_cpus=num_cpus, **kwargs)
+        try:
+            ray.init(address="local", include_dashboard=False, num_cpus=num_cpus, **kwargs)
+        except Exception as err:  # noqa: BLE001 - e.g. the node timed out during startup
+            if ray.is_initialized():
+                ray.shutdown()
+            raise PipelineError(f"cannot start a local Ray: {_first_line(err)}") from None
         return
     target = _resolve_address(address)
     if target == "auto":
