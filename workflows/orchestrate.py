@@ -316,9 +316,11 @@ def job_verdict(info: Any) -> tuple[str, str | None]:
         status, message = job_status(info.job["address"], sid)
     except (ConnectionError, RuntimeError, ValueError) as err:
         return info.status, f"job {sid}: not known ({_first_line(err)})"
-    if status in ("FAILED", "STOPPED", "SUCCEEDED"):
-        first = message.splitlines()[0] if message else "no message"
+    first = message.splitlines()[0] if message else "no message"
+    if status in ("FAILED", "STOPPED"):
         return "failed", f"job {sid} {status} before the driver started: {first}"
+    if status == "SUCCEEDED":  # e.g. the job wrote its run under another storage root
+        return "failed", f"job {sid} SUCCEEDED but its driver never wrote this run: {first}"
     return info.status, f"job {sid} {status}"
 
 
