@@ -201,9 +201,6 @@ class AugmentConfig(_Section):
     strength: float = Field(0.5, ge=0.0, description="colour-jitter strength s")
     crop_min_scale: float = Field(0.2, gt=0.0, le=1.0)
     image_size: int | None = Field(None, ge=4, description="view size; None = the native size")
-    backend: Literal["batched", "torchvision"] = Field(
-        "batched", description="batched tensor augmentation (fast) or per-sample torchvision"
-    )
 
 
 class ModelConfig(_Section):
@@ -648,6 +645,12 @@ _RENAMED = {
     "distillation term gets 1 - label_weight)",
 }
 
+# Keys that were removed: the unknown-key error says why.
+_REMOVED = {
+    "augment.backend": "every stage augments whole batches with tensor ops "
+    "(pipeline.data.transforms.BatchTwoViewAugment); delete the key",
+}
+
 
 def _format_error(err: ValidationError) -> str:
     first = err.errors()[0]
@@ -656,6 +659,8 @@ def _format_error(err: ValidationError) -> str:
     if kind == "extra_forbidden":
         if loc in _RENAMED:
             return f"config error: {loc}: unknown key; it is now {_RENAMED[loc]}"
+        if loc in _REMOVED:
+            return f"config error: {loc}: removed; {_REMOVED[loc]}"
         return f"config error: {loc}: unknown key"
     msg = msg.removeprefix("Value error, ")
     if kind == "value_error" and isinstance(got, dict):

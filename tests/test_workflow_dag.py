@@ -13,6 +13,7 @@ from workflows.dag import (
     cache_key,
     compute_keys,
     format_fraction,
+    stage_config,
 )
 
 
@@ -150,9 +151,18 @@ def test_cache_key_changes_only_with_relevant_sections():
     assert all(base[n] != k[n] for n in base)
     # runtime-only keys change nothing
     k = keys(
-        resources={"num_workers": 2}, tracking={"experiment": "other"}, data={"loader_workers": 3}
+        resources={"max_failures": 5},
+        tracking={"experiment": "other"},
+        data={"loader_workers": 3},
     )
     assert k == base
+    # the worker count splits every batch across ranks: each training stage is another result
+    # (and so is everything downstream); the shard and the one-process evaluation are not
+    k = keys(resources={"num_workers": 2})
+    assert {n for n in base if base[n] != k[n]} == set(base) - {"shard"}
+    assert stage_config(build_graph(cfg_with())["evaluate"], cfg_with()) == stage_config(
+        build_graph(cfg_with())["evaluate"], cfg_with(resources={"num_workers": 2})
+    )
     # adding a fraction leaves existing stages' keys alone (except evaluate, whose deps grow,
     # and shard, which writes one more subset)
     c = parse_config({"finetune": {"label_fractions": [1, 10, 50]}})

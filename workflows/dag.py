@@ -8,10 +8,11 @@ For a config the graph is::
     everything -> evaluate
     with tune.enabled: shard -> tune -> (every stage after shard takes the tune's best values)
 
-A stage's cache key is a SHA-256 over its kind, its params, the config sections it reads (minus the
-keys that only shape the graph, e.g. ``finetune.label_fractions``), its upstream keys in dependency
-order and the package version: a key changes when — and only when — something the stage's result
-depends on changes. The shard stage's key covers the label fractions it writes subsets for; the key
+A stage's cache key is a SHA-256 over its kind, its params, the config fields its kind reads
+(declared in :mod:`workflows.reads`, after the kind's resource overrides; fields that only shape the
+graph, e.g. ``finetune.label_fractions``, are in none), its upstream keys in dependency order and the
+package version: a key changes when — and only when — something the stage's result depends on
+changes. The shard stage's key covers the label fractions it writes subsets for; the key
 its dependants fold in does not (each reads only its own fraction's subset). (Semi-supervised pretraining also reads the smallest label fraction: it is
 one of that stage's params.)
 """
@@ -27,6 +28,7 @@ from typing import Any
 import pipeline
 from pipeline.config import Config, subset_fractions
 from pipeline.config import format_fraction as _format_fraction
+from workflows.reads import STAGE_READS, config_slice
 
 __all__ = [
     "Graph",
@@ -50,7 +52,8 @@ class StageNode:
 
     ``deps`` maps the stage's input name to the upstream stage that produces it (order matters: it
     is the order of upstream keys in the cache key); ``params`` are the stage's own parameters (for
-    example ``{"fraction": 10.0}``); ``sections`` are the config sections in its cache key;
+    example ``{"fraction": 10.0}``); ``sections`` are the config paths its kind reads
+    (:data:`workflows.reads.STAGE_READS`), which its cache key hashes;
     ``training`` says whether the stage trains a network (runs on Ray Train, checkpoints).
     """
 
@@ -60,25 +63,6 @@ class StageNode:
     params: dict[str, Any] = field(default_factory=dict)
     sections: tuple[str, ...] = ()
     training: bool = False
-
-
-# Config sections each stage kind depends on ("seed" is the top-level seed).
-_SECTIONS: dict[str, tuple[str, ...]] = {
-    "shard": ("data",),
-    "tune": ("seed", "augment", "model", "pretrain", "tune"),
-    "pretrain": ("seed", "augment", "model", "pretrain"),
-    "finetune": ("seed", "augment", "model", "finetune"),
-    "baseline": ("seed", "augment", "model", "finetune"),
-    "distill": ("seed", "augment", "distill"),
-    "evaluate": ("seed", "evaluate"),
-}
-
-# Keys that shape the graph or the runtime but not a stage's result: left out of the cache key.
-_NOT_IN_KEY: dict[str, frozenset[str]] = {
-    "data": frozenset({"loader_workers", "in_memory"}),
-    "finetune": frozenset({"label_fractions", "baseline"}),
-    "distill": frozenset({"enabled"}),
-}
 
 
 # Params in a stage's own key but not in the key its dependants see: the shard stage writes one
@@ -200,7 +184,7 @@ def build_graph(cfg: Config) -> Graph:
     def node(
         name: str, kind: str, deps: dict[str, str], training: bool, **params: Any
     ) -> StageNode:
-        return StageNode(name, kind, deps, dict(params), _SECTIONS[kind], training)
+        return StageNode(name, kind, deps, dict(params), STAGE_READS[kind].paths, training)
 
     # Semi-supervised pretraining sees the labels of pretrain.label_fraction, by default the
     # smallest fine-tuning fraction: that fraction enters the key (finetune.* is not a section of
@@ -262,30 +246,12 @@ def build_graph(cfg: Config) -> Graph:
 
 
 def stage_config(node: StageNode, cfg: Config) -> dict[str, Any]:
-    """The config slice a stage depends on: its sections, minus keys that only shape the graph."""
-    d = cfg.to_dict()
-    out: dict[str, Any] = {}
-    for s in node.sections:
-        if s not in d:
-            raise GraphError(f"graph error: stage {node.name!r} names unknown config section {s!r}")
-        v = d[s]
-        drop = _NOT_IN_KEY.get(s)
-        if drop and isinstance(v, dict):
-            v = {k: x for k, x in v.items() if k not in drop}
-        if s == "finetune" and isinstance(v, dict) and "consistency" in v:
-            v = _consistency_slice(node.kind, v)
-        out[s] = v
-    return out
-
-
-def _consistency_slice(kind: str, finetune: dict[str, Any]) -> dict[str, Any]:
-    """``finetune.consistency`` is an input of the baseline only with ``consistency.baseline``,
-    and that flag itself is never an input of fine-tuning."""
-    c = dict(finetune["consistency"])
-    use = c.pop("baseline", False)
-    if kind == "baseline" and not use:
-        return {k: x for k, x in finetune.items() if k != "consistency"}
-    return {**finetune, "consistency": c}
+    """The config slice a stage depends on: the fields its kind reads
+    (:func:`workflows.reads.config_slice`)."""
+    try:
+        return config_slice(node.kind, cfg)
+    except KeyError as err:
+        raise GraphError(f"graph error: stage {node.name!r}: {err.args[0]}") from None
 
 
 def cache_key(

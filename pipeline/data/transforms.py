@@ -19,8 +19,8 @@ Two implementations of that distribution:
   ``transform``);
 * :class:`BatchTwoViewAugment` - a whole uint8 batch at once with tensor ops: the crop and flip are
   one separable bilinear resample (:func:`crop_resize`, two batched matrix products per view), the
-  jitter factors are per-sample vectors, greyscale is a mask, blur a grouped convolution. The fast
-  default (``augment.backend == "batched"``). Differences from torchvision, all small: a crop whose
+  jitter factors are per-sample vectors, greyscale is a mask, blur a grouped convolution. What every
+  stage uses. Differences from torchvision, all small: a crop whose
   side would exceed the image is clamped to the image instead of re-drawn (torchvision retries 10
   times), the jitter operations run in the fixed order brightness, contrast, saturation, hue
   (torchvision permutes them), and hue is a rotation of the chroma plane in YIQ space (linear,

@@ -1,0 +1,315 @@
+"""Cache keys, field by field: every config field either reaches the key of every stage whose
+result it changes (and no other), or is declared as changing no result.
+
+``READERS`` below is this test's own account of which stage kinds read a field, taken from the
+stage code (``pipeline/stages/*.py``, ``pipeline/models``, ``workflows/tune.py``), independent of
+the declarations in ``workflows/reads.py`` that the keys are computed from. A new config field
+fails :func:`test_every_field_is_declared` and :func:`test_every_field_reaches_exactly_its_stages`
+until it is classified in both places.
+"""
+
+from __future__ import annotations
+
+import copy
+import typing
+from typing import Any, Literal, get_args, get_origin
+
+import pytest
+from pydantic import BaseModel
+
+from pipeline.config import Config, ConfigError, StageKind, StageResources, parse_config
+from workflows.dag import build_graph, compute_keys
+from workflows.reads import NOT_RESULTS, RESOLVED, STAGE_READS, UNKEYED_READS, config_slice
+
+TRAIN = {"pretrain", "finetune", "baseline", "distill"}
+SUPERVISED = {"finetune", "baseline", "distill"}
+
+# Stage kinds that read a field (longest matching prefix wins), from the code:
+READERS: dict[str, set[str]] = {
+    # seed_everything(cfg.seed ...) in every training stage; supervised_seed = finetune.seed or
+    # seed; evaluate seeds its probes and plots; tune's trials are pretrain runs.
+    "seed": {"tune", "pretrain", *SUPERVISED, "evaluate"},
+    "data": {"shard"},
+    "data.source": {"shard", "evaluate"},  # the report names it
+    "augment": {"tune", "pretrain"},
+    "augment.image_size": {"tune", "pretrain", *SUPERVISED},  # view_size()
+    # build_contrastive_model(cfg.model) / load + save_model(model_section=cfg.model...); the
+    # student is cfg.model with distill.student applied; evaluate's header names some.
+    "model": {"tune", "pretrain", *SUPERVISED, "evaluate"},
+    "pretrain": {"tune", "pretrain"},
+    "pretrain.bf16": {"tune", "pretrain", *SUPERVISED},  # SupervisedPlan(bf16=cfg.pretrain.bf16)
+    "pretrain.method": {"tune", "pretrain", "evaluate"},
+    "pretrain.temperature": {"tune", "pretrain", "evaluate"},
+    "pretrain.epochs": {"tune", "pretrain", "evaluate"},
+    "pretrain.batch_size": {"tune", "pretrain", "evaluate"},
+    "pretrain.pseudo_label_from_epoch": {"tune", "pretrain", "evaluate"},
+    "pretrain.pseudo_label_fraction": {"tune", "pretrain", "evaluate"},
+    "pretrain.label_fraction": {"tune", "pretrain", "shard"},  # subset_fractions()
+    "finetune": {"finetune", "baseline"},  # plan_for, build_network, run
+    "finetune.crop_min_scale": SUPERVISED,  # distill's crop defaults to it
+    "finetune.seed": SUPERVISED,
+    "finetune.baseline_lr": {"baseline"},
+    "finetune.consistency": {"finetune"},  # + baseline with consistency.baseline (below)
+    "finetune.consistency.epochs": {"finetune", "evaluate"},
+    "finetune.consistency.threshold": {"finetune", "evaluate"},
+    "finetune.consistency.baseline": {"baseline", "evaluate"},
+    "distill": {"distill"},
+    "evaluate": {"evaluate"},
+    # pretrain's online kNN monitor; tune scores its trials with it
+    "evaluate.knn_k": {"evaluate", "tune", "pretrain"},
+    "evaluate.knn_temperature": {"evaluate", "tune", "pretrain"},
+    "tune": {"tune"},
+    # workers split batches (training stages; evaluation and a tune trial are one process);
+    # threads and device change float results everywhere torch computes.
+    "resources.num_workers": TRAIN,
+    "resources.cpus_per_worker": {"tune", *TRAIN, "evaluate"},
+    "resources.torch_threads": {"tune", *TRAIN, "evaluate"},
+    "resources.use_gpu": {"tune", *TRAIN, "evaluate"},
+    # read by no stage function: the graph's shape, runtime and bookkeeping
+    "data.loader_workers": set(),
+    "data.in_memory": set(),
+    "finetune.label_fractions": set(),  # each stage's fraction is its param
+    "finetune.baseline": set(),
+    "distill.enabled": set(),
+    "tune.enabled": set(),
+    "resources.max_failures": set(),
+}
+
+# Fields whose shard effect is only which label subsets it writes: the shard's own key changes,
+# the key its dependants fold in does not (each reads only its own subset).
+SUBSETS_ONLY = {"pretrain.label_fraction"}
+
+# Base configs: the default graph; the consistency phase on for the baseline too (so its
+# conditional reads are on); and a graph with the tune stage in front.
+BASES: dict[str, dict[str, Any]] = {
+    "default": {"finetune": {"label_fractions": [1, 10]}},
+    "consistency": {
+        "finetune": {"label_fractions": [1, 10], "consistency": {"epochs": 1, "baseline": True}}
+    },
+    "tune": {"finetune": {"label_fractions": [1, 10]}, "tune": {"enabled": True}},
+}
+
+# Values for fields whose default cannot simply be flipped, and the base they need.
+SPECIAL: dict[str, tuple[dict[str, Any], Any]] = {
+    "data.root": ({}, "/elsewhere"),
+    "data.max_train": ({}, 100),
+    "data.max_test": ({}, 100),
+    "data.max_side": ({"data": {"source": "image-folder"}}, 64),
+    "data.image_keys": ({}, ["png"]),
+    "data.label_key": ({}, "json:label"),
+    "finetune.label_fractions": ({}, [1, 20]),
+    "model.head_hidden": ({}, 64),
+    "augment.image_size": ({}, 16),
+    "pretrain.lr": ({}, 0.1),
+    "pretrain.label_fraction": ({}, 5.0),
+    "pretrain.max_steps_per_epoch": ({}, 3),
+    "pretrain.pseudo_label_from_epoch": ({"pretrain": {"method": "semisup"}}, 1),
+    "finetune.baseline_lr": ({}, 0.5),
+    "finetune.seed": ({}, 7),
+    "distill.student.stem_stride": ({}, 2),
+    "distill.crop_min_scale": ({}, 0.9),
+    "tune.lr": ({}, (0.01, 0.1)),
+    "resources.torch_threads": ({}, 3),
+    "tracking.uri": ({}, "sqlite:///elsewhere.db"),
+}
+_WDS = {"source": "webdataset", "train_urls": "train-{0..1}.tar", "test_urls": "test.tar"}
+for _f, _v in {
+    "train_urls": "other-{0..1}.tar",
+    "test_urls": "other.tar",
+    "val_urls": "val.tar",
+    "classes": ["a", "b"],
+}.items():
+    SPECIAL[f"data.{_f}"] = ({"data": _WDS}, _v)
+
+
+def leaf_fields(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, Any]]:
+    """Every leaf field of the config model as (dotted path, annotation); sub-sections recurse."""
+    out: list[tuple[str, Any]] = []
+    hints = typing.get_type_hints(model)
+    for name in model.model_fields:
+        ann = hints[name]
+        path = f"{prefix}{name}"
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out += leaf_fields(ann, path + ".")
+        else:
+            out.append((path, ann))
+    return out
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _set(raw: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    out = copy.deepcopy(raw)
+    node = out
+    *parents, last = path.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[last] = value
+    return out
+
+
+def _get(cfg: Config, path: str) -> Any:
+    v: Any = cfg
+    for p in path.split("."):
+        v = getattr(v, p)
+    return v
+
+
+def _other_value(path: str, ann: Any, current: Any) -> Any:
+    """A valid value different from ``current`` for a field of type ``ann``."""
+    if current is None or isinstance(current, (list, dict)):
+        raise AssertionError(f"{path}: no test value; add it to SPECIAL")
+    choices = [a for a in get_args(ann) if get_origin(ann) is Literal]
+    if not choices:  # Literal[...] | None
+        for arg in get_args(ann):
+            if get_origin(arg) is Literal:
+                choices = list(get_args(arg))
+    if choices:
+        return next(c for c in choices if c != current)
+    if isinstance(current, bool):
+        return not current
+    if isinstance(current, int):
+        return current + 1
+    if isinstance(current, float):
+        return current / 2 if current else 0.5
+    if isinstance(current, str):
+        return current + "-other"
+    if isinstance(current, tuple):
+        lo, hi = current
+        return (lo, type(hi)(max(lo, hi / 2)) if hi != lo else hi * 2)
+    raise AssertionError(f"{path}: no test value for {current!r}; add it to SPECIAL")
+
+
+def readers(path: str, cfg: Config) -> set[str]:
+    best = max((p for p in READERS if path == p or path.startswith(p + ".")), key=len, default=None)
+    kinds = set(READERS[best]) if best is not None else set()
+    if (
+        path.startswith("finetune.consistency.")
+        and path != "finetune.consistency.baseline"
+        and cfg.finetune.consistency.baseline
+    ):
+        kinds.add("baseline")
+    return kinds
+
+
+def keyed_readers(path: str, cfg: Config) -> set[str]:
+    """The readers whose key must follow the field (minus declared monitor-only reads)."""
+    return {k for k in readers(path, cfg) if path not in UNKEYED_READS.get(k, {})}
+
+
+def expected_changes(cfg: Config, path: str, kinds: set[str]) -> set[str]:
+    g = build_graph(cfg)
+    direct = {n.name for n in g if n.kind in kinds}
+    spread = direct - ({"shard"} if path in SUBSETS_ONLY else set())
+    out = set(direct)
+    for name in spread:
+        out |= set(g.dependants(name))
+    return out
+
+
+def mutations() -> list[tuple[str, str, dict[str, Any], dict[str, Any]]]:
+    """(base name, field, base raw config, mutated raw config) for every field and base."""
+    out = []
+    for base_name, base in BASES.items():
+        for path, ann in leaf_fields():
+            if path == "resources.stages":
+                continue  # expanded per kind below
+            extra, value = SPECIAL.get(path, ({}, None))
+            raw = _merge(base, extra)
+            if path not in SPECIAL:
+                value = _other_value(path, ann, _get(parse_config(raw), path))
+            out.append((base_name, path, raw, _set(raw, path, value)))
+        # resources.stages.<kind>.<field>: a per-kind override
+        for kind in get_args(StageKind):
+            for f in StageResources.model_fields:
+                current = _get(parse_config(base), f"resources.{f}")
+                value = 3 if current is None else (2 * current if f != "num_workers" else 2)
+                over = {"resources": {"stages": {kind: {f: value}}}}
+                out.append((base_name, f"resources.stages.{kind}.{f}", base, _merge(base, over)))
+    return out
+
+
+CASES = mutations()
+
+
+@pytest.mark.parametrize(
+    ("base_name", "path", "raw", "mutated"), CASES, ids=[f"{c[0]}:{c[1]}" for c in CASES]
+)
+def test_every_field_reaches_exactly_its_stages(base_name, path, raw, mutated) -> None:
+    cfg, other = parse_config(raw), parse_config(mutated)
+    if path.startswith("resources.stages."):
+        _, _, kind, f = path.split(".")
+        assert other.resources.for_stage(kind) != cfg.resources.for_stage(kind)
+        path_read = f"resources.{f}"
+        kinds = {kind} & keyed_readers(path_read, cfg)
+    else:
+        assert _get(other, path) != _get(cfg, path), f"{path}: the test value changes nothing"
+        path_read = path
+        kinds = keyed_readers(path, cfg)
+    g1, g2 = build_graph(cfg), build_graph(other)
+    k1, k2 = compute_keys(g1, cfg), compute_keys(g2, other)
+    if path in NOT_RESULTS:
+        assert not kinds, f"{path} is declared as changing no result, but {kinds} read it"
+        # Graph-shaping fields add or remove stages; a stage with the same inputs keeps its key.
+        same = [
+            n.name
+            for n in g1
+            if n.name in g2 and g2[n.name].deps == n.deps and g2[n.name].params == n.params
+        ]
+        assert {n for n in same if k1[n] != k2[n]} == set(), path
+        return
+    assert g1.names == g2.names, path
+    changed = {n for n in k1 if k1[n] != k2[n]}
+    assert changed == expected_changes(cfg, path_read, kinds), f"{base_name}: {path}"
+
+
+def test_every_field_is_declared() -> None:
+    """Each leaf field is read by some kind's declaration or declared as no result (exactly one),
+    and every declared path is a config field."""
+    fields = [p for p, _ in leaf_fields()]
+    declared_paths = {p for r in STAGE_READS.values() for p in r.paths}
+    for p in fields:
+        # (a section's path covers its fields; NOT_RESULTS are dropped from every slice)
+        read = p not in NOT_RESULTS and any(p == d or p.startswith(d + ".") for d in declared_paths)
+        unkeyed = any(p in u for u in UNKEYED_READS.values())
+        assert (p in NOT_RESULTS) + (p in RESOLVED) + (read or unkeyed) == 1, p
+    for p in [*NOT_RESULTS, *RESOLVED, *(q for u in UNKEYED_READS.values() for q in u)]:
+        assert p in fields, f"{p}: declared but not a config field"
+    cfg = parse_config(BASES["consistency"])
+    for kind in STAGE_READS:
+        config_slice(kind, cfg)  # every path resolves
+    # this test's table and the declarations agree on which fields nobody reads
+    unread = {p for p in fields if not readers(p, cfg) and p not in RESOLVED}
+    assert unread == set(NOT_RESULTS)
+
+
+def test_bf16_is_in_every_stage_it_trains() -> None:
+    """pretrain.bf16 sets the precision of fine-tuning, the baseline and distillation too: a
+    baseline trained in bf16 is not reused for a float32 run."""
+    raw = BASES["default"]
+    cfg, bf = parse_config(raw), parse_config(_set(raw, "pretrain.bf16", True))
+    k1, k2 = compute_keys(build_graph(cfg), cfg), compute_keys(build_graph(bf), bf)
+    assert {n for n in k1 if k1[n] != k2[n]} == set(k1) - {"shard"}
+
+
+def test_threads_override_for_one_kind_keys_that_kind_only() -> None:
+    raw = BASES["default"]
+    cfg = parse_config(raw)
+    other = parse_config(_merge(raw, {"resources": {"stages": {"baseline": {"torch_threads": 4}}}}))
+    k1, k2 = compute_keys(build_graph(cfg), cfg), compute_keys(build_graph(other), other)
+    assert {n for n in k1 if k1[n] != k2[n]} == {"baseline@1", "baseline@10", "evaluate"}
+    # the slice holds the resolved value
+    assert config_slice("baseline", other)["resources"]["torch_threads"] == 4
+    assert config_slice("finetune", other)["resources"]["torch_threads"] is None
+
+
+def test_augment_backend_is_removed() -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_config({"augment": {"backend": "torchvision"}})
+    msg = str(e.value)
+    assert msg.startswith("config error: augment.backend: removed;") and "\n" not in msg
