@@ -11,6 +11,8 @@ until it is classified in both places.
 from __future__ import annotations
 
 import copy
+import inspect
+import types
 import typing
 from typing import Any, Literal, get_args, get_origin
 
@@ -32,7 +34,7 @@ READERS: dict[str, set[str]] = {
     "data": {"shard"},
     "data.source": {"shard", "evaluate"},  # the report names it
     "augment": {"tune", "pretrain"},
-    "augment.image_size": {"tune", "pretrain", *SUPERVISED},  # view_size()
+    "augment.image_size": {"tune", "pretrain", *SUPERVISED, "evaluate"},  # view_size()
     # build_contrastive_model(cfg.model) / load + save_model(model_section=cfg.model...); the
     # student is cfg.model with distill.student applied; evaluate's header names some.
     "model": {"tune", "pretrain", *SUPERVISED, "evaluate"},
@@ -313,3 +315,105 @@ def test_augment_backend_is_removed() -> None:
         parse_config({"augment": {"backend": "torchvision"}})
     msg = str(e.value)
     assert msg.startswith("config error: augment.backend: removed;") and "\n" not in msg
+
+
+class _Reads:
+    """A read-only view of a config section that records the dotted paths read through it.
+
+    A field read records its path; a sub-section comes back as another view; a pydantic method
+    (``model_dump``, ``model_copy``) records the whole section; properties and the config's own
+    methods run against the view, so their reads are recorded too."""
+
+    def __init__(self, obj: BaseModel, prefix: str, log: set[str]) -> None:
+        object.__setattr__(self, "_obj", obj)
+        object.__setattr__(self, "_prefix", prefix)
+        object.__setattr__(self, "_log", log)
+
+    def __getattr__(self, name: str) -> Any:
+        obj, prefix, log = self._obj, self._prefix, self._log
+        cls = type(obj)
+        path = f"{prefix}.{name}" if prefix else name
+        if name in cls.model_fields:
+            value = getattr(obj, name)
+            if isinstance(value, BaseModel):
+                return _Reads(value, path, log)
+            log.add(path)
+            return value
+        static = inspect.getattr_static(cls, name)
+        if isinstance(static, property):
+            return static.fget(self)
+        if hasattr(BaseModel, name):
+            log.add(prefix or "(everything)")
+            return getattr(obj, name)
+        if inspect.isfunction(static):
+            return types.MethodType(static, self)
+        return getattr(obj, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"a stage assigned config field {name}")
+
+    @property  # isinstance(view, ModelConfig) holds, as it does for the section itself
+    def __class__(self) -> type:  # type: ignore[override]
+        return type(self._obj)
+
+
+def _covered(path: str, declared: tuple[str, ...]) -> bool:
+    return any(path == d or path.startswith(d + ".") for d in declared)
+
+
+def test_stage_functions_read_only_what_their_kind_declares(tmp_path, monkeypatch) -> None:
+    """Run the whole graph on digits with every config read recorded per stage kind: each read
+    is in that kind's declared slice, a declared monitor-only read, or a field that shapes the
+    graph. (Resources are read by workflows/, not the stage functions.)"""
+    import torch
+
+    import workflows.local as local
+
+    seen: dict[str, set[str]] = {}
+    real = local.stage_function
+
+    def recording(kind: str):
+        fn = real(kind)
+
+        def run(cfg, *args, **kwargs):
+            return fn(_Reads(cfg, "", seen.setdefault(kind, set())), *args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(local, "stage_function", recording)
+    fast = [
+        "pretrain.method=semisup",
+        "pretrain.epochs=2",
+        "pretrain.batch_size=64",
+        "pretrain.max_steps_per_epoch=2",
+        "pretrain.labeled_per_batch=8",
+        "pretrain.pseudo_label_from_epoch=2",
+        "pretrain.knn_bank=200",
+        "pretrain.knn_queries=50",
+        "finetune.label_fractions=[20]",
+        "finetune.epochs=1",
+        "finetune.min_steps=2",
+        "finetune.consistency.epochs=1",
+        "finetune.consistency.baseline=true",
+        "finetune.consistency.batch_size=64",
+        "distill.epochs=1",
+        "distill.label_weight=0.5",
+        "evaluate.linear_epochs=2",
+        "evaluate.embedding_samples=40",
+    ]
+    from pipeline.config import load_config
+
+    cfg = load_config("smoke", [*fast, f"storage.root={tmp_path}"])
+    threads = torch.get_num_threads()
+    try:
+        local.run_local(cfg, tmp_path / "out", "cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert set(seen) == {"pretrain", "finetune", "baseline", "distill", "evaluate"}
+    stray = {
+        kind: sorted(p for p in paths if not _covered(p, allowed))
+        for kind, paths in seen.items()
+        if (allowed := (*STAGE_READS[kind].paths, *UNKEYED_READS.get(kind, {}), *NOT_RESULTS))
+    }
+    assert not {k: v for k, v in stray.items() if v}, f"reads outside the declared slices: {stray}"
+    assert "pretrain.bf16" in seen["baseline"]  # the read the keys once missed

@@ -26,8 +26,9 @@ class Reads:
     """The config paths one stage kind reads.
 
     ``paths``: dotted paths into the config (``"model"``, ``"finetune.consistency"``,
-    ``"pretrain.bf16"``); ``minus``: paths inside those that the kind does not read; ``when``: paths
-    the kind reads only when the predicate holds for the config.
+    ``"pretrain.bf16"``); ``minus``: paths inside those whose value cannot change this kind's
+    result (fine-tuning looks at ``finetune.consistency.baseline`` only to learn that the flag is
+    not about it); ``when``: paths the kind reads only when the predicate holds for the config.
     """
 
     paths: tuple[str, ...]
@@ -120,6 +121,7 @@ STAGE_READS: dict[str, Reads] = {
             "seed",
             "evaluate",
             "data.source",
+            "augment.image_size",
             "model.arch",
             "model.width",
             "model.stem_stride",
