@@ -233,3 +233,13 @@ def test_cache_key_includes_version_params_and_upstream():
     assert k != cache_key(other, c, ups, version="1")
     with pytest.raises(GraphError, match="no cache key for upstream 'pretrain'"):
         cache_key(n, c, {"dataset": "k1"})
+
+
+def test_a_stage_kind_without_a_declaration_reads_its_sections():
+    c = cfg_with()
+    assert stage_config(StageNode("x", "x"), c) == {}
+    assert stage_config(StageNode("x", "x", sections=("evaluate.knn_k",)), c) == {
+        "evaluate": {"knn_k": 200}
+    }
+    with pytest.raises(GraphError, match="stage 'x'.*unknown config field 'nowhere'"):
+        stage_config(StageNode("x", "x", sections=("nowhere",)), c)

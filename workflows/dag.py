@@ -28,7 +28,7 @@ from typing import Any
 import pipeline
 from pipeline.config import Config, subset_fractions
 from pipeline.config import format_fraction as _format_fraction
-from workflows.reads import STAGE_READS, config_slice
+from workflows.reads import STAGE_READS, Reads, config_slice
 
 __all__ = [
     "Graph",
@@ -247,9 +247,11 @@ def build_graph(cfg: Config) -> Graph:
 
 def stage_config(node: StageNode, cfg: Config) -> dict[str, Any]:
     """The config slice a stage depends on: the fields its kind reads
-    (:func:`workflows.reads.config_slice`)."""
+    (:func:`workflows.reads.config_slice`; a kind without a declaration reads its node's
+    ``sections``)."""
+    reads = STAGE_READS.get(node.kind) or Reads(node.sections)
     try:
-        return config_slice(node.kind, cfg)
+        return config_slice(node.kind, cfg, reads)
     except KeyError as err:
         raise GraphError(f"graph error: stage {node.name!r}: {err.args[0]}") from None
 

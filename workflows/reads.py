@@ -199,10 +199,11 @@ def _drop(d: dict[str, Any], path: str) -> None:
     d.pop(last, None)
 
 
-def config_slice(kind: str, cfg: Config) -> dict[str, Any]:
+def config_slice(kind: str, cfg: Config, reads: Reads | None = None) -> dict[str, Any]:
     """The part of ``cfg`` that stage kind ``kind`` reads (after its resource overrides), as a
-    nested dict: what its cache key hashes. An unknown kind or path raises ``KeyError``."""
-    reads = STAGE_READS[kind]
+    nested dict: what its cache key hashes. ``reads`` defaults to ``STAGE_READS[kind]``; an
+    unknown kind or path raises ``KeyError``."""
+    reads = STAGE_READS[kind] if reads is None else reads
     resolved = cfg.model_copy(update={"resources": cfg.resources.for_stage(kind)})
     d = resolved.to_dict()
     out: dict[str, Any] = {}
