@@ -75,6 +75,7 @@ READERS: dict[str, set[str]] = {
     "distill.enabled": set(),
     "tune.enabled": set(),
     "resources.max_failures": set(),
+    "resources.env": set(),  # read by workflows/ (the Ray runtime env), no stage function
 }
 
 # Fields whose shard effect is only which label subsets it writes: the shard's own key changes,
@@ -112,6 +113,7 @@ SPECIAL: dict[str, tuple[dict[str, Any], Any]] = {
     "distill.crop_min_scale": ({}, 0.9),
     "tune.lr": ({}, (0.01, 0.1)),
     "resources.torch_threads": ({}, 3),
+    "resources.env": ({}, {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000"}),
     "tracking.uri": ({}, "sqlite:///elsewhere.db"),
 }
 _WDS = {"source": "webdataset", "train_urls": "train-{0..1}.tar", "test_urls": "test.tar"}

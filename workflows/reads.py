@@ -151,6 +151,8 @@ NOT_RESULTS: dict[str, str] = {
     "distill.enabled": "shapes the graph (whether distill@<p> stages exist)",
     "tune.enabled": "shapes the graph (a tune stage that every later stage depends on)",
     "resources.max_failures": "how often a failed attempt is retried (resumed from its checkpoint)",
+    "resources.env": "how the stages reach storage and services (endpoints); the thread count a "
+    "stage trains with is set from resources.* whatever the environment says",
     "storage.root": "where results are stored, not what they are",
     "tracking.enabled": "MLflow logging only",
     "tracking.uri": "MLflow logging only",
