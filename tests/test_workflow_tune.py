@@ -1,4 +1,4 @@
-"""Ray Tune search (workflows/tune.py) on digits: ASHA, MLflow, best.yaml, resume, results table.
+"""Ray Tune search (workflows/tune/) on digits: ASHA, MLflow, best.yaml, resume, results table.
 
 The searches share the session's Ray instance (``ray_local``: 2 CPUs, so two 1-CPU trials at a
 time). Trials are deterministic given their sampled values (seeded pretraining, 1 torch thread),
@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from pipeline.config import load_config
+from pipeline.config import load_config, parse_config
 from pipeline.stages import shard as shard_stage
 from workflows import tune as tune_mod
 from workflows.cli import main
@@ -68,6 +68,57 @@ def _runs(uri: str, search_id: str) -> list:
 
 def _rows(search_dir: Path) -> list[dict]:
     return json.loads((search_dir / tune_mod.TRIALS_FILE).read_text())
+
+
+@pytest.fixture
+def fail_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """``fail_once(i, e)``: trial ``i`` raises once, right after it reports epoch ``e``.
+
+    The search's trainable is swapped for one that wraps the real trial in its worker process;
+    the spec file is claimed (renamed) by the attempt that fails, so a retry runs normally."""
+    from workflows.tune import trial as trial_mod
+
+    def inject(trial_index: int, after_epoch: int) -> None:
+        spec = tmp_path / "fail-once.json"
+        spec.write_text(json.dumps({"trial_index": trial_index, "after_epoch": after_epoch}))
+        spec_path = str(spec)
+
+        def _trial(params, **kwargs):  # pickled by value: runs in the trial's worker process
+            import json
+            import os
+
+            from ray import tune
+
+            from workflows.tune import trial as t
+            from workflows.tune.rows import trial_index as index_of
+
+            real_report = t.TuneTrialContext.report
+
+            def report(self, metrics, checkpoint=None):
+                real_report(self, metrics, checkpoint)
+                if not os.path.isfile(spec_path):
+                    return
+                with open(spec_path) as f:
+                    want = json.load(f)
+                index = index_of(tune.get_context().get_trial_id())
+                epoch = int(metrics.get("epoch", 0))
+                if (want["trial_index"], want["after_epoch"]) != (index, epoch):
+                    return
+                try:
+                    os.rename(spec_path, f"{spec_path}.claimed")  # only one attempt wins
+                except OSError:
+                    return
+                raise RuntimeError(f"injected failure in trial {index} after epoch {epoch}")
+
+            t.TuneTrialContext.report = report
+            try:
+                t._trial(params, **kwargs)
+            finally:
+                t.TuneTrialContext.report = real_report
+
+        monkeypatch.setattr(trial_mod, "_trial", _trial)
+
+    return inject
 
 
 def test_four_trial_search_asha_mlflow_best_yaml_and_table(
@@ -167,7 +218,7 @@ def test_four_trial_search_asha_mlflow_best_yaml_and_table(
 
 
 def test_interrupted_search_resumes_without_rerunning_finished_trials(
-    ray_local, shared: dict[str, str], tmp_path: Path
+    ray_local, shared: dict[str, str], tmp_path: Path, fail_once
 ) -> None:
     uri, dataset = shared["uri"], shared["dataset"]
     cfg = _cfg(
@@ -181,8 +232,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(
     )
     search_dir = tmp_path / "tune" / "interrupted"
     search_dir.mkdir(parents=True)
-    # trial 1 dies once, right after its epoch-1 checkpoint
-    (search_dir / tune_mod.FAULT_FILE).write_text('{"trial_index": 1, "after_epoch": 1}')
+    fail_once(1, 1)  # trial 1 dies once, right after its epoch-1 checkpoint
     with pytest.raises(tune_mod.TuneError, match="incomplete: 1 of 2 trials failed"):
         tune_mod.run_search(cfg, dataset, search_dir)
 
@@ -357,10 +407,65 @@ def test_space_and_configs() -> None:
     assert tune_mod.format_table([]).split() == ["trial", "best", "kNN", "epochs", "state"]
 
 
+def test_the_pipeline_applies_tuned_values_as_contrastive_tune_does(tmp_path: Path) -> None:
+    """A trial that chose head depth 1 under ``finetune.from_head_layer: 2``: ``contrastive tune``
+    lowers the layer to the depth, and so must the pipeline's tune node (it used to fail the
+    config's ``from_head_layer <= head_depth`` check there)."""
+    from workflows.stages import tuned_config
+
+    cfg = load_config(
+        "smoke", ["model.head_depth=3", "finetune.from_head_layer=2", "tune.enabled=true"]
+    )
+    best = tmp_path / "best_params.json"
+    best.write_text(json.dumps({"model.head_depth": 1, "pretrain.temperature": 0.3}))
+    piped = tuned_config(cfg, {"dataset": {"dataset": "x"}, "tune": {"best_params": str(best)}})
+    assert piped.model.head_depth == 1 and piped.finetune.from_head_layer == 1
+    assert piped.pretrain.temperature == 0.3 and piped.tune.enabled is True
+
+    searched = parse_config(
+        tune_mod.apply_params(cfg.to_dict(), {"head_depth": 1, "temperature": 0.3})
+    )
+    assert searched.tune.enabled is False
+    assert piped.model_copy(update={"tune": searched.tune}) == searched  # otherwise the same
+    assert tuned_config(cfg, {"dataset": {"dataset": "x"}}) is cfg  # no tune node: unchanged
+
+
+def test_trial_rows_read_and_write_the_trials_json_format() -> None:
+    row = {
+        "trial_id": "a1b2c_00002",
+        "index": 2,
+        "params": {"temperature": 0.2, "head_depth": 2, "strength": 0.5},
+        "history": [
+            {"epoch": 1.0, "val_knn_top1": 40.0, "training_iteration": 1},
+            {"epoch": 2.0, "val_knn_top1": 35.5, "training_iteration": 2},
+        ],
+        "state": "stopped_early",
+        "mlflow_run_id": None,
+        "epochs_run": 2,
+        "best_knn": 40.0,
+        "last_knn": 35.5,
+        "epochs_total": 3,
+    }
+    r = tune_mod.TrialRow.from_dict({**row, "unknown": 1})
+    assert r.to_dict() == row and list(r.to_dict()) == list(row)  # same keys, same order
+    r.add_epochs([{"epoch": 2.0, "val_knn_top1": 45.0, "training_iteration": 2}])  # a repeat
+    r.summarise(3)
+    assert (r.epochs_run, r.best_knn, r.last_knn, r.finished_state()) == (2, 45.0, 45.0,
+                                                                         "stopped_early")  # fmt: skip
+    done = tune_mod.TrialRow.from_dict({**row, "trial_id": "x_00000", "index": 0, "best_knn": 40.0,
+                                         "epochs_run": 3, "state": "completed"})  # fmt: skip
+    failed = tune_mod.TrialRow.from_dict({**row, "trial_id": "x_00001", "best_knn": 99.0,
+                                           "state": "error"})  # fmt: skip
+    assert tune_mod.best_row([r, done, failed]) is r  # highest kNN; errors never count
+    r.best_knn = 40.0
+    assert tune_mod.best_row([r, done, failed]) is done  # a tie goes to more epochs
+    assert tune_mod.best_row([failed]) is None
+
+
 def test_optuna_searcher_samples_the_space() -> None:
     pytest.importorskip("optuna")
     cfg = load_config("smoke", ["tune.search_alg=optuna", "tune.lr=[1e-4, 1e-2]"])
-    searcher = tune_mod._searcher(cfg)
+    searcher = tune_mod.searcher(cfg)
     assert searcher.set_search_properties(tune_mod.METRIC, "max", tune_mod.param_space(cfg))
     s = searcher.suggest("t1")
     assert 0.05 <= s["temperature"] <= 1.0 and s["head_depth"] in (1, 2, 3, 4)

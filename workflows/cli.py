@@ -366,7 +366,10 @@ def tune(
     from workflows import tune as tune_mod
 
     if show_id:
-        click.echo(tune_mod.show(_storage(storage), show_id))
+        try:
+            click.echo(tune_mod.show(_storage(storage), show_id))
+        except tune_mod.TuneError as err:
+            raise UserError(str(err), exit_code=err.exit_code) from None
         return
     if address:
         _guarded(orchestrate.connect_ray, address)

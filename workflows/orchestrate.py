@@ -41,10 +41,15 @@ class PipelineError(RuntimeError):
 
 
 def best_config_path(storage_root: str, search_id: str) -> str:
-    """The ``best.yaml`` of Tune search ``search_id`` (see :mod:`workflows.tune`)."""
+    """The ``best.yaml`` of Tune search ``search_id`` (see :mod:`workflows.tune`); a missing
+    search or one without a best config is a one-line :class:`PipelineError`."""
+    from workflows.tune import TuneError
     from workflows.tune import best_config_path as _best
 
-    return _best(storage_root, search_id)
+    try:
+        return _best(storage_root, search_id)
+    except TuneError as err:
+        raise PipelineError(str(err)) from None
 
 
 def _first_line(err: BaseException) -> str:

@@ -106,13 +106,15 @@ def stage_inputs(node: StageNode, inputs: dict[str, dict[str, str]]) -> dict[str
 
 
 def tuned_config(cfg: Config, inputs: dict[str, dict[str, str]]) -> Config:
-    """``cfg`` with the best values of the pipeline's Tune search applied (when it has one)."""
+    """``cfg`` with the best values of the pipeline's Tune search applied (when it has one), as
+    ``contrastive tune`` applies them (:func:`workflows.tune.apply_values`)."""
     if "tune" not in inputs:
         return cfg
-    from pipeline.config import apply_overrides, parse_config
+    from pipeline.config import parse_config
+    from workflows.tune import apply_values
 
     best = json.loads(stageio.read_text(inputs["tune"]["best_params"]))
-    return parse_config(apply_overrides(cfg.to_dict(), [f"{k}={v}" for k, v in best.items()]))
+    return parse_config(apply_values(cfg.to_dict(), best))
 
 
 def _run_tune(cfg: Config, dataset_dir: str, out_dir: str, info: Any) -> StageResult:
