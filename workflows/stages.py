@@ -55,8 +55,6 @@ MODEL_NAMES = {
     "distill": "student",
 }
 _KEY_FILE = "cache_key"
-#: The config fields a Tune search may set (see ``workflows.tune.param_space``).
-TUNED_KEYS = ("pretrain.temperature", "model.head_depth", "augment.strength", "pretrain.lr")
 
 
 def stage_function(kind: str) -> Any:
@@ -119,7 +117,7 @@ def tuned_config(cfg: Config, inputs: dict[str, dict[str, str]]) -> Config:
 
 def _run_tune(cfg: Config, dataset_dir: str, out_dir: str, info: Any) -> StageResult:
     """The search as the first node of the graph: trials nest under this stage's MLflow run."""
-    from workflows.tune import run_search
+    from workflows.tune import PARAMS, run_search
 
     tracker = parent = None
     if info is not None:
@@ -128,7 +126,7 @@ def _run_tune(cfg: Config, dataset_dir: str, out_dir: str, info: Any) -> StageRe
         tracker = Tracker(info.uri, info.experiment or cfg.tracking.experiment)
         parent = info.run_id
     res = run_search(cfg, dataset_dir, Path(out_dir) / "search", tracker, parent)
-    best = {k: v for k, v in res["best"].items() if k in TUNED_KEYS}
+    best = {k: v for k, v in res["best"].items() if k in PARAMS.values()}
     best_file = Path(out_dir) / "best_params.json"
     atomic_write_text(best_file, json.dumps(best, indent=1))
     metrics = {"best_knn_top1": float(res["best"]["knn_top1"]), "trials": float(len(res["trials"]))}
