@@ -365,6 +365,11 @@ def test_bad_input_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert res.exit_code == 2 and res.output.strip().count("\n") == 0
     assert res.output.startswith("error: tune: no search nope")
     assert tune_mod.resume(str(tmp_path), "nope") == 2
+    res = CliRunner().invoke(  # `run --from-tune` with no such search: the same one line
+        main, ["run", "smoke", "--from-tune", "nope", "--set", f"storage.root={tmp_path}"]
+    )
+    assert res.exit_code == 2 and res.output.strip().count("\n") == 0
+    assert res.output.startswith("error: tune: no search nope")
 
     ds = tmp_path / "ds"
     ds.mkdir()
