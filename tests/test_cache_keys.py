@@ -2,7 +2,7 @@
 result it changes (and no other), or is declared as changing no result.
 
 ``READERS`` below is this test's own account of which stage kinds read a field, taken from the
-stage code (``pipeline/stages/*.py``, ``pipeline/models``, ``workflows/tune.py``), independent of
+stage code (``pipeline/stages/*.py``, ``pipeline/models``, ``workflows/tune/``), independent of
 the declarations in ``workflows/reads.py`` that the keys are computed from. A new config field
 fails :func:`test_every_field_is_declared` and :func:`test_every_field_reaches_exactly_its_stages`
 until it is classified in both places.

@@ -78,7 +78,7 @@ _SUPERVISED = (
 STAGE_READS: dict[str, Reads] = {
     # pipeline/stages/shard.py: the source and how it is split and sharded.
     "shard": Reads(("data",)),
-    # workflows/tune.py: short pretraining trials (pretrain.run), scored by the online val kNN.
+    # workflows/tune/: short pretraining trials (pretrain.run), scored by the online val kNN.
     "tune": Reads(
         (
             "seed",
