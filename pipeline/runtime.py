@@ -105,7 +105,7 @@ class LocalContext:
         p = self.checkpoint_dir / "latest.pt"
         if not p.is_file():
             return None
-        return torch.load(p, map_location="cpu", weights_only=False)
+        return torch.load(p, map_location="cpu", weights_only=True)
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.to(self.device)

@@ -77,15 +77,22 @@ def _report_path(store: RunStore, run_id: str) -> str | None:
 
 
 def _execute_graph(
-    cfg: Config, store: RunStore, run_id: str, tracker: Any, reuse: bool, started_at: float
+    cfg: Config,
+    store: RunStore,
+    run_id: str,
+    tracker: Any,
+    reuse: bool,
+    started_at: float,
+    lease: Any = None,
 ) -> int:
     from workflows.runner import run_graph
     from workflows.stages import StageExecutor
 
     graph = build_graph(cfg)
-    summary = run_graph(
-        graph, cfg, store, run_id, StageExecutor(cfg, started_at), tracker=tracker, reuse=reuse
-    )
+    with lease if lease is not None else store.hold_lease(run_id):
+        summary = run_graph(
+            graph, cfg, store, run_id, StageExecutor(cfg, started_at), tracker=tracker, reuse=reuse
+        )
     _say(summary.message())
     if summary.mlflow_run_id:
         _say(f"mlflow: parent run {summary.mlflow_run_id} at {tracker.uri}")
@@ -115,13 +122,28 @@ def run_pipeline(
     if tracker is not None:
         tracker.check_reachable()  # a clear error before any compute
     store = RunStore(cfg.storage.root)
-    run_id = store.create_run(
-        cfg, run_id, tracking_uri=tracker.uri if tracker else None, address=address
-    )
+    try:
+        run_id = store.create_run(
+            cfg, run_id, tracking_uri=tracker.uri if tracker else None, address=address
+        )
+    except OSError as err:  # a read-only or full storage root: one line naming it
+        raise PipelineError(
+            f"storage error: cannot create the run under {store.root}: {_first_line(err)}"
+        ) from None
     _say(f"run: {run_id}")
     _say(f"folder: {store.uri(store.run_dir(run_id))}")
-    connect_ray(address, num_cpus)
-    return _execute_graph(cfg, store, run_id, tracker, reuse, started)
+    lease = store.hold_lease(run_id).__enter__()
+    try:
+        connect_ray(address, num_cpus)
+    except BaseException:
+        lease.__exit__(None, None, None)
+        raise
+    return _execute_graph(cfg, store, run_id, tracker, reuse, started, lease)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
 
 
 def resume_pipeline(
@@ -130,8 +152,12 @@ def resume_pipeline(
     tracking_uri: str | None = None,
     address: str | None = None,
     num_cpus: int | None = None,
+    force: bool = False,
 ) -> int:
-    """Continue run ``run_id`` from its durable record; finished stages are not run again."""
+    """Continue run ``run_id`` from its durable record; finished stages are not run again.
+
+    A run whose driver is still alive (its lease renewed within ``LEASE_TTL_S``) is refused
+    with a one-line error naming that driver, unless ``force``."""
     started = time.time()
     store = RunStore(storage_root)
     info = store.load_run(run_id)
@@ -142,13 +168,22 @@ def resume_pipeline(
         if report:
             _say(f"report: {report}")
         return 0
-    tracker = _tracker(cfg, tracking_uri or info.tracking_uri)
-    if tracker is not None:
-        tracker.check_reachable()
-    _say(f"resuming run: {run_id} (was {info.status})")
-    _say(f"folder: {info.path}")
-    connect_ray(address or info.address, num_cpus)
-    return _execute_graph(cfg, store, run_id, tracker, False, started)
+    held = store.read_lease(run_id)
+    if held is not None and held.alive() and force:
+        _say(f"taking run {run_id} over from {held.describe()} (--force)")
+    lease = store.hold_lease(run_id, force=force).__enter__()  # refuses a live driver
+    try:
+        tracker = _tracker(cfg, tracking_uri or info.tracking_uri)
+        if tracker is not None:
+            tracker.check_reachable()
+        was = store.run_liveness(info) if held is not None else info.status
+        _say(f"resuming run: {run_id} (was {was})")
+        _say(f"folder: {info.path}")
+        connect_ray(address or info.address, num_cpus)
+    except BaseException:
+        lease.__exit__(None, None, None)
+        raise
+    return _execute_graph(cfg, store, run_id, tracker, False, started, lease)
 
 
 # -- status and lineage ---------------------------------------------------------------------
@@ -174,7 +209,14 @@ def status_text(storage_root: str, run_id: str | None = None) -> str:
         if not runs:
             return f"no runs under {store.root}/runs"
         rows = [
-            [r.run_id, r.name, r.status, r.created[:19], r.mlflow_run_id or "-", r.error or ""]
+            [
+                r.run_id,
+                r.name,
+                store.run_liveness(r),
+                r.created[:19],
+                r.mlflow_run_id or "-",
+                r.error or "",
+            ]
             for r in runs
         ]
         return _table(rows, ["run", "name", "status", "created", "mlflow run", "error"])
@@ -203,9 +245,22 @@ def status_text(storage_root: str, run_id: str | None = None) -> str:
                 st.mlflow_run_id or "-",
             ]
         )
-    head = f"run {info.run_id} ({info.name}): {info.status}"
+    live = store.run_liveness(info)
+    head = f"run {info.run_id} ({info.name}): {live}"
+    lease = store.read_lease(run_id)
+    if live == "running" and lease is not None:
+        head += f" ({lease.describe()})"
+    elif live == "interrupted":
+        head += (
+            f" (its driver is gone), resume with `contrastive resume {run_id}"
+            f" --storage {store.root}`"
+        )
     if info.mlflow_run_id:
         head += f"; mlflow parent {info.mlflow_run_id} at {info.tracking_uri}"
+    if info.error and live != "succeeded":
+        head += f"\nerror: {info.error}"
+    if info.tracking_gap:
+        head += f"\ntracking gap: {info.tracking_gap}"
     lines = [
         head,
         _table(rows, ["stage", "state", "attempts", "duration", "key metric", "mlflow run"]),

@@ -55,8 +55,20 @@ class _Durable:
 
     def load(self) -> dict[str, Any] | None:
         if self.path.is_file():
-            return torch.load(self.path, map_location="cpu", weights_only=False)
+            return torch.load(self.path, map_location="cpu", weights_only=True)
         return None
+
+    def close(self) -> int:
+        """Flush the metrics sink (a bounded wait); returns the points it could not send."""
+        close = getattr(self.sink, "close", None)
+        return int(close()) if callable(close) else 0
+
+
+def _note_dropped(result: StageResult, dropped: int) -> None:
+    """Metric points the sink dropped go into the result as ``tracking_dropped_points``, which
+    the runner takes out of the metrics and into the run's tracking gap."""
+    if dropped:
+        result.metrics["tracking_dropped_points"] = float(dropped)
 
     def log(self, metrics: dict[str, Any]) -> None:
         # one progress line per epoch; Ray forwards worker output to the driver's terminal
@@ -124,7 +136,7 @@ class RayTrainContext:
         if ckpt is not None:
             with ckpt.as_directory() as d:
                 return torch.load(
-                    os.path.join(d, "state.pt"), map_location="cpu", weights_only=False
+                    os.path.join(d, "state.pt"), map_location="cpu", weights_only=True
                 )
         return self._durable.load()
 
@@ -156,8 +168,12 @@ def _train_loop(config: dict[str, Any]) -> None:
     cfg: Config = config["cfg"]
     _set_threads(cfg)
     ctx = RayTrainContext(config["checkpoint_dir"], config.get("sink"))
-    result = config["fn"](cfg, config["inputs"], config["out_dir"], ctx, **config["params"])
+    try:
+        result = config["fn"](cfg, config["inputs"], config["out_dir"], ctx, **config["params"])
+    finally:
+        dropped = ctx._durable.close()
     if ctx.rank == 0:
+        _note_dropped(result, dropped)
         _write_result(config["out_dir"], result)
 
 
@@ -172,7 +188,11 @@ def _task_body(
 ) -> StageResult:
     _set_threads(cfg)
     ctx = TaskContext(checkpoint_dir, sink, use_gpu=cfg.resources.use_gpu)
-    result = fn(cfg, inputs, out_dir, ctx, **params)
+    try:
+        result = fn(cfg, inputs, out_dir, ctx, **params)
+    finally:
+        dropped = ctx._durable.close()
+    _note_dropped(result, dropped)
     result.history = list(result.history)
     return result
 

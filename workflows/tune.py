@@ -336,7 +336,7 @@ class TuneTrialContext:
         if ckpt is None:
             return None
         with ckpt.as_directory() as d:
-            return torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=False)
+            return torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """Move the model to the trial's device (one process: no wrapping)."""
