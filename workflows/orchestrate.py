@@ -95,7 +95,9 @@ def _execute_graph(
         )
     _say(summary.message())
     if summary.mlflow_run_id:
-        _say(f"mlflow: parent run {summary.mlflow_run_id} at {tracker.uri}")
+        from workflows.tracking import redact
+
+        _say(f"mlflow: parent run {summary.mlflow_run_id} at {redact('', tracker.uri)}")
     if summary.status == "succeeded":
         report = _report_path(store, run_id)
         if report:

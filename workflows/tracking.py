@@ -193,7 +193,7 @@ class _GuardedClient:
     waiting through MLflow's retries."""
 
     def __init__(self, client: Any, uri: str) -> None:
-        self._client, self._uri = client, uri
+        self._client, self._uri = client, redact("", uri)
         self._down_until = 0.0
         self.skipped_calls = 0
         self.last_error: str | None = None
@@ -423,12 +423,12 @@ class Tracker:
             if err.code in (401, 403):
                 return  # reachable; authentication is MLflow's business
             raise TrackingError(
-                f"tracking error: MLflow server {self.uri} answered HTTP {err.code} at /health"
+                f"tracking error: MLflow server {redact('', self.uri)} answered HTTP {err.code} at /health"
             ) from None
         except (urllib.error.URLError, OSError, TimeoutError) as err:
             reason = getattr(err, "reason", err)
             raise TrackingError(
-                f"tracking error: MLflow server {self.uri} is not reachable ({reason}); "
+                f"tracking error: MLflow server {redact('', self.uri)} is not reachable ({reason}); "
                 "start it or set tracking.uri"
             ) from None
 
@@ -557,7 +557,7 @@ class Tracker:
             return None
         why = getattr(self.client, "last_error", None) or "tracking server unreachable"
         return (
-            f"MLflow at {self.uri} missed {points} metric point(s) and {calls} call(s) ({why}); "
+            f"MLflow at {redact('', self.uri)} missed {points} metric point(s) and {calls} call(s) ({why}); "
             "the run's records under storage.root are complete"
         )
 

@@ -63,13 +63,6 @@ class _Durable:
         close = getattr(self.sink, "close", None)
         return int(close()) if callable(close) else 0
 
-
-def _note_dropped(result: StageResult, dropped: int) -> None:
-    """Metric points the sink dropped go into the result as ``tracking_dropped_points``, which
-    the runner takes out of the metrics and into the run's tracking gap."""
-    if dropped:
-        result.metrics["tracking_dropped_points"] = float(dropped)
-
     def log(self, metrics: dict[str, Any]) -> None:
         # one progress line per epoch; Ray forwards worker output to the driver's terminal
         shown = ", ".join(
@@ -81,6 +74,13 @@ def _note_dropped(result: StageResult, dropped: int) -> None:
         if self.sink is not None:
             numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
             self.sink(numeric, int(metrics.get("epoch", 0)))
+
+
+def _note_dropped(result: StageResult, dropped: int) -> None:
+    """Metric points the sink dropped go into the result as ``tracking_dropped_points``, which
+    the runner takes out of the metrics and into the run's tracking gap."""
+    if dropped:
+        result.metrics["tracking_dropped_points"] = float(dropped)
 
 
 class TaskContext:
