@@ -741,6 +741,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
 
 def _read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config error: {path}: is a folder, not a config file")
     if not p.is_file():
         builtin = (
             Path(__file__).resolve().parent.parent / "workflows" / "configs" / f"{p.stem}.yaml"

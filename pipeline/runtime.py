@@ -17,7 +17,14 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["LocalContext", "StageResult", "TrainContext", "atomic_torch_save", "atomic_write_text"]
+__all__ = [
+    "LocalContext",
+    "StageResult",
+    "TrainContext",
+    "atomic_torch_save",
+    "atomic_write_text",
+    "load_checkpoint_file",
+]
 
 
 @dataclass
@@ -73,6 +80,21 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
         raise
 
 
+def load_checkpoint_file(path: str | os.PathLike[str]) -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain types only, never arbitrary
+    unpickling (checkpoints may sit in storage others can write). A file holding anything else
+    is a one-line error naming it."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise RuntimeError(
+            f"checkpoint {path} holds objects other than tensors and plain types; it is not "
+            "loaded (delete it to start the stage afresh)"
+        ) from None
+
+
 class LocalContext:
     """One process, no process group. Checkpoints live in ``checkpoint_dir/latest.pt``.
 
@@ -105,7 +127,7 @@ class LocalContext:
         p = self.checkpoint_dir / "latest.pt"
         if not p.is_file():
             return None
-        return torch.load(p, map_location="cpu", weights_only=True)
+        return load_checkpoint_file(p)
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.to(self.device)

@@ -108,6 +108,8 @@ def test_sink_never_blocks_and_counts_what_it_drops(server: MlflowServer) -> Non
 def test_tracker_calls_fail_fast_during_an_outage(server: MlflowServer) -> None:
     tr = Tracker(server.uri, "outage")
     rid = tr.start_parent("r-fast", parse_config({}))
+    # credentials in the URI (basic auth, as MLflow's client sends them) pass the start check
+    Tracker(server.uri.replace("http://", "http://alice:pw@"), "outage").check_reachable()
     server.kill()
     t0 = time.time()
     with pytest.raises(Exception):  # noqa: B017,PT011 - MLflow's own connection error

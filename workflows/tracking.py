@@ -35,6 +35,7 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -416,8 +417,17 @@ class Tracker:
         if not self.uri.startswith(("http://", "https://")):
             return
         url = self.uri.rstrip("/") + "/health"
+        parts = urllib.parse.urlsplit(url)
+        headers = {}
+        if parts.username is not None:  # user:password@ in the URI: basic auth, as MLflow does
+            import base64
+
+            token = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+            headers["Authorization"] = "Basic " + base64.b64encode(token.encode()).decode()
+            url = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - http(s) only
+            req = urllib.request.Request(url, headers=headers)
+            with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - http(s) only
                 resp.read(64)
         except urllib.error.HTTPError as err:
             if err.code in (401, 403):

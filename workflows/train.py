@@ -28,7 +28,7 @@ import ray
 import torch
 
 from pipeline.config import Config
-from pipeline.runtime import StageResult, atomic_torch_save, atomic_write_text
+from pipeline.runtime import StageResult, atomic_torch_save, atomic_write_text, load_checkpoint_file
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class _Durable:
 
     def load(self) -> dict[str, Any] | None:
         if self.path.is_file():
-            return torch.load(self.path, map_location="cpu", weights_only=True)
+            return load_checkpoint_file(self.path)
         return None
 
     def close(self) -> int:
@@ -135,9 +135,7 @@ class RayTrainContext:
         ckpt = ray.train.get_checkpoint()
         if ckpt is not None:
             with ckpt.as_directory() as d:
-                return torch.load(
-                    os.path.join(d, "state.pt"), map_location="cpu", weights_only=True
-                )
+                return load_checkpoint_file(os.path.join(d, "state.pt"))
         return self._durable.load()
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:

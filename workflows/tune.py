@@ -336,7 +336,9 @@ class TuneTrialContext:
         if ckpt is None:
             return None
         with ckpt.as_directory() as d:
-            return torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
+            from pipeline.runtime import load_checkpoint_file
+
+            return load_checkpoint_file(os.path.join(d, "state.pt"))
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """Move the model to the trial's device (one process: no wrapping)."""
