@@ -202,3 +202,22 @@ def test_batch_larger_than_the_training_set_is_one_clear_line(tmp_path: Path) ->
     assert state["error"].startswith("ValueError: pretrain.batch_size 4096 exceeds the")
     status = _cli("status", rid, "--storage", str(root), timeout=60).stdout
     assert "pretrain failed: ValueError: pretrain.batch_size 4096 exceeds the" in status
+
+
+def test_ray_that_does_not_start_is_one_line_and_the_run_is_failed(tmp_path, monkeypatch) -> None:
+    """Ray's own start-up timeout (seen on an overloaded machine) ends the run as one line and
+    marks it failed, instead of a traceback and a run left 'created'."""
+    from pipeline.config import load_config
+    from workflows import orchestrate
+
+    def start_timeout(*args, **kwargs):
+        raise Exception("The current node timed out during startup. This could happen ...\nmore")
+
+    monkeypatch.setattr(orchestrate, "connect_ray", start_timeout)
+    cfg = load_config("smoke", [f"storage.root={tmp_path}", "tracking.enabled=false"])
+    with pytest.raises(orchestrate.PipelineError) as info:
+        orchestrate.run_pipeline(cfg)
+    assert str(info.value).startswith("ray error: cannot start or reach Ray (local): The current")
+    (run,) = RunStore(str(tmp_path)).list_runs()
+    assert run.status == "failed" and run.error == str(info.value)
+    assert RunStore(str(tmp_path)).read_lease(run.run_id) is None

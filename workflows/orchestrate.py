@@ -137,6 +137,13 @@ def run_pipeline(
     lease = store.hold_lease(run_id).__enter__()
     try:
         connect_ray(address, num_cpus)
+    except Exception as err:  # e.g. a local Ray that did not start in time: one line
+        msg = f"ray error: cannot start or reach Ray ({address or 'local'}): {_first_line(err)}"
+        try:
+            store.update_run(run_id, status="failed", error=msg)
+        finally:
+            lease.__exit__(None, None, None)
+        raise PipelineError(msg) from None
     except BaseException:
         lease.__exit__(None, None, None)
         raise
