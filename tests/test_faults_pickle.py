@@ -127,3 +127,13 @@ def test_credentials_are_redacted_in_ray_job_metadata(tmp_path: Path) -> None:
     assert SECRET not in str(spec.metadata)
     assert "pretrain.epochs=3" in spec.metadata["overrides"]
     assert "http://bob:***@mlflow:5000" in spec.metadata["overrides"]
+
+
+def test_credentials_in_error_messages_are_redacted() -> None:
+    """MLflow's connection errors quote the request URL, password included."""
+    from workflows.runner import one_line
+
+    err = ConnectionError(f"API request to http://alice:{SECRET}@mlflow:5000/api/2.0/runs failed")
+    assert one_line(err) == (
+        "ConnectionError: API request to http://alice:***@mlflow:5000/api/2.0/runs failed"
+    )

@@ -148,9 +148,13 @@ def root_cause(err: BaseException) -> BaseException:
 
 def one_line(err: BaseException, limit: int = 400) -> str:
     """``Type: first line of the message`` of the root cause (see :func:`root_cause`), without
-    ANSI colour codes, at most ``limit`` characters."""
+    ANSI colour codes or the password of a ``user:password@`` URI, at most ``limit``
+    characters."""
+    from workflows.tracking import redact  # URIs with user:password@ in messages (MLflow's)
+
     err = root_cause(err)
-    lines = [ln.strip() for ln in _ANSI.sub("", str(err)).splitlines() if ln.strip()]
+    text = redact("", _ANSI.sub("", str(err)))
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     msg = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
     return msg if len(msg) <= limit else msg[: limit - 3] + "..."
 

@@ -128,7 +128,8 @@ def _chunks(items: list[Any], n: int) -> Iterable[list[Any]]:
 
 
 def bound_http_retries() -> None:
-    """Set :data:`HTTP_DEFAULTS` in this process's environment where the user has not."""
+    """Set :data:`HTTP_DEFAULTS` in this process's environment where the user has not; a
+    tracking URI with ``user:password@`` also keeps MLflow from printing run URLs (with it)."""
     for k, v in HTTP_DEFAULTS.items():
         os.environ.setdefault(k, v)
 
@@ -137,6 +138,8 @@ def _client(uri: str) -> Any:
     from mlflow import MlflowClient
 
     bound_http_retries()
+    if _URI_USERINFO.search(uri):
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     return MlflowClient(tracking_uri=uri)
 
 
@@ -171,7 +174,9 @@ def _sqlite_client(uri: str) -> Any:
 
 
 def _first_line(err: BaseException) -> str:
-    lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+    """``Type: first line`` (at most 200 characters), credentials in URIs redacted (MLflow's
+    errors quote the request URL, user and password included)."""
+    lines = [ln for ln in redact("", str(err)).strip().splitlines() if ln.strip()]
     return f"{type(err).__name__}: {lines[0][:200]}" if lines else type(err).__name__
 
 
