@@ -160,10 +160,10 @@ def test_pipeline_finishes_when_mlflow_dies_mid_run(server: MlflowServer, tmp_pa
     proc = _cli("run", "smoke", *TINY, "--set", f"storage.root={root}",
                 "--set", f"tracking.uri={server.uri}")  # fmt: skip
     try:
-        rid = _wait_for_state(root, "pretrain", "running", proc, 120)
+        rid = _wait_for_state(root, "pretrain", "running", proc, 480)
         time.sleep(1.0)
         server.kill()
-        out, _ = proc.communicate(timeout=240)
+        out, _ = proc.communicate(timeout=480)
     finally:
         _reap(proc)
     assert proc.returncode == 0, out[-4000:]
@@ -185,7 +185,7 @@ def test_ctrl_c_stops_a_run_within_seconds_during_an_outage(
     proc = _cli("run", "smoke", *TINY, "--set", "pretrain.epochs=30",
                 "--set", f"storage.root={root}", "--set", f"tracking.uri={server.uri}")  # fmt: skip
     try:
-        rid = _wait_for_state(root, "pretrain", "running", proc, 120)
+        rid = _wait_for_state(root, "pretrain", "running", proc, 480)
         server.kill()
         time.sleep(4.0)  # the driver and the workers now meet the dead server
         t0 = time.time()
