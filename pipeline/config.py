@@ -76,7 +76,8 @@ def format_fraction(p: float) -> str:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan are never meaningful settings (a learning rate of inf trains to nan)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 Arch = Literal["resnet18", "resnet34", "resnet50"]
@@ -526,6 +527,20 @@ class ResourcesConfig(_Section):
 class StorageConfig(_Section):
     root: str = "runs"
 
+    @field_validator("root")
+    @classmethod
+    def _root(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty (a folder or a URI such as s3://bucket/prefix)")
+        return v
+
+
+#: Schemes an MLflow tracking URI may have (SQLAlchemy database URIs take a ``+driver`` suffix).
+TRACKING_SCHEMES = (
+    "http", "https", "file", "sqlite", "postgresql", "mysql", "mssql", "oracle",
+    "databricks", "databricks-uc", "uc",
+)  # fmt: skip
+
 
 class TrackingConfig(_Section):
     enabled: bool = True
@@ -533,6 +548,33 @@ class TrackingConfig(_Section):
         None, description="MLflow tracking URI; None = sqlite under storage.root"
     )
     experiment: str = "contrastive"
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not v.strip():
+            raise ValueError(
+                "must not be empty (leave it out for the SQLite store under storage.root)"
+            )
+        scheme = v.split("://", 1)[0].lower() if "://" in v else None
+        if scheme is None:
+            head = v.split(":", 1)[0].lower()
+            if ":" in v and len(head) > 1 and head.split("+")[0] in TRACKING_SCHEMES:
+                raise ValueError(f"{head}: needs '://' (e.g. {head}://...)")
+            if v != "databricks" and ":" in v and len(head) > 1:
+                raise ValueError(
+                    f"unknown scheme {head!r}; use one of {', '.join(TRACKING_SCHEMES)}"
+                )
+            return v  # a local folder (MLflow's file store)
+        if scheme.split("+")[0] not in TRACKING_SCHEMES:
+            raise ValueError(
+                f"unknown scheme {scheme!r} (a typo?); use one of {', '.join(TRACKING_SCHEMES)}"
+            )
+        if scheme in ("http", "https") and not v.split("://", 1)[1].split("/")[0].strip():
+            raise ValueError("has no host")
+        return v
 
 
 class Config(_Section):
@@ -724,6 +766,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
 
 def _read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config error: {path}: is a folder, not a config file")
     if not p.is_file():
         builtin = (
             Path(__file__).resolve().parent.parent / "workflows" / "configs" / f"{p.stem}.yaml"
@@ -733,12 +777,50 @@ def _read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
         else:
             raise ConfigError(f"config error: {path}: no such file")
     try:
-        raw = yaml.safe_load(p.read_text())
+        data = p.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"config error: {path}: cannot read it ({err.strerror})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ConfigError(
+            f"config error: {path}: line {line} is not UTF-8 text "
+            f"(byte 0x{data[err.start]:02x}); save the file as UTF-8"
+        ) from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as err:
+        raise ConfigError(f"config error: {path}: {err}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"config error: {path}:{where} is not valid YAML") from None
     return raw or {}
+
+
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load``, except that a key given twice in one mapping is an error (PyYAML keeps
+    the last one silently, so a forgotten earlier setting would win without a word)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise _DuplicateKey(
+                        f"line {line}: duplicate key {key!r} (first given on line {seen[key]})"
+                    )
+            except TypeError:  # an unhashable key: SafeLoader's own error follows
+                continue
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_config(

@@ -7,6 +7,7 @@ protocol here is what lets every stage run and be tested without Ray.
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import tempfile
@@ -17,7 +18,14 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["LocalContext", "StageResult", "TrainContext", "atomic_torch_save", "atomic_write_text"]
+__all__ = [
+    "LocalContext",
+    "StageResult",
+    "TrainContext",
+    "atomic_torch_save",
+    "atomic_write_text",
+    "load_checkpoint_file",
+]
 
 
 @dataclass
@@ -73,6 +81,21 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
         raise
 
 
+def load_checkpoint_file(path: str | os.PathLike[str] | io.BytesIO, name: str | None = None) -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain types only, never arbitrary
+    unpickling (checkpoints may sit in storage others can write). A file holding anything else
+    is a one-line error naming it (``name``, else ``path``)."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise RuntimeError(
+            f"checkpoint {name or path} holds objects other than tensors and plain types; it is "
+            "not loaded (delete it to start the stage afresh)"
+        ) from None
+
+
 class LocalContext:
     """One process, no process group. Checkpoints live in ``checkpoint_dir/latest.pt``.
 
@@ -105,7 +128,7 @@ class LocalContext:
         p = self.checkpoint_dir / "latest.pt"
         if not p.is_file():
             return None
-        return torch.load(p, map_location="cpu", weights_only=False)
+        return load_checkpoint_file(p)
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.to(self.device)

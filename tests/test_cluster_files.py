@@ -106,10 +106,15 @@ def _cluster_spec_checks(spec: dict, where: str) -> None:
     assert worker["image"].endswith("-gpu") and worker["resources"]["limits"]["nvidia.com/gpu"]
 
 
+def _kind(docs: list[dict], kind: str) -> dict:
+    (doc,) = [d for d in docs if d and d.get("kind") == kind]
+    return doc
+
+
 def test_kuberay_manifests() -> None:
     docs = _docs()
-    (rc,) = docs["cluster/kuberay/raycluster.yaml"]
-    (job,) = docs["cluster/kuberay/rayjob.yaml"]
+    rc = _kind(docs["cluster/kuberay/raycluster.yaml"], "RayCluster")
+    job = _kind(docs["cluster/kuberay/rayjob.yaml"], "RayJob")
     assert (rc["apiVersion"], rc["kind"]) == ("ray.io/v1", "RayCluster")
     assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
     _cluster_spec_checks(rc["spec"], "raycluster.yaml")
@@ -123,3 +128,44 @@ def test_kuberay_manifests() -> None:
     sets = [entry[i + 1] for i, a in enumerate(entry) if a == "--set"]
     cfg = load_config(str(ROOT / "workflows/configs/demo.yaml"), sets)
     assert cfg.storage.root.startswith("s3://") and cfg.tracking.uri and cfg.resources.use_gpu
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def test_kuberay_dashboard_on_all_interfaces_comes_with_a_network_policy() -> None:
+    """A head with ``dashboard-host: 0.0.0.0`` (the Jobs API runs code on the cluster) ships with
+    a NetworkPolicy that selects its pods and admits only the cluster's own pods, the KubeRay
+    operator and (for a RayJob) its submitter: no rule open to every pod or address."""
+    docs = _docs()
+    for name, kind in (("raycluster.yaml", "RayCluster"), ("rayjob.yaml", "RayJob")):
+        file_docs = docs[f"cluster/kuberay/{name}"]
+        spec = _kind(file_docs, kind)["spec"]
+        spec = spec.get("rayClusterSpec", spec)
+        head = spec["headGroupSpec"]
+        assert head["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+        head_labels = head["template"]["metadata"]["labels"]
+        worker_labels = [g["template"]["metadata"]["labels"] for g in spec["workerGroupSpecs"]]
+        policy = _kind(file_docs, "NetworkPolicy")
+        assert policy["apiVersion"] == "networking.k8s.io/v1"
+        pspec = policy["spec"]
+        assert "Ingress" in pspec["policyTypes"]
+        assert pspec["podSelector"].get("matchLabels"), name  # never {} (every pod)
+        assert _selects(pspec["podSelector"], head_labels), name
+        assert all(_selects(pspec["podSelector"], w) for w in worker_labels), name
+        assert pspec["ingress"], name  # an empty list would cut the workers off the head
+        for rule in pspec["ingress"]:
+            assert rule.get("from"), f"{name}: an ingress rule without 'from' admits everyone"
+            for peer in rule["from"]:
+                assert "ipBlock" not in peer, name
+                assert peer.get("podSelector", {}).get("matchLabels"), name
+        # the cluster's own pods reach each other on every port (GCS, object transfer, ...)
+        assert any(
+            "ports" not in r and any(_selects(p["podSelector"], head_labels) for p in r["from"])
+            for r in pspec["ingress"]
+        ), name
+        # whoever else is admitted reaches only the dashboard port
+        for rule in pspec["ingress"]:
+            if not any(_selects(p["podSelector"], head_labels) for p in rule["from"]):
+                assert [p["port"] for p in rule.get("ports", [])] == [8265], name

@@ -125,6 +125,7 @@ def test_artifact_and_sink(db, tmp_path):
     sink = pickle.loads(pickle.dumps(MetricsSink(db, rid)))
     sink({"train/loss": 3.0}, 5)
     sink({"train/loss": 2.5}, 6)
+    assert sink.close() == 0  # the points are sent by a background thread: flush them
     hist = tr.client.get_metric_history(rid, "train/loss")
     assert sorted((m.step, m.value) for m in hist) == [(5, 3.0), (6, 2.5)]
     assert tr.info(rid).sink().run_id == rid
@@ -149,7 +150,9 @@ def fake_execute(node, inputs, out_dir, tracking_info):
 
     Path(out_dir, "o.txt").write_text(node.name)
     if tracking_info is not None:
-        tracking_info.sink()({"step_metric": 1.0}, 0)
+        sink = tracking_info.sink()
+        sink({"step_metric": 1.0}, 0)
+        sink.close()  # sent by a background thread: flush before the stage returns
     return {
         "outputs": {"o": "o.txt"},
         "metrics": {"acc": 0.9},

@@ -254,8 +254,14 @@ def local(config: str, overrides: tuple[str, ...], out: str | None, device: str)
     help="Ray cluster (auto, HOST:6379, ray://HOST:10001); default: the run's own, else a "
     "private local Ray.",
 )
-def resume(run_id: str, storage: str | None, tracking_uri: str | None, address: str | None) -> None:
-    """Continue a failed or killed run: finished stages are not run again."""
+@click.option(
+    "--force", is_flag=True, help="Take the run over even if its driver still looks alive."
+)
+def resume(
+    run_id: str, storage: str | None, tracking_uri: str | None, address: str | None, force: bool
+) -> None:
+    """Continue a failed or killed run: finished stages are not run again. A run whose driver
+    is alive is refused unless --force."""
     from workflows import orchestrate
 
     sys.exit(
@@ -265,6 +271,7 @@ def resume(run_id: str, storage: str | None, tracking_uri: str | None, address: 
             run_id,
             tracking_uri=tracking_uri,
             address=address,
+            force=force,
         )
     )
 

@@ -179,6 +179,19 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
         ) from None
 
 
+def _connect_or_fail(address: str | None, num_cpus: int | None) -> None:
+    """:func:`connect_ray`, with any failure (its own one-line errors, or anything Ray raises
+    past them, e.g. a node that timed out during startup) as a one-line :class:`PipelineError`."""
+    try:
+        connect_ray(address, num_cpus)
+    except PipelineError:
+        raise
+    except Exception as err:  # noqa: BLE001 - Ray's start-up errors are not one type
+        raise PipelineError(
+            f"ray error: cannot start or reach Ray ({address or 'local'}): {_first_line(err)}"
+        ) from None
+
+
 def apply_env(cfg: Config) -> dict[str, str]:
     """Put ``resources.env`` into this process's environment (the driver reaches the storage
     with it too) and return it; the runner passes it to every stage's runtime environment."""
@@ -205,24 +218,33 @@ def _report_path(store: RunStore, run_id: str) -> str | None:
 
 
 def _execute_graph(
-    cfg: Config, store: RunStore, run_id: str, tracker: Any, reuse: bool, started_at: float
+    cfg: Config,
+    store: RunStore,
+    run_id: str,
+    tracker: Any,
+    reuse: bool,
+    started_at: float,
+    lease: Any = None,
 ) -> int:
     from workflows.runner import run_graph
     from workflows.stages import StageExecutor
 
     graph = build_graph(cfg)
-    summary = run_graph(
-        graph,
-        cfg,
-        store,
-        run_id,
-        StageExecutor(cfg, started_at, run_id=run_id),
-        tracker=tracker,
-        reuse=reuse,
-    )
+    with lease if lease is not None else store.hold_lease(run_id):
+        summary = run_graph(
+            graph,
+            cfg,
+            store,
+            run_id,
+            StageExecutor(cfg, started_at, run_id=run_id),
+            tracker=tracker,
+            reuse=reuse,
+        )
     _say(summary.message())
     if summary.mlflow_run_id:
-        _say(f"mlflow: parent run {summary.mlflow_run_id} at {tracker.uri}")
+        from workflows.tracking import redact
+
+        _say(f"mlflow: parent run {summary.mlflow_run_id} at {redact('', tracker.uri)}")
     if summary.status == "succeeded":
         report = _report_path(store, run_id)
         if report:
@@ -255,13 +277,19 @@ def run_pipeline(
     if tracker is not None:
         tracker.check_reachable()  # a clear error before any compute
     store = RunStore(cfg.storage.root)
-    connect_ray(address, num_cpus)  # before the run folder: a failed connection leaves none
-    run_id = store.create_run(
-        cfg, run_id, tracking_uri=tracker.uri if tracker else None, address=address, job=job
-    )
+    _connect_or_fail(address, num_cpus)  # before the run folder: a failed one leaves none
+    try:
+        run_id = store.create_run(
+            cfg, run_id, tracking_uri=tracker.uri if tracker else None, address=address, job=job
+        )
+    except OSError as err:  # a read-only or full storage root: one line naming it
+        raise PipelineError(
+            f"storage error: cannot create the run under {store.root}: {_first_line(err)}"
+        ) from None
     _say(f"run: {run_id}")
     _say(f"folder: {store.uri(store.run_dir(run_id))}")
-    return _execute_graph(cfg, store, run_id, tracker, reuse, started)
+    lease = store.hold_lease(run_id).__enter__()
+    return _execute_graph(cfg, store, run_id, tracker, reuse, started, lease)
 
 
 def resume_pipeline(
@@ -270,8 +298,12 @@ def resume_pipeline(
     tracking_uri: str | None = None,
     address: str | None = None,
     num_cpus: int | None = None,
+    force: bool = False,
 ) -> int:
-    """Continue run ``run_id`` from its durable record; finished stages are not run again."""
+    """Continue run ``run_id`` from its durable record; finished stages are not run again.
+
+    A run whose driver is still alive (its lease renewed within ``LEASE_TTL_S``) is refused
+    with a one-line error naming that driver, unless ``force``."""
     started = time.time()
     store = RunStore(storage_root)
     info = store.load_run(run_id)
@@ -283,13 +315,22 @@ def resume_pipeline(
             _say(f"report: {report}")
         return 0
     apply_env(cfg)
-    tracker = _tracker(cfg, tracking_uri or info.tracking_uri)
-    if tracker is not None:
-        tracker.check_reachable()
-    connect_ray(address or info.address, num_cpus)
-    _say(f"resuming run: {run_id} (was {info.status})")
-    _say(f"folder: {info.path}")
-    return _execute_graph(cfg, store, run_id, tracker, False, started)
+    held = store.read_lease(run_id)
+    if held is not None and held.alive() and force:
+        _say(f"taking run {run_id} over from {held.describe()} (--force)")
+    lease = store.hold_lease(run_id, force=force).__enter__()  # refuses a live driver
+    try:
+        tracker = _tracker(cfg, tracking_uri or info.tracking_uri)
+        if tracker is not None:
+            tracker.check_reachable()
+        _connect_or_fail(address or info.address, num_cpus)
+        was = store.run_liveness(info) if held is not None else info.status
+        _say(f"resuming run: {run_id} (was {was})")
+        _say(f"folder: {info.path}")
+    except BaseException:
+        lease.__exit__(None, None, None)
+        raise
+    return _execute_graph(cfg, store, run_id, tracker, False, started, lease)
 
 
 # -- status and lineage ---------------------------------------------------------------------
@@ -329,6 +370,14 @@ def job_verdict(info: Any) -> tuple[str, str | None]:
     return info.status, f"job {sid} {status}"
 
 
+def _shown_status(store: RunStore, info: Any) -> tuple[str, str | None]:
+    """The status and error to show: a submitted run whose driver has not started asks the Jobs
+    API (:func:`job_verdict`); any other run tells a live driver from a gone one by its lease."""
+    if info.status == "created" and info.job and info.job.get("address"):
+        return job_verdict(info)
+    return store.run_liveness(info), info.error
+
+
 def status_text(storage_root: str, run_id: str | None = None) -> str:
     """A table of run ``run_id``'s stages, or of all runs under ``storage_root`` without an id."""
     store = RunStore(storage_root)
@@ -338,7 +387,7 @@ def status_text(storage_root: str, run_id: str | None = None) -> str:
             return f"no runs under {store.root}/runs"
         rows = []
         for r in runs:
-            shown, error = job_verdict(r)
+            shown, error = _shown_status(store, r)
             rows.append(
                 [r.run_id, r.name, shown, r.created[:19], r.mlflow_run_id or "-", error or ""]
             )
@@ -368,16 +417,26 @@ def status_text(storage_root: str, run_id: str | None = None) -> str:
                 st.mlflow_run_id or "-",
             ]
         )
-    shown, error = job_verdict(info)
-    head = f"run {info.run_id} ({info.name}): {shown}"
+    live, error = _shown_status(store, info)
+    head = f"run {info.run_id} ({info.name}): {live}"
+    lease = store.read_lease(run_id)
+    if live == "running" and lease is not None:
+        head += f" ({lease.describe()})"
+    elif live == "interrupted":
+        head += (
+            f" (its driver is gone), resume with `contrastive resume {run_id}"
+            f" --storage {store.root}`"
+        )
     if info.mlflow_run_id:
         head += f"; mlflow parent {info.mlflow_run_id} at {info.tracking_uri}"
+    if error and live != "succeeded":
+        head += f"\nerror: {error}"
+    if info.tracking_gap:
+        head += f"\ntracking gap: {info.tracking_gap}"
     lines = [
         head,
         _table(rows, ["stage", "state", "attempts", "duration", "key metric", "mlflow run"]),
     ]
-    if shown != info.status and error:
-        lines.append(error)
     for name in order:
         st = states.get(name)
         if st is not None and st.state == "failed" and st.error:

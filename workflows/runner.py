@@ -31,6 +31,7 @@ import hashlib
 import logging
 import os
 import posixpath
+import re
 import shutil
 import tempfile
 import time
@@ -123,35 +124,141 @@ class RunSummary:
         return head
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+def root_cause(err: BaseException) -> BaseException:
+    """The exception a wrapper stands for: the cause inside a ``RayTaskError`` (a stage task or a
+    training task raised), the first worker's error inside Ray Train's ``WorkerGroupError``, the
+    controller's inside ``ControllerError``, the ``__cause__`` of Ray Train's (v1)
+    ``TrainingFailedError``; wrappers nested in each other are unwrapped all the way."""
+    for _ in range(20):
+        nxt: BaseException | None = None
+        if isinstance(err, ray.exceptions.RayTaskError):
+            nxt = err.cause
+        else:
+            failures = getattr(err, "worker_failures", None)
+            if isinstance(failures, Mapping) and failures:
+                nxt = failures[min(failures)]
+            elif isinstance(getattr(err, "controller_failure", None), BaseException):
+                nxt = err.controller_failure  # type: ignore[attr-defined]
+            elif type(err).__name__ == "TrainingFailedError":
+                nxt = err.__cause__
+        if not isinstance(nxt, BaseException) or nxt is err:
+            return err
+        err = nxt
+    return err
+
+
 def one_line(err: BaseException, limit: int = 400) -> str:
-    """``Type: first line of the message``, at most ``limit`` characters."""
-    text = str(err).strip().splitlines()
-    msg = f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+    """``Type: first line of the message`` of the root cause (see :func:`root_cause`), without
+    ANSI colour codes or the password of a ``user:password@`` URI, at most ``limit``
+    characters."""
+    from workflows.tracking import redact  # URIs with user:password@ in messages (MLflow's)
+
+    err = root_cause(err)
+    text = redact("", _ANSI.sub("", str(err)))
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    msg = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
     return msg if len(msg) <= limit else msg[: limit - 3] + "..."
+
+
+def _digests(outputs: Mapping[str, str]) -> tuple[str, dict[str, str]]:
+    """:func:`output_digest` of all outputs, and the same digest of each output on its own.
+
+    An output is a local path or a URI :func:`pyarrow.fs.FileSystem.from_uri` understands (a
+    reused stage's outputs on object storage); folders are walked."""
+    whole = hashlib.sha256()
+    each: dict[str, str] = {}
+    for name in sorted(outputs):
+        path = outputs[name]
+        one = hashlib.sha256()
+        hs = (whole, one)
+        for h in hs:
+            h.update(f"output:{name}\n".encode())
+        if "://" in path:
+            fs, base = pafs.FileSystem.from_uri(path)
+            info = fs.get_file_info(base)
+            if info.type == pafs.FileType.Directory:
+                sel = pafs.FileSelector(base, recursive=True)
+                files = sorted(
+                    (posix_rel(fi.path, base), fi.path)
+                    for fi in fs.get_file_info(sel)
+                    if fi.type == pafs.FileType.File
+                )
+            elif info.type == pafs.FileType.File:
+                files = [(".", base)]
+            else:
+                files = None
+
+            def opener(full: str, fs: pafs.FileSystem = fs) -> Any:
+                return fs.open_input_stream(full)
+        else:
+            if os.path.isdir(path):
+                files = sorted(
+                    (os.path.relpath(os.path.join(d, f), path), os.path.join(d, f))
+                    for d, _, fs_ in os.walk(path)
+                    for f in fs_
+                )
+            elif os.path.exists(path):
+                files = [(".", path)]
+            else:
+                files = None
+
+            def opener(full: str) -> Any:
+                return open(full, "rb")  # noqa: SIM115 - closed by the with below
+
+        if files is None:
+            for h in hs:
+                h.update(b"missing\n")
+        else:
+            for rel, full in files:
+                for h in hs:
+                    h.update(f"file:{rel}\n".encode())
+                with opener(full) as fh:
+                    while chunk := fh.read(1 << 20):
+                        for h in hs:
+                            h.update(chunk)
+        each[name] = one.hexdigest()
+    return whole.hexdigest(), each
+
+
+def posix_rel(path: str, base: str) -> str:
+    return path[len(base.rstrip("/")) + 1 :]
 
 
 def output_digest(outputs: Mapping[str, str]) -> str:
     """SHA-256 over the outputs' names, relative file names and contents (folders walked)."""
-    h = hashlib.sha256()
-    for name in sorted(outputs):
-        path = outputs[name]
-        h.update(f"output:{name}\n".encode())
-        if os.path.isdir(path):
-            files = sorted(
-                os.path.relpath(os.path.join(d, f), path) for d, _, fs in os.walk(path) for f in fs
-            )
-        elif os.path.exists(path):
-            files = ["."]
-        else:
-            h.update(b"missing\n")
-            continue
-        for rel in files:
-            full = path if rel == "." else os.path.join(path, rel)
-            h.update(f"file:{rel}\n".encode())
-            with open(full, "rb") as fh:
-                while chunk := fh.read(1 << 20):
-                    h.update(chunk)
-    return h.hexdigest()
+    return _digests(outputs)[0]
+
+
+class DigestMismatch(RunError):
+    """A finished stage's outputs are not what its manifest recorded; one line naming them."""
+
+
+def verify_outputs(manifest: Mapping[str, Any], where: str) -> None:
+    """Re-hash the outputs a manifest points at and compare with its recorded ``digest``;
+    raise :class:`DigestMismatch` naming the changed output (and its path). Manifests without a
+    digest (written before digests were recorded) pass."""
+    recorded = manifest.get("digest")
+    outputs = manifest.get("outputs") or {}
+    if not recorded or not isinstance(outputs, Mapping):
+        return
+    try:
+        whole, each = _digests(outputs)
+    except OSError as err:
+        raise DigestMismatch(
+            f"{where}: cannot read its outputs to verify them: {one_line(err)}"
+        ) from None
+    if whole == recorded:
+        return
+    per = manifest.get("output_digests") or {}
+    changed = [n for n in sorted(outputs) if per.get(n) and per[n] != each[n]] or sorted(outputs)
+    name = changed[0]
+    raise DigestMismatch(
+        f"{where}: output {name!r} ({outputs[name]}) does not match the digest recorded when it "
+        "was written (changed or damaged since)"
+    )
 
 
 def _normalize(result: Any, node: StageNode, out_dir: str) -> tuple[dict, dict, list]:
@@ -217,7 +324,7 @@ def _stage_task_body(
         os.makedirs(local_out, exist_ok=True)
         result = execute(node, inputs, local_out, tracking_info)
         outputs, metrics, history = _normalize(result, node, local_out)
-        digest = output_digest({k: v for k, v in outputs.items()})
+        digest, digests = _digests(outputs)
         if not store.is_local:
             pafs.copy_files(local_out, out_dir, destination_filesystem=store.fs, use_threads=True)
             outputs = {k: _output_uri(store, out_dir, local_out, v) for k, v in outputs.items()}
@@ -227,6 +334,7 @@ def _stage_task_body(
             "metrics": metrics,
             "history": history,
             "digest": digest,
+            "output_digests": digests,
             "duration_s": time.time() - t0,
         }
     except Exception as err:
@@ -240,6 +348,10 @@ def _stage_task_body(
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
 
+
+#: A stage metric the training tasks add when their MLflow sink dropped points (never recorded as
+#: a metric: the runner adds it to the run's tracking gap).
+DROPPED_METRIC = "tracking_dropped_points"
 
 _stage_task = ray.remote(num_cpus=0, max_retries=0)(_stage_task_body)
 
@@ -305,10 +417,15 @@ def run_graph(
         if parent_id is None or not _safe("resume parent run", tracker.resume_run, parent_id):
             parent_id = tracker.start_parent(run_id, cfg, code=this_code)  # as recorded
         store.update_run(
-            run_id, status="running", mlflow_run_id=parent_id, tracking_uri=tracker.uri
+            run_id,
+            status="running",
+            mlflow_run_id=parent_id,
+            tracking_uri=tracker.uri,
+            error=None,
+            tracking_gap=None,
         )
     else:
-        store.update_run(run_id, status="running")
+        store.update_run(run_id, status="running", error=None)
 
     # Every stage gets a state.json up front, so `status` shows the whole graph.
     states: dict[str, StageState] = {}
@@ -350,6 +467,9 @@ def run_graph(
         key = keys[node.name]
         m = store.read_manifest(run_id, node.name)
         if m is not None and m.get("cache_key") == key:
+            manifest_file = store.uri(store.stage_dir(run_id, node.name) + "/manifest.json")
+            verify_outputs(m, f"stage {node.name} (finished earlier; delete {manifest_file} to "
+                           "run it again)")  # fmt: skip
             log.info("stage %s skipped: finished earlier (cache key %s)", node.name, key[:12])
             finish_from_manifest(node, m, "skipped")
             return True
@@ -363,6 +483,9 @@ def run_graph(
             return False
         src_run, src_stage, src = hit
         origin = dict(src.get("reused_from") or {"run_id": src_run, "stage": src_stage})
+        verify_outputs(
+            src, f"stage {node.name} (--reuse of run {origin['run_id']} stage {origin['stage']})"
+        )
         # The key covers the config and the package version, not the commit: say when the linked
         # result was computed by other code (lineage shows it too).
         origin.setdefault("code", _code_of(store, origin["run_id"]))
@@ -434,12 +557,20 @@ def run_graph(
         )
         running[ref] = (node, time.time())
 
-    def record_failure(node: StageNode, error: str, tb: str, duration: float) -> None:
+    def record_failure(
+        node: StageNode, error: str, tb: str, duration: float, finished: bool = True
+    ) -> None:
+        """Mark the stage failed; ``finished=False``: it never ran in this call (its MLflow run,
+        if any, is an earlier attempt's and stays as it is)."""
         st = states[node.name]
         st.state, st.ended, st.duration_s, st.error = "failed", now_iso(), duration, error
-        st.traceback_file = store.write_error(run_id, node.name, tb)
-        store.write_state(run_id, st)
-        if tracker is not None and st.mlflow_run_id:
+        try:  # a full disk or a read-only store must not hide the stage's own error
+            st.traceback_file = store.write_error(run_id, node.name, tb)
+            store.write_state(run_id, st)
+        except Exception as err:  # noqa: BLE001
+            st.traceback_file = None
+            log.error("stage %s: cannot record its failure: %s", node.name, one_line(err))
+        if finished and tracker is not None and st.mlflow_run_id:
             _safe("end stage run", tracker.end, st.mlflow_run_id, "FAILED")
         outcomes[node.name] = StageOutcome(
             node.name, "failed", duration, error, st.traceback_file, st.attempts
@@ -447,9 +578,12 @@ def run_graph(
         blocked.update(graph.dependants(node.name))
         log.error("stage %s failed after %.1fs: %s", node.name, duration, error)
 
+    sink_dropped = [0]  # metric points the stages' own MLflow sinks could not send
+
     def record_success(node: StageNode, res: dict[str, Any], duration: float) -> None:
         st = states[node.name]
         metrics = res["metrics"]
+        sink_dropped[0] += int(metrics.pop(DROPPED_METRIC, 0))
         st.state, st.ended, st.duration_s = "succeeded", now_iso(), duration
         st.metrics, st.key_metric = metrics, next(iter(metrics), None)
         store.write_state(run_id, st)
@@ -460,6 +594,7 @@ def run_graph(
             "cache_key": keys[node.name],
             "outputs": res["outputs"],
             "digest": res["digest"],
+            "output_digests": res.get("output_digests", {}),
             "metrics": metrics,
             "key_metric": st.key_metric,
             "mlflow_run_id": st.mlflow_run_id,
@@ -507,7 +642,13 @@ def run_graph(
                 for node in graph.ready(done):
                     if node.name in busy or node.name in outcomes or node.name in blocked:
                         continue
-                    if try_skip(node):
+                    try:
+                        skipped = try_skip(node)
+                    except DigestMismatch as err:
+                        record_failure(node, str(err), traceback.format_exc(), 0.0, finished=False)
+                        progressed = True
+                        continue
+                    if skipped:
                         progressed = True
                         continue
                     if outcomes and any(o.status == "failed" for o in outcomes.values()):
@@ -554,9 +695,20 @@ def run_graph(
     if not ok:
         first = next((o for o in outcomes.values() if o.status == "failed"), None)
         error = f"stage {first.name} failed: {first.error}" if first else "interrupted"
-    store.update_run(run_id, status=status, error=error)
+    if isinstance(interrupted, Exception):
+        error = f"run failed: {one_line(interrupted)}"
+    try:
+        store.update_run(run_id, status=status, error=error)
+    except Exception as err:  # noqa: BLE001 - e.g. the disk is full: say so, keep the cause
+        log.error("run %s: cannot record its end (%s): %s", run_id, status, one_line(err))
+        if interrupted is None:
+            interrupted = err
     if tracker is not None and parent_id is not None:
         _safe("end parent run", tracker.end, parent_id, "FINISHED" if ok else "FAILED")
+    gap = tracker.gap(sink_dropped[0]) if tracker is not None else None
+    if gap is not None:
+        log.warning("tracking: %s", gap)
+        _safe("record the tracking gap", store.update_run, run_id, tracking_gap=gap)
     summary = RunSummary(
         run_id=run_id,
         status=status,
@@ -565,6 +717,8 @@ def run_graph(
         mlflow_run_id=parent_id,
     )
     (log.info if ok else log.error)("%s", summary.message())
+    if isinstance(interrupted, Exception):  # a store error (disk full, read-only, ...): one line
+        raise RunError(f"run {run_id} failed: {one_line(interrupted)}") from interrupted
     if interrupted is not None:
         raise interrupted
     return summary

@@ -126,15 +126,17 @@ def save_torch(obj: Any, location: str) -> None:
 
 
 def load_torch(location: str) -> Any | None:
-    """The object ``torch.save`` wrote at ``location``; None when there is none."""
-    import torch
+    """The checkpoint ``torch.save`` wrote at ``location``; None when there is none. Loaded with
+    ``weights_only=True`` (tensors and plain types, never arbitrary unpickling: the storage may
+    be a shared bucket); a file holding anything else is a one-line error naming it."""
+    from pipeline.runtime import load_checkpoint_file
 
     fs, path = _split(location)
     if fs.get_file_info(path).type != pafs.FileType.File:
         return None
     with fs.open_input_stream(path) as f:
         data = f.read()
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    return load_checkpoint_file(io.BytesIO(data), name=location)
 
 
 def remove_tree(location: str) -> None:

@@ -8,6 +8,7 @@ Layout of one run::
     runs/<run_id>/stages/<name>/error.txt     the traceback of the last failure
     runs/<run_id>/stages/<name>/out/          the stage's outputs
     runs/<run_id>/stages/<name>/manifest.json written LAST: a stage with a manifest is finished
+    runs/<run_id>/lease.json                  the driver holding the run: host, PID, heartbeat
 
 ``storage.root`` is a local path or a URI (``s3://bucket/prefix``, ``gs://...``, ``file:///...``)
 that :func:`pyarrow.fs.FileSystem.from_uri` understands. Every write is atomic: on a local file
@@ -21,6 +22,8 @@ import json
 import os
 import re
 import secrets
+import socket
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -35,6 +38,8 @@ from pipeline.config import Config, parse_config
 
 __all__ = [
     "STAGE_STATES",
+    "Lease",
+    "LeaseHeld",
     "RunInfo",
     "RunStore",
     "StageState",
@@ -48,6 +53,9 @@ __all__ = [
 CODE_ENV = "CONTRASTIVE_CODE_VERSION"
 
 STAGE_STATES = ("pending", "running", "succeeded", "failed", "skipped")
+#: A driver renews its lease every LEASE_RENEW_S; a lease not renewed for LEASE_TTL_S is dead.
+LEASE_RENEW_S = 5.0
+LEASE_TTL_S = 30.0
 RUN_STATES = ("created", "running", "succeeded", "failed")
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -127,6 +135,40 @@ def check_run_id(run_id: str) -> str:
     return run_id
 
 
+class LeaseHeld(StateError):
+    """Another live driver holds the run's lease; one line naming it."""
+
+
+@dataclass
+class Lease:
+    """Who drives a run (``lease.json``): host, PID, a random token, and the last heartbeat."""
+
+    host: str
+    pid: int
+    token: str
+    acquired: str
+    heartbeat: float  # time.time() of the last renewal
+
+    def age(self, now: float | None = None) -> float:
+        return max(0.0, (time.time() if now is None else now) - self.heartbeat)
+
+    def alive(self, now: float | None = None) -> bool:
+        """Renewed within :data:`LEASE_TTL_S`, and, on this host, its process still exists."""
+        if self.age(now) > LEASE_TTL_S:
+            return False
+        if self.host == socket.gethostname():
+            try:
+                os.kill(self.pid, 0)
+            except ProcessLookupError:
+                return False
+            except PermissionError:  # another user's live process
+                return True
+        return True
+
+    def describe(self, now: float | None = None) -> str:
+        return f"driver pid {self.pid} on {self.host}, heartbeat {self.age(now):.0f}s ago"
+
+
 @dataclass
 class StageState:
     """The durable state of one stage (``state.json``)."""
@@ -169,6 +211,7 @@ class RunInfo:
     error: str | None = None
     code: dict[str, Any] | None = None  # code_version() at creation: version, commit, dirty
     job: dict[str, str] | None = None  # a submitted run's Ray Job: submission_id, address
+    tracking_gap: str | None = None  # what MLflow missed while it was unreachable (one line)
     path: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -410,6 +453,90 @@ class RunStore:
                 continue  # a folder being created right now, or not a run
         return out
 
+    # -- the driver's lease -----------------------------------------------------------------
+    def _lease_path(self, run_id: str) -> str:
+        return self.run_dir(run_id) + "/lease.json"
+
+    def read_lease(self, run_id: str) -> Lease | None:
+        """The run's lease, or None when no driver holds it (never held, or released)."""
+        try:
+            d = self._read_json(self._lease_path(run_id))
+        except StateError:
+            return None  # half-written by a driver that died mid-write: no live holder
+        if d is None:
+            return None
+        try:
+            return Lease(
+                host=str(d["host"]),
+                pid=int(d["pid"]),
+                token=str(d["token"]),
+                acquired=str(d.get("acquired", "")),
+                heartbeat=float(d["heartbeat"]),
+            )
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    def _write_lease(self, run_id: str, lease: Lease) -> None:
+        self._write_json(self._lease_path(run_id), asdict(lease))
+
+    def acquire_lease(self, run_id: str, force: bool = False) -> Lease:
+        """Take the run's lease for this process; :class:`LeaseHeld` if a live driver holds it
+        (unless ``force``: then this driver takes over)."""
+        self.load_run(run_id)  # a one-line error for an unknown run
+        held = self.read_lease(run_id)
+        if held is not None and held.alive() and not force:
+            raise LeaseHeld(
+                f"state error: run {run_id} is being run by {held.describe()}; "
+                f"wait for it to end, or pass --force if that driver is gone"
+            )
+        lease = Lease(
+            socket.gethostname(), os.getpid(), secrets.token_hex(8), now_iso(), time.time()
+        )
+        self._write_lease(run_id, lease)
+        got = self.read_lease(run_id)
+        if got is None or got.token != lease.token:  # another driver wrote after us
+            raise LeaseHeld(
+                f"state error: run {run_id} was taken by another driver at the same moment"
+                + (f" ({got.describe()})" if got else "")
+            )
+        return lease
+
+    def renew_lease(self, run_id: str, lease: Lease) -> bool:
+        """Refresh the heartbeat; False (and no write) if another driver took the lease."""
+        held = self.read_lease(run_id)
+        if held is not None and held.token != lease.token:
+            return False
+        lease.heartbeat = time.time()
+        self._write_lease(run_id, lease)
+        return True
+
+    def release_lease(self, run_id: str, lease: Lease) -> None:
+        """Give the lease up (the run ended or stopped); a lease another driver took is left."""
+        held = self.read_lease(run_id)
+        if held is not None and held.token != lease.token:
+            return
+        try:
+            self.fs.delete_file(self._lease_path(run_id))
+        except OSError:
+            pass
+
+    def hold_lease(self, run_id: str, force: bool = False) -> LeaseKeeper:
+        """``with store.hold_lease(run_id):`` take the lease, renew it in a background thread
+        every :data:`LEASE_RENEW_S`, release it at the end."""
+        return LeaseKeeper(self, run_id, force)
+
+    def run_liveness(self, info: RunInfo) -> str:
+        """``info.status``, except that a run recorded ``running`` (or ``created``, once a driver
+        held it) whose driver is gone reads ``interrupted``."""
+        if info.status not in ("running", "created"):
+            return info.status
+        lease = self.read_lease(info.run_id)
+        if lease is not None and lease.alive():
+            return "running" if info.status == "running" else info.status
+        if lease is None and info.status == "created":
+            return "created"  # e.g. a submitted job whose driver has not started yet
+        return "interrupted"
+
     # -- stages ----------------------------------------------------------------------------
     def stage_names(self, run_id: str) -> list[str]:
         sel = pafs.FileSelector(self.run_dir(run_id) + "/stages", allow_not_found=True)
@@ -477,3 +604,42 @@ class RunStore:
                 if m is not None and m.get("cache_key") == cache_key:
                     return info.run_id, stage, m
         return None
+
+
+class LeaseKeeper:
+    """Holds a run's lease while a driver runs it (see :meth:`RunStore.hold_lease`)."""
+
+    def __init__(self, store: RunStore, run_id: str, force: bool = False) -> None:
+        self.store, self.run_id, self.force = store, run_id, force
+        self.lease: Lease | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.lost = False  # another driver took the lease (``resume --force``)
+
+    def __enter__(self) -> LeaseKeeper:
+        if self.lease is not None:  # already held (taken early, before Ray connects)
+            return self
+        self.lease = self.store.acquire_lease(self.run_id, self.force)
+        self._thread = threading.Thread(target=self._beat, name="run-lease", daemon=True)
+        self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        import logging
+
+        log = logging.getLogger(__name__)
+        while not self._stop.wait(LEASE_RENEW_S):
+            try:
+                if not self.store.renew_lease(self.run_id, self.lease):
+                    self.lost = True
+                    log.warning("run %s: another driver took over its lease", self.run_id)
+                    return
+            except Exception as err:  # noqa: BLE001 - a full disk: keep trying, never crash
+                log.warning("run %s: cannot renew the driver lease: %s", self.run_id, err)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self.lease is not None and not self.lost:
+            self.store.release_lease(self.run_id, self.lease)

@@ -137,12 +137,22 @@ def build_job_spec(
         runtime_env["env_vars"][JOB_ADDRESS_ENV] = address
     if code and code.get("commit"):
         runtime_env["env_vars"][CODE_ENV] = json.dumps(code, sort_keys=True)
+    from workflows.tracking import redact
+
     metadata = {"run_id": run_id, "name": name, "submitted_by": "contrastive submit"}
     if storage_root:
-        metadata["storage_root"] = storage_root
-    if overrides:
-        metadata["overrides"] = " ".join(overrides)
+        metadata["storage_root"] = redact("storage_root", storage_root)
+    if overrides:  # shown by the dashboard and `ray job list`: no credentials
+        metadata["overrides"] = " ".join(_redact_override(o) for o in overrides)
     return JobSpec(f"contrastive-{run_id}", entrypoint, runtime_env, metadata)
+
+
+def _redact_override(item: str) -> str:
+    """``key=value`` with a credential-looking value (by key name or in a URI) as ``***``."""
+    from workflows.tracking import redact
+
+    key, sep, value = item.partition("=")
+    return f"{key}{sep}{redact(key, value)}" if sep else redact("", item)
 
 
 def normalize_address(address: str) -> str:

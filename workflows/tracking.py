@@ -10,7 +10,15 @@ Everything goes through :class:`mlflow.MlflowClient` with explicit run ids — n
   stage's config slice and its own params;
 * datasets are logged as run inputs (``MlflowClient.log_inputs`` with a
   :class:`mlflow.entities.DatasetInput`), the equivalent of ``mlflow.log_input``;
-* :class:`MetricsSink` is a picklable ``(metrics, step)`` callable for Ray Train workers.
+* :class:`MetricsSink` is a picklable ``(metrics, step)`` callable for Ray Train workers: it only
+  puts the point on a bounded queue, and a background thread sends it (bounded retries), so a
+  tracking server that goes away never stalls training; what could not be sent is counted.
+
+A tracking outage never stops a run. MLflow's own HTTP retries are bounded
+(``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` 2, ``..._BACKOFF_FACTOR`` 1, ``..._TIMEOUT`` 10 s unless set
+in the environment), and after a failed call to an http(s) server the tracker skips calls for
+``OUTAGE_S`` seconds instead of waiting on each; every metric point not recorded is counted
+(:meth:`Tracker.gap`). Values that look like credentials are redacted in params (:func:`redact`).
 
 The default tracking URI is ``cfg.tracking_uri()``: a SQLite file under ``storage.root``.
 """
@@ -18,11 +26,16 @@ The default tracking URI is ``cfg.tracking_uri()``: a SQLite file under ``storag
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import queue
 import re
+import tempfile
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -31,7 +44,19 @@ from typing import Any
 from pipeline.config import Config
 from workflows.dag import StageNode
 
-__all__ = ["MetricsSink", "Tracker", "TrackingError", "TrackingInfo", "flatten"]
+__all__ = ["MetricsSink", "Tracker", "TrackingError", "TrackingInfo", "flatten", "redact"]
+
+log = logging.getLogger(__name__)
+
+#: MLflow's HTTP client retries a failed request 7 times with exponential backoff and waits up to
+#: 120 s per attempt by default: minutes per call against a server that went away.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+#: After a failed call to a tracking server, further calls are skipped for this long.
+OUTAGE_S = 30.0
 
 _STATUS = {
     "FINISHED": "FINISHED",
@@ -61,6 +86,32 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+_SECRET_KEY = re.compile(r"secret|token|password|passwd|credential|api[_-]?key", re.IGNORECASE)
+_URI_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@:\s]*):[^/@\s]*@")
+_QUERY_SECRET = re.compile(
+    r"(?P<k>[?&][^=&\s]*(?:secret|token|password|passwd|credential|api[_-]?key)[^=&\s]*=)[^&\s]*",
+    re.IGNORECASE,
+)
+REDACTED = "***"
+
+
+def redact(key: str, value: Any) -> Any:
+    """``value`` with what looks like a credential replaced by ``***``: the whole value of a key
+    named like ``*secret*``, ``*token*``, ``*password*`` (or credential, api key); the password
+    of ``scheme://user:password@host`` and secret-looking query parameters in strings."""
+    leaf = str(key).rsplit(".", 1)[-1]
+    if _SECRET_KEY.search(leaf) and value not in (None, ""):
+        return REDACTED
+    if isinstance(value, str):
+        value = _URI_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", value)
+        return _QUERY_SECRET.sub(lambda m: m["k"] + REDACTED, value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact("", v) for v in value)
+    if isinstance(value, Mapping):
+        return {k: redact(str(k), v) for k, v in value.items()}
+    return value
+
+
 def _key(name: str) -> str:
     """A metric / param / tag name MLflow accepts (alphanumerics, ``_ - . / : space``)."""
     return _BAD_KEY.sub("_", str(name))
@@ -76,24 +127,125 @@ def _chunks(items: list[Any], n: int) -> Iterable[list[Any]]:
         yield items[i : i + n]
 
 
+def bound_http_retries() -> None:
+    """Set :data:`HTTP_DEFAULTS` in this process's environment where the user has not; a
+    tracking URI with ``user:password@`` also keeps MLflow from printing run URLs (with it)."""
+    for k, v in HTTP_DEFAULTS.items():
+        os.environ.setdefault(k, v)
+
+
 def _client(uri: str) -> Any:
     from mlflow import MlflowClient
 
+    bound_http_retries()
+    if _URI_USERINFO.search(uri):
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     return MlflowClient(tracking_uri=uri)
 
 
-def _log_metrics(client: Any, run_id: str, metrics: Mapping[str, Any], step: int) -> None:
-    from mlflow.entities import Metric
+def _sqlite_client(uri: str) -> Any:
+    """A client of the SQLite store at ``uri``, its folder made and checked writable, and the
+    database created or migrated under a file lock: MLflow's schema migration is not safe to run
+    from two processes at once (two first runs on a fresh store: one failed with "duplicate
+    column name: step")."""
+    from filelock import FileLock, Timeout
 
-    ts = int(time.time() * 1000)
-    ms = []
+    db = os.path.abspath(uri[len("sqlite:///") :])
+    folder = os.path.dirname(db) or "."
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".mlflow-write-check-"):
+            pass
+    except OSError as err:
+        raise TrackingError(
+            f"tracking error: cannot write the MLflow store {db}: {err.strerror or err}"
+        ) from None
+    try:
+        with FileLock(db + ".lock", timeout=120):  # the client creates / migrates the schema
+            client = _client(uri)
+            client._tracking_client.store  # noqa: B018 - (and the registry's) at once
+    except Timeout:
+        raise TrackingError(
+            f"tracking error: {db}.lock held for 120 s by another process"
+        ) from None
+    except Exception as err:  # noqa: BLE001 - e.g. a damaged database: one line naming it
+        raise TrackingError(f"tracking error: MLflow store {db}: {_first_line(err)}") from None
+    return client
+
+
+def _first_line(err: BaseException) -> str:
+    """``Type: first line`` (at most 200 characters), credentials in URIs redacted (MLflow's
+    errors quote the request URL, user and password included)."""
+    lines = [ln for ln in redact("", str(err)).strip().splitlines() if ln.strip()]
+    return f"{type(err).__name__}: {lines[0][:200]}" if lines else type(err).__name__
+
+
+def _is_outage(err: BaseException) -> bool:
+    """A failure of the server or the way to it (not a 4xx answer such as 'no such run')."""
+    code = getattr(err, "get_http_status_code", None)
+    if callable(code):
+        try:
+            status = int(code())
+        except Exception:  # noqa: BLE001
+            status = 500
+        if 400 <= status < 500 and "Max retries" not in str(err):
+            return False
+    return True
+
+
+class _GuardedClient:
+    """An ``MlflowClient`` proxy for an http(s) server: after a call fails because the server is
+    away, calls for the next :data:`OUTAGE_S` seconds fail at once (counted) instead of each
+    waiting through MLflow's retries."""
+
+    def __init__(self, client: Any, uri: str) -> None:
+        self._client, self._uri = client, redact("", uri)
+        self._down_until = 0.0
+        self.skipped_calls = 0
+        self.last_error: str | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if time.time() < self._down_until:
+                self.skipped_calls += 1
+                raise TrackingError(
+                    f"tracking error: {self._uri} unreachable ({self.last_error}); {name} skipped"
+                )
+            try:
+                result = attr(*args, **kwargs)
+            except Exception as err:
+                if _is_outage(err):
+                    self._down_until = time.time() + OUTAGE_S
+                    self.skipped_calls += 1
+                    self.last_error = _first_line(err)
+                raise
+            self._down_until = 0.0
+            return result
+
+        return call
+
+
+def _numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
+    out = {}
     for k, v in metrics.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             continue
         v = float(v)
         if math.isnan(v) or math.isinf(v):
             continue  # not storable in every backend; the stage logs them itself if it wants
-        ms.append(Metric(_key(k), v, ts, int(step)))
+        out[k] = v
+    return out
+
+
+def _log_metrics(client: Any, run_id: str, metrics: Mapping[str, Any], step: int) -> None:
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    ms = [Metric(_key(k), v, ts, int(step)) for k, v in _numeric(metrics).items()]
     for chunk in _chunks(ms, 1000):
         client.log_batch(run_id, metrics=chunk)
 
@@ -112,23 +264,127 @@ class TrackingInfo:
 
 
 class MetricsSink:
-    """A picklable ``sink(metrics, step)`` that logs numeric metrics to one MLflow run."""
+    """A picklable ``sink(metrics, step)`` that logs numeric metrics to one MLflow run without
+    ever blocking its caller.
+
+    A call puts the point on a queue of at most :attr:`QUEUE_SIZE` points (a full queue drops
+    it); a daemon thread sends points, each with up to :attr:`ATTEMPTS` tries (one while the
+    server keeps failing). :meth:`close` waits at most ``timeout`` seconds for the rest and
+    returns how many points were dropped, with a warning naming the count."""
+
+    QUEUE_SIZE = 256
+    ATTEMPTS = 3
+    RETRY_S = 0.5
 
     def __init__(self, uri: str, run_id: str) -> None:
         self.uri = uri
         self.run_id = run_id
+        self._reset()
+
+    def _reset(self) -> None:
         self._client: Any = None
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+        self._failing = False
+        self._inflight = 0
+        self.sent = 0
+        self.dropped = 0
+        self.last_error: str | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {"uri": self.uri, "run_id": self.run_id}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.uri, self.run_id, self._client = state["uri"], state["run_id"], None
+        self.uri, self.run_id = state["uri"], state["run_id"]
+        self._reset()
 
     def __call__(self, metrics: Mapping[str, Any], step: int) -> None:
-        if self._client is None:
-            self._client = _client(self.uri)
-        _log_metrics(self._client, self.run_id, metrics, step)
+        point = (_numeric(metrics), int(step))
+        if not point[0]:
+            return
+        with self._lock:
+            if self._closing.is_set():
+                self.dropped += 1
+                return
+            if self._thread is None:
+                self._queue = queue.Queue(maxsize=self.QUEUE_SIZE)
+                self._thread = threading.Thread(
+                    target=self._run, name="mlflow-metrics", daemon=True
+                )
+                self._thread.start()
+        try:
+            self._queue.put_nowait(point)
+        except queue.Full:
+            with self._lock:
+                self.dropped += 1
+
+    def _run(self) -> None:
+        assert self._queue is not None
+        while True:
+            point = self._queue.get()
+            if point is None:
+                return
+            with self._lock:
+                self._inflight = 1
+            ok = self._send(*point)
+            with self._lock:
+                self._inflight = 0
+                if ok:
+                    self.sent += 1
+                elif not self._closing.is_set():
+                    self.dropped += 1  # after close() the point is already counted
+
+    def _send(self, metrics: dict[str, float], step: int) -> bool:
+        tries = 1 if self._failing else self.ATTEMPTS
+        for i in range(tries):
+            try:
+                if self._client is None:
+                    self._client = _client(self.uri)
+                _log_metrics(self._client, self.run_id, metrics, step)
+                self._failing = False
+                return True
+            except Exception as err:  # noqa: BLE001 - never let tracking reach the training loop
+                self.last_error = _first_line(err)
+                if i + 1 < tries and self._closing.wait(self.RETRY_S * 2**i):
+                    break
+        self._failing = True
+        return False
+
+    def close(self, timeout: float = 10.0) -> int:
+        """Send what is queued within ``timeout`` seconds, then stop; returns the number of
+        points that were not recorded (and warns with it when it is not 0)."""
+        if self._queue is not None:
+            deadline = time.time() + timeout
+            while time.time() < deadline:
+                with self._lock:
+                    busy = self._inflight or not self._queue.empty()
+                if not busy or self._failing:  # a server that is away: do not wait for it
+                    break
+                time.sleep(0.05)
+            with self._lock:
+                self._closing.set()
+                left = self._inflight
+                while True:
+                    try:
+                        if self._queue.get_nowait() is not None:
+                            left += 1
+                    except queue.Empty:
+                        break
+                self.dropped += left
+            self._queue.put(None)
+        self._closing.set()
+        if self.dropped:
+            log.warning(
+                "tracking: %d of %d metric points of MLflow run %s were not recorded "
+                "(%s): the stage's history file has them all",
+                self.dropped,
+                self.dropped + self.sent,
+                self.run_id,
+                self.last_error or "tracking server unreachable",
+            )
+        return self.dropped
 
 
 class Tracker:
@@ -143,10 +399,12 @@ class Tracker:
         self.experiment = experiment
         self._experiment_id: str | None = None
         if uri.startswith("sqlite:///"):
-            os.makedirs(
-                os.path.dirname(os.path.abspath(uri[len("sqlite:///") :])) or ".", exist_ok=True
-            )
-        self.client = _client(uri)
+            self.client = _sqlite_client(uri)
+        else:
+            self.client = _client(uri)
+        if uri.startswith(("http://", "https://")):
+            self.client = _GuardedClient(self.client, uri)
+        self.dropped_points = 0  # metric points that could not be logged (see gap())
 
     @classmethod
     def from_config(cls, cfg: Config, uri: str | None = None) -> Tracker | None:
@@ -164,19 +422,28 @@ class Tracker:
         if not self.uri.startswith(("http://", "https://")):
             return
         url = self.uri.rstrip("/") + "/health"
+        parts = urllib.parse.urlsplit(url)
+        headers = {}
+        if parts.username is not None:  # user:password@ in the URI: basic auth, as MLflow does
+            import base64
+
+            token = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+            headers["Authorization"] = "Basic " + base64.b64encode(token.encode()).decode()
+            url = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - http(s) only
+            req = urllib.request.Request(url, headers=headers)
+            with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - http(s) only
                 resp.read(64)
         except urllib.error.HTTPError as err:
             if err.code in (401, 403):
                 return  # reachable; authentication is MLflow's business
             raise TrackingError(
-                f"tracking error: MLflow server {self.uri} answered HTTP {err.code} at /health"
+                f"tracking error: MLflow server {redact('', self.uri)} answered HTTP {err.code} at /health"
             ) from None
         except (urllib.error.URLError, OSError, TimeoutError) as err:
             reason = getattr(err, "reason", err)
             raise TrackingError(
-                f"tracking error: MLflow server {self.uri} is not reachable ({reason}); "
+                f"tracking error: MLflow server {redact('', self.uri)} is not reachable ({reason}); "
                 "start it or set tracking.uri"
             ) from None
 
@@ -218,7 +485,7 @@ class Tracker:
     def _log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
-        ps = [Param(_key(k), _value(v)) for k, v in params.items()]
+        ps = [Param(_key(k), _value(redact(k, v))) for k, v in params.items()]
         for chunk in _chunks(ps, 100):
             self.client.log_batch(run_id, params=chunk)
 
@@ -288,8 +555,26 @@ class Tracker:
         return True
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, Any], step: int = 0) -> None:
-        """Log the numeric entries of ``metrics`` at ``step`` (others are ignored)."""
-        _log_metrics(self.client, run_id, metrics, step)
+        """Log the numeric entries of ``metrics`` at ``step`` (others are ignored); a failure
+        counts the points as dropped (see :meth:`gap`) and raises."""
+        try:
+            _log_metrics(self.client, run_id, metrics, step)
+        except Exception:
+            self.dropped_points += len(_numeric(metrics))
+            raise
+
+    def gap(self, extra_points: int = 0) -> str | None:
+        """One line on what this tracker could not record (None when nothing was lost):
+        ``extra_points`` are points the stages' own sinks dropped."""
+        points = self.dropped_points + int(extra_points)
+        calls = getattr(self.client, "skipped_calls", 0)
+        if not points and not calls:
+            return None
+        why = getattr(self.client, "last_error", None) or "tracking server unreachable"
+        return (
+            f"MLflow at {redact('', self.uri)} missed {points} metric point(s) and {calls} call(s) ({why}); "
+            "the run's records under storage.root are complete"
+        )
 
     def log_artifact(self, run_id: str, path: str, artifact_path: str | None = None) -> None:
         """Upload a file or a folder as artifacts of ``run_id``."""

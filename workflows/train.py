@@ -37,7 +37,7 @@ import ray
 import torch
 
 from pipeline.config import Config
-from pipeline.runtime import StageResult, atomic_write_text
+from pipeline.runtime import StageResult, atomic_write_text, load_checkpoint_file
 from workflows import stageio
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,11 @@ class _Durable:
     def load(self) -> dict[str, Any] | None:
         return stageio.load_torch(self.path)
 
+    def close(self) -> int:
+        """Flush the metrics sink (a bounded wait); returns the points it could not send."""
+        close = getattr(self.sink, "close", None)
+        return int(close()) if callable(close) else 0
+
     def log(self, metrics: dict[str, Any]) -> None:
         # one progress line per epoch; Ray forwards worker output to the driver's terminal
         shown = ", ".join(
@@ -79,6 +84,13 @@ class _Durable:
         if self.sink is not None:
             numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
             self.sink(numeric, int(metrics.get("epoch", 0)))
+
+
+def _note_dropped(result: StageResult, dropped: int) -> None:
+    """Metric points the sink dropped go into the result as ``tracking_dropped_points``, which
+    the runner takes out of the metrics and into the run's tracking gap."""
+    if dropped:
+        result.metrics["tracking_dropped_points"] = float(dropped)
 
 
 class TaskContext:
@@ -133,9 +145,7 @@ class RayTrainContext:
         ckpt = ray.train.get_checkpoint()
         if ckpt is not None:
             with ckpt.as_directory() as d:
-                return torch.load(
-                    os.path.join(d, "state.pt"), map_location="cpu", weights_only=False
-                )
+                return load_checkpoint_file(os.path.join(d, "state.pt"))
         return self._durable.load()
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -161,6 +171,19 @@ def _read_result(out_dir: str, history: list[dict[str, Any]]) -> StageResult:
     return StageResult(outputs=d["outputs"], metrics=d["metrics"], history=history)
 
 
+def _call(
+    fn: StageFn, cfg: Config, inputs: dict[str, str], out_dir: str, params: dict[str, Any], ctx: Any
+) -> StageResult:
+    """The stage function, then its metrics sink flushed (a bounded wait, also when it fails);
+    points the sink could not send are noted in the result."""
+    try:
+        result = fn(cfg, inputs, out_dir, ctx, **params)
+    finally:
+        dropped = ctx._durable.close()
+    _note_dropped(result, dropped)
+    return result
+
+
 def _run_here(
     fn: StageFn,
     cfg: Config,
@@ -177,13 +200,13 @@ def _run_here(
     coordinator has copied them back."""
     local_inputs = stageio.materialize_inputs(inputs)
     if upload_to is None:
-        result = fn(cfg, local_inputs, out_dir, ctx, **params)
+        result = _call(fn, cfg, local_inputs, out_dir, params, ctx)
         if write_result and ctx.rank == 0:
             _write_result(out_dir, result)
         return result
     scratch = tempfile.mkdtemp(prefix="contrastive-out-")
     try:
-        result = fn(cfg, local_inputs, scratch, ctx, **params)
+        result = _call(fn, cfg, local_inputs, scratch, params, ctx)
         result.outputs = {
             k: os.path.join(out_dir, os.path.relpath(os.path.join(scratch, v), scratch))
             for k, v in result.outputs.items()

@@ -98,16 +98,32 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
+    """The Python, NumPy and torch RNG states as tensors and plain types, so that a checkpoint
+    holding them loads with ``torch.load(weights_only=True)`` (no unpickling of NumPy objects)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    version, internal, gauss = random.getstate()
     return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": {"version": int(version), "state": list(internal), "gauss": gauss},
+        "numpy": {
+            "name": str(name),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "torch": torch.get_rng_state(),
     }
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, nps = state["python"], state["numpy"]
+    if isinstance(py, dict):
+        py = (py["version"], tuple(py["state"]), py["gauss"])
+    random.setstate(py)
+    if isinstance(nps, dict):
+        keys = np.asarray(nps["keys"].numpy(), dtype=np.uint32)
+        nps = (nps["name"], keys, nps["pos"], nps["has_gauss"], nps["cached_gaussian"])
+    np.random.set_state(nps)
     torch.set_rng_state(state["torch"])
 
 

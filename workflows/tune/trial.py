@@ -46,8 +46,10 @@ class TuneTrialContext:
         ckpt = tune.get_checkpoint()
         if ckpt is None:
             return None
+        from pipeline.runtime import load_checkpoint_file
+
         with ckpt.as_directory() as d:
-            return torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=False)
+            return load_checkpoint_file(os.path.join(d, "state.pt"))
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """Move the model to the trial's device (one process: no wrapping)."""

@@ -1,0 +1,201 @@
+"""A tracking outage never stops training: a real ``mlflow server`` on 127.0.0.1 is killed while
+points are being logged or a pipeline runs; the sink never blocks, the stages finish, the run
+records the gap (how many points were lost), and Ctrl-C still stops a run within seconds."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import parse_config
+from workflows.tracking import MetricsSink, Tracker, TrackingError
+
+REPO = Path(__file__).resolve().parent.parent
+MLFLOW = Path(sys.executable).with_name("mlflow")
+TINY = [
+    "--set", "pretrain.epochs=3",
+    "--set", "finetune.label_fractions=[20]",
+    "--set", "finetune.epochs=1",
+    "--set", "distill.epochs=1",
+    "--set", "evaluate.linear_epochs=2",
+    "--set", "evaluate.embedding_samples=50",
+]  # fmt: skip
+
+
+class MlflowServer:
+    """``mlflow server`` on 127.0.0.1 and a free port, with its own SQLite store and artifacts."""
+
+    def __init__(self, folder: Path) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.db = "sqlite:///" + str(folder / "server.db")
+        folder.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [str(MLFLOW), "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", self.db, "--artifacts-destination", str(folder / "art"),
+             "--workers", "1"],
+            stdout=subprocess.DEVNULL, stderr=open(folder / "server.log", "w"),  # noqa: SIM115
+            start_new_session=True,  # killed as a group: the server and its workers
+            # no background job runner (huey consumers): not needed, and slow to start
+            env=dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
+        )  # fmt: skip
+        deadline = time.time() + 240  # about 10 s on an idle machine, a minute on a busy one
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(self.uri + "/health", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.3)
+        self.kill()
+        pytest.fail("mlflow server did not start within 240 s")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def server(tmp_path: Path):
+    srv = MlflowServer(tmp_path / "mlflow-server")
+    yield srv
+    srv.kill()
+
+
+def test_sink_never_blocks_and_counts_what_it_drops(server: MlflowServer) -> None:
+    tr = Tracker(server.uri, "outage")
+    rid = tr.start_parent("r-outage", parse_config({}))
+    sink = MetricsSink(server.uri, rid)
+    sink({"loss": 1.0}, 1)
+    deadline = time.time() + 20
+    while sink.sent < 1 and time.time() < deadline:
+        time.sleep(0.05)
+    assert sink.sent == 1
+    server.kill()
+
+    def epochs() -> None:
+        for step in range(2, 42):
+            sink({"loss": 1.0 / step, "acc": float(step)}, step)
+
+    t0 = time.time()
+    worker = threading.Thread(target=epochs, daemon=True)
+    worker.start()
+    worker.join(timeout=5)
+    assert not worker.is_alive(), "logging a metric blocked on the dead tracking server"
+    assert time.time() - t0 < 2.0
+    t0 = time.time()
+    dropped = sink.close(timeout=5.0)
+    assert time.time() - t0 < 8.0
+    assert dropped == 40 and sink.sent == 1
+    # the point sent before the outage is in the server's store
+    hist = Tracker(server.db, "outage").client.get_metric_history(rid, "loss")
+    assert [(m.step, m.value) for m in hist] == [(1, 1.0)]
+
+
+def test_tracker_calls_fail_fast_during_an_outage(server: MlflowServer) -> None:
+    tr = Tracker(server.uri, "outage")
+    rid = tr.start_parent("r-fast", parse_config({}))
+    # credentials in the URI (basic auth, as MLflow's client sends them) pass the start check
+    Tracker(server.uri.replace("http://", "http://alice:pw@"), "outage").check_reachable()
+    server.kill()
+    t0 = time.time()
+    with pytest.raises(Exception):  # noqa: B017,PT011 - MLflow's own connection error
+        tr.log_metrics(rid, {"a": 1.0, "b": 2.0}, 0)
+    assert time.time() - t0 < 30, "MLflow's HTTP retries are not bounded"
+    t0 = time.time()
+    for step in range(20):
+        with pytest.raises(TrackingError, match="unreachable"):
+            tr.log_metrics(rid, {"a": 1.0, "b": 2.0}, step)
+        with pytest.raises(TrackingError):
+            tr.end(rid, "FAILED")
+    assert time.time() - t0 < 1.0
+    gap = tr.gap(extra_points=5)
+    assert gap is not None and "missed 47 metric point(s)" in gap and server.uri in gap
+
+
+def _cli(*args: str) -> subprocess.Popen:
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "workflows.cli", *args], cwd=REPO, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+
+
+def _wait_for_state(root: Path, stage: str, state: str, proc: subprocess.Popen, limit: float):
+    deadline = time.time() + limit
+    while time.time() < deadline and proc.poll() is None:
+        for f in root.glob(f"runs/*/stages/{stage}/state.json"):
+            try:
+                if json.loads(f.read_text())["state"] == state:
+                    return f.parents[2].name
+            except (OSError, ValueError, KeyError):
+                pass
+        time.sleep(0.2)
+    raise AssertionError(f"stage {stage} never reached {state!r} (rc {proc.poll()})")
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_pipeline_finishes_when_mlflow_dies_mid_run(server: MlflowServer, tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    proc = _cli("run", "smoke", *TINY, "--set", f"storage.root={root}",
+                "--set", f"tracking.uri={server.uri}")  # fmt: skip
+    try:
+        rid = _wait_for_state(root, "pretrain", "running", proc, 480)
+        time.sleep(1.0)
+        server.kill()
+        out, _ = proc.communicate(timeout=480)
+    finally:
+        _reap(proc)
+    assert proc.returncode == 0, out[-4000:]
+    assert "succeeded" in out and "failed" not in out.split("run " + rid, 1)[-1].split("\n")[0]
+    info = json.loads((root / "runs" / rid / "run.json").read_text())
+    assert info["status"] == "succeeded"
+    gap = info["tracking_gap"]
+    assert gap and server.uri in gap and "metric point(s)" in gap
+    assert f"tracking: MLflow at {server.uri} missed" in out
+    for f in (root / "runs" / rid / "stages").glob("*/state.json"):
+        assert json.loads(f.read_text())["state"] == "succeeded", f
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_run_within_seconds_during_an_outage(
+    server: MlflowServer, tmp_path: Path
+) -> None:
+    root = tmp_path / "store"
+    proc = _cli("run", "smoke", *TINY, "--set", "pretrain.epochs=30",
+                "--set", f"storage.root={root}", "--set", f"tracking.uri={server.uri}")  # fmt: skip
+    try:
+        rid = _wait_for_state(root, "pretrain", "running", proc, 480)
+        server.kill()
+        time.sleep(4.0)  # the driver and the workers now meet the dead server
+        t0 = time.time()
+        os.kill(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+        stopped_in = time.time() - t0
+    finally:
+        _reap(proc)
+    assert proc.returncode != 0
+    assert stopped_in < 20, f"SIGINT took {stopped_in:.1f}s to stop the run"
+    info = json.loads((root / "runs" / rid / "run.json").read_text())
+    assert info["status"] == "failed", out[-3000:]
+    assert not (root / "runs" / rid / "lease.json").exists()  # the driver let go of the run
