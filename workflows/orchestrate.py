@@ -1,7 +1,7 @@
 """The commands behind ``contrastive run / resume / status / lineage``.
 
 ``run_pipeline`` checks that the tracking server answers (before any compute), creates the run's
-durable record under ``<storage.root>/runs/<run_id>/``, connects to Ray (local, ``auto`` or
+durable record under ``<storage.root>/<run_id>/``, connects to Ray (local, ``auto`` or
 ``ray://``) and executes the stage graph with :func:`workflows.runner.run_graph`.
 ``resume_pipeline`` runs the same graph again under the same run id: finished stages are skipped,
 interrupted ones continue from their last checkpoint, and the same MLflow parent run receives the
@@ -330,7 +330,7 @@ def status_text(storage_root: str, run_id: str | None = None) -> str:
     if run_id is None:
         runs = store.list_runs()
         if not runs:
-            return f"no runs under {store.root}/runs"
+            return f"no runs under {store.root}"
         rows = []
         for r in runs:
             shown, error = job_verdict(r)
