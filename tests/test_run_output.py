@@ -51,7 +51,7 @@ def test_output_off_a_terminal_is_one_line_per_stage_event_and_the_table(smoke_r
     for stage in STAGES:
         assert len(re.findall(rf"stage {re.escape(stage)} started", out)) == 1, stage
         assert len(re.findall(rf"stage {re.escape(stage)} finished in", out)) == 1, stage
-    assert "epoch=" not in out  # worker progress lines went to the stage logs
+    assert "] epoch=" not in out  # the workers' per-epoch lines went to the stage logs
     assert "Token authentication is enabled" not in out
     assert "Pickle" not in out and "pickle" not in out
     table = re.search(r"^\s*labels\s+images\s+baseline\s+fine-tuned.*$", out, re.M)

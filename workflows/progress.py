@@ -60,6 +60,8 @@ class StageLog:
         self.path = Path(path)
         self._saved: list[int] = []
         self._fd: int | None = None
+        self._streams: tuple[Any, Any] = (sys.stdout, sys.stderr)
+        self._text: Any = None
 
     def __enter__(self) -> StageLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -72,6 +74,10 @@ class StageLog:
         self._saved = [os.dup(1), os.dup(2)]
         os.dup2(self._fd, 1)
         os.dup2(self._fd, 2)
+        # Python-level streams too, for when sys.stdout is not fd 1 (a captured or wrapped stream)
+        self._streams = (sys.stdout, sys.stderr)
+        self._text = open(os.dup(self._fd), "w", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115
+        sys.stdout = sys.stderr = self._text
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -80,6 +86,8 @@ class StageLog:
                 stream.flush()
             except (OSError, ValueError):
                 pass
+        sys.stdout, sys.stderr = self._streams
+        self._text.close()
         for fd, saved in zip((1, 2), self._saved, strict=True):
             os.dup2(saved, fd)
             os.close(saved)
