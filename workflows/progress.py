@@ -304,7 +304,7 @@ class ProgressDisplay:
                         file=sys.stderr,
                         leave=False,
                         dynamic_ncols=True,
-                        bar_format="{desc} {n_fmt}/{total_fmt} ep [{elapsed}<{remaining}] {postfix}",
+                        bar_format="{desc} {n_fmt}/{total_fmt} ep [{elapsed}<{remaining}]{postfix}",
                     )
                     self._bars[name] = bar
             epoch = int(entry.get("epoch", 0))
