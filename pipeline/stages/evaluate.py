@@ -248,22 +248,14 @@ def render_html(report: dict[str, Any], cfg: Config | None, folder: Path) -> str
     )
 
 
-def _plots(
-    cfg: Config,
-    inputs: dict[str, str],
-    report: dict[str, Any],
-    f_test: torch.Tensor,
-    labels: torch.Tensor,
-    classes: list[str],
-    out: Path,
-) -> dict[str, str]:
+def plot_label_efficiency(report: dict[str, Any], path: Path) -> str:
+    """Top-1 against the labeled fraction (log axis, ticks in %) for every network, the kNN line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    paths: dict[str, str] = {}
     rows = report["fractions"]
     xs = [float(n) for n in rows]
     fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -286,9 +278,28 @@ def _plots(
     ax.set_title(f"Label efficiency — {report['dataset']}")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    paths["plot_label_efficiency"] = str(out / "label_efficiency.png")
-    fig.savefig(paths["plot_label_efficiency"], dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
+    return str(path)
+
+
+def _plots(
+    cfg: Config,
+    inputs: dict[str, str],
+    report: dict[str, Any],
+    f_test: torch.Tensor,
+    labels: torch.Tensor,
+    classes: list[str],
+    out: Path,
+) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    paths: dict[str, str] = {}
+    paths["plot_label_efficiency"] = plot_label_efficiency(report, out / "label_efficiency.png")
 
     hist_path = Path(inputs["pretrain"]).with_name("history.json")
     if hist_path.is_file():
