@@ -483,16 +483,7 @@ def run_graph(
                 _final_only(metrics, res["history"]),
                 len(res["history"]),
             )
-            if "dataset" in node.deps:
-                up = manifests[node.deps["dataset"]]
-                _safe(
-                    "log dataset",
-                    tracker.log_dataset,
-                    child,
-                    cfg.data.source,
-                    up.get("digest", ""),
-                    next(iter(up["outputs"].values()), ""),
-                )
+            # (the stage's dataset input is logged by the stage itself, with the data's digest)
             _safe("end stage run", tracker.end, child, "FINISHED")
         store.write_manifest(run_id, node.name, manifest)  # last: the stage is now finished
         done.add(node.name)

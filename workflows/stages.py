@@ -278,6 +278,21 @@ def log_stage_to_mlflow(
         yaml.safe_dump(stage_config(node, cfg), sort_keys=False, default_flow_style=None),
     )
     tracker.log_artifact(rid, str(slice_path))
+    data: dict[str, Any] = {}
+    shape = None
+    if dataset_dir:
+        d = json.loads(stageio.read_text(stageio.join(dataset_dir, "dataset.json")))
+        size = int(cfg.augment.image_size or d["height"])
+        shape = (int(d["channels"]), size, size)
+        data = {"name": cfg.data.source, "digest": str(d.get("digest", "")), "source": dataset_dir}
+        tracker.log_dataset(
+            rid,
+            data["name"],
+            data["digest"],
+            dataset_dir,
+            d.get("counts", {}).get("train"),
+            "evaluation" if node.kind == "evaluate" else "training",
+        )
     outs = result.outputs
     if node.kind == "shard":
         for key in ("dataset_json", "skipped"):
@@ -295,17 +310,6 @@ def log_stage_to_mlflow(
         return
     if "model" in outs:
         tracker.log_artifact(rid, outs["model"], "checkpoint")
-        shape = None
-        data: dict[str, Any] = {}
-        if dataset_dir:
-            d = json.loads(stageio.read_text(stageio.join(dataset_dir, "dataset.json")))
-            size = cfg.augment.image_size or d["height"]
-            shape = (int(d["channels"]), int(size), int(size))
-            data = {
-                "name": cfg.data.source,
-                "digest": str(d.get("digest", "")),
-                "source": dataset_dir,
-            }
         uri = log_torch_model(
             info,
             outs["model"],

@@ -324,7 +324,7 @@ class Tracker:
         (:func:`is_count`) become params ``result.<name>`` instead of charts."""
         _log_metrics(self.client, run_id, metrics, step)
         counts = {
-            f"result.{k}": v
+            f"result.{k}": int(v) if float(v).is_integer() else v
             for k, v in metrics.items()
             if is_count(str(k)) and k != "epoch" and isinstance(v, (int, float))
         }
