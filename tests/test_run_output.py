@@ -160,3 +160,31 @@ def test_label_table_and_epoch_totals():
     assert stage_epochs(cfg, "finetune") == cfg.finetune.epochs + extra
     assert stage_epochs(cfg, "baseline") == cfg.finetune.epochs
     assert stage_epochs(cfg, "shard") is None
+
+
+def test_progress_display_draws_one_bar_per_reporting_stage(monkeypatch, capsys):
+    import logging
+
+    from pipeline.config import load_config
+    from workflows.progress import ProgressDisplay
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    cfg = load_config("smoke", [])
+    shown = ProgressDisplay(
+        object(), cfg, {"pretrain": "pretrain", "baseline@5": "baseline"}, enabled=True
+    )
+    shown.render({"pretrain": {"epoch": 2, "metrics": {"images_per_s": 5600.0, "loss": 5.2}}})
+    shown.render({"pretrain": {"epoch": 3, "metrics": {"images_per_s": 5612.0, "val_knn_top1": 77.9}},
+                  "baseline@5": {"epoch": 1, "metrics": {"images_per_s": 1530.0, "loss": 0.8}}})  # fmt: skip
+    assert sorted(shown._bars) == ["baseline@5", "pretrain"]
+    done = logging.LogRecord("workflows.runner", 20, "", 0, "stage %s finished in %.1fs%s",
+                             ("pretrain", 1.0, ""), None)  # fmt: skip
+    shown._watch(done)
+    shown.render({"pretrain": {"epoch": 3, "metrics": {}}})  # a finished stage gets no new bar
+    assert sorted(shown._bars) == ["baseline@5"]
+    err = capsys.readouterr().err
+    assert (
+        f"pretrain     3/{cfg.pretrain.epochs} ep [" in err
+        and "5,612 img/s, val_knn_top1=77.9" in err
+    )
+    assert f"baseline@5   1/{cfg.finetune.epochs} ep [" in err

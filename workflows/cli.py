@@ -39,6 +39,8 @@ def _setup_logging(verbose: bool) -> None:
     )
     for noisy in ("alembic", "mlflow", "urllib3", "filelock", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not verbose:  # MLflow sets its own loggers' level on import (e.g. its database set-up)
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 
 def _load(config: str | None, overrides: tuple[str, ...]) -> Config:

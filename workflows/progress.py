@@ -186,6 +186,15 @@ def _fmt_metric(metrics: Mapping[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def _has_width() -> bool:
+    """Whether the terminal reports a width (a pty without a size reports 0 columns, and tqdm
+    would then draw nothing)."""
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns > 0
+    except (OSError, ValueError):
+        return False
+
+
 class _TqdmHandler(logging.Handler):
     """Log records printed above the bars (``tqdm.write``), in the root handler's format."""
 
@@ -303,7 +312,9 @@ class ProgressDisplay:
                         unit="ep",
                         file=sys.stderr,
                         leave=False,
-                        dynamic_ncols=True,
+                        dynamic_ncols=_has_width(),
+                        ncols=None if _has_width() else 120,
+                        nrows=None if _has_width() else 40,
                         bar_format="{desc} {n_fmt}/{total_fmt} ep [{elapsed}<{remaining}]{postfix}",
                     )
                     self._bars[name] = bar
