@@ -247,7 +247,7 @@ def _execute_graph(
     if summary.mlflow_run_id:
         _say(f"mlflow: run {cfg.name}-{run_id} ({summary.mlflow_run_id}) at {tracker.uri}")
         _say(
-            f"        browse: contrastive ui --storage {store.root}, then http://127.0.0.1:5000/{tracker.run_link(summary.mlflow_run_id)}"
+            f"        browse: contrastive ui --storage {store.root}, then http://127.0.0.1:5000/{tracker.run_link(summary.mlflow_run_id)}?workflowType=machine_learning"
         )
     if summary.status == "succeeded":
         return 0

@@ -124,6 +124,17 @@ def log_parent_summary(
         for key, path in outputs.items():
             if key.startswith(("report_", "plot_")) and store.is_local and os.path.isfile(path):
                 tracker.log_artifact(parent_id, path, "report")
+    if report is not None:  # the headline numbers as the pipeline run's metrics, comparable
+        nums = {
+            "knn_top1": report.get("knn_top1"),
+            "linear_full_top1": report.get("linear_full_top1"),
+        }
+        for frac, row in report.get("fractions", {}).items():
+            for role in ("baseline", "finetune", "student", "linear"):
+                nums[f"{role}_top1@{frac}"] = row.get(f"{role}_top1")
+            if row.get("finetune_top1") is not None and row.get("baseline_top1") is not None:
+                nums[f"delta@{frac}"] = row["finetune_top1"] - row["baseline_top1"]
+        tracker.log_metrics(parent_id, {k: v for k, v in nums.items() if v is not None})
     parts = []
     if report is not None:
         parts += [
