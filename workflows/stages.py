@@ -282,8 +282,9 @@ def log_stage_to_mlflow(
     shape = None
     if dataset_dir:
         d = json.loads(stageio.read_text(stageio.join(dataset_dir, "dataset.json")))
-        size = int(cfg.augment.image_size or d["height"])
-        shape = (int(d["channels"]), size, size)
+        size = cfg.augment.image_size or d.get("height")
+        if size and d.get("channels"):  # images of one size (or a crop size): a signature
+            shape = (int(d["channels"]), int(size), int(size))
         data = {"name": cfg.data.source, "digest": str(d.get("digest", "")), "source": dataset_dir}
         tracker.log_dataset(
             rid,
