@@ -69,7 +69,7 @@ def test_mlflow_holds_parent_children_params_metrics_artifacts(finished_run) -> 
     info = store.load_run(rid)
     client = MlflowClient(tracking_uri=info.tracking_uri)
     parent = client.get_run(info.mlflow_run_id)
-    assert parent.info.run_name == rid and parent.info.status == "FINISHED"
+    assert parent.info.run_name == f"{cfg.name}-{rid}" and parent.info.status == "FINISHED"
     assert parent.data.params["pretrain.temperature"] == str(cfg.pretrain.temperature)
     from workflows.state import code_label
 

@@ -231,7 +231,9 @@ class ProgressDisplay:
         self.cfg = cfg
         self.kinds = dict(kinds)
         self.interval = interval
-        self.enabled = (sys.stderr.isatty() if enabled is None else enabled) and board is not None
+        if enabled is None:  # a terminal, unless tqdm is switched off there
+            enabled = sys.stderr.isatty() and not os.environ.get("TQDM_DISABLE")
+        self.enabled = enabled and board is not None
         self._bars: dict[str, Any] = {}
         self._done: set[str] = set()
         self._stop = threading.Event()
@@ -312,6 +314,7 @@ class ProgressDisplay:
                         unit="ep",
                         file=sys.stderr,
                         leave=False,
+                        disable=False,  # the display itself decides (self.enabled)
                         dynamic_ncols=_has_width(),
                         ncols=None if _has_width() else 120,
                         nrows=None if _has_width() else 40,
