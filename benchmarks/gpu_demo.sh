@@ -11,7 +11,7 @@
 # width 0.125). Environment: PYTHON (python3), DEVICE (cuda), CONFIG (demo), FMNIST (a folder
 # with the Fashion-MNIST idx files, passed as data.root; default: the usual places), SET (one more
 # override for every variant, e.g. SET='finetune.baseline_lr={0.1: 0.03, 1: 0.01}': the
-# full-width baseline sweep that the first GPU session had no time for).
+# baseline's learning rates at full width).
 set -uo pipefail
 out=${1:?usage: gpu_demo.sh OUT DEADLINE VARIANT...}
 deadline=${2:?usage: gpu_demo.sh OUT DEADLINE VARIANT...}
@@ -75,6 +75,6 @@ print("views/s per epoch:", [round(e["views_per_s"]) for e in pre],
 print((run / "evaluate" / "report.md").read_text().split("![", 1)[0].rstrip())
 EOF
 done
-# Everything but the model files and the shards comes back (the device tool returns <= 8 files).
+# Everything but the model files and the shards goes into one small archive.
 tar czf "$out/gpu_demo.tgz" -C "$work" --exclude='*.pt' --exclude='*.tar' --exclude='checkpoints' .
 echo "packed $(du -h "$out/gpu_demo.tgz" | cut -f1) in $out/gpu_demo.tgz; $((SECONDS - start)) s"

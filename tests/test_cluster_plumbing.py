@@ -104,10 +104,7 @@ def test_output_uris_name_real_objects_never_out_dot(tmp_path: Path) -> None:
     local = tmp_path / "out"
     (local / "sub").mkdir(parents=True)
     out_dir = store.out_dir("r", "shard")
-    assert (
-        _output_uri(store, out_dir, str(local), str(local))
-        == "s3://bucket/p/runs/r/stages/shard/out"
-    )
+    assert _output_uri(store, out_dir, str(local), str(local)) == "s3://bucket/p/r/stages/shard/out"
     assert _output_uri(store, out_dir, str(local), str(local / "sub" / "a.parquet")) == (
-        "s3://bucket/p/runs/r/stages/shard/out/sub/a.parquet"
+        "s3://bucket/p/r/stages/shard/out/sub/a.parquet"
     )

@@ -94,15 +94,15 @@ def test_smoke_pipeline_on_s3_end_to_end(ray_local, s3_server, s3_bucket, tmp_pa
     assert all(s.state == "succeeded" and s.attempts == 1 for s in states.values()), states
     for name in states:
         for out, uri in store.read_manifest("s3-e2e", name)["outputs"].items():
-            assert uri.startswith(f"{root}/runs/s3-e2e/stages/{name}/out"), (name, out, uri)
+            assert uri.startswith(f"{root}/s3-e2e/stages/{name}/out"), (name, out, uri)
             assert "/./" not in uri and not uri.endswith("/.")
             assert stageio.exists(uri), (name, out, uri)
     assert store.read_manifest("s3-e2e", "shard")["outputs"]["dataset"] == (
-        f"{root}/runs/s3-e2e/stages/shard/out"
+        f"{root}/s3-e2e/stages/shard/out"
     )
-    ckpts = _objects(f"{root}/runs/s3-e2e/stages/pretrain/checkpoints")
+    ckpts = _objects(f"{root}/s3-e2e/stages/pretrain/checkpoints")
     assert "latest.pt" in ckpts
-    assert stageio.load_torch(f"{root}/runs/s3-e2e/stages/pretrain/checkpoints/latest.pt")
+    assert stageio.load_torch(f"{root}/s3-e2e/stages/pretrain/checkpoints/latest.pt")
     report = json.loads(
         stageio.read_text(store.read_manifest("s3-e2e", "evaluate")["outputs"]["report_json"])
     )
@@ -111,7 +111,7 @@ def test_smoke_pipeline_on_s3_end_to_end(ray_local, s3_server, s3_bucket, tmp_pa
     assert "s3-e2e (smoke): succeeded" in status and status.count("succeeded") == 7
     assert "s3-e2e" in orchestrate.status_text(root)
     lineage = orchestrate.lineage_text(root, "s3-e2e")
-    assert f"out model: {root}/runs/s3-e2e/stages/pretrain/out/model.pt" in lineage
+    assert f"out model: {root}/s3-e2e/stages/pretrain/out/model.pt" in lineage
     compare = orchestrate.compare_text(root, ["s3-e2e"])
     row = next(ln for ln in compare.splitlines() if ln.startswith("20%"))
     assert f"{report['fractions']['20']['finetune_top1']:.1f}" in row

@@ -197,8 +197,8 @@ def test_batch_larger_than_the_training_set_is_one_clear_line(tmp_path: Path) ->
     want = "stage pretrain failed: ValueError: pretrain.batch_size 4096 exceeds the"
     assert want in res.stdout, res.stdout
     assert "ray::" not in res.stdout.split("stage pretrain failed:", 1)[1].splitlines()[0]
-    (rid,) = [p.name for p in (root / "runs").iterdir()]
-    state = json.loads((root / "runs" / rid / "stages" / "pretrain" / "state.json").read_text())
+    (rid,) = [r.run_id for r in RunStore(str(root)).list_runs()]
+    state = json.loads((root / rid / "stages" / "pretrain" / "state.json").read_text())
     assert state["error"].startswith("ValueError: pretrain.batch_size 4096 exceeds the")
     status = _cli("status", rid, "--storage", str(root), timeout=60).stdout
     assert "pretrain failed: ValueError: pretrain.batch_size 4096 exceeds the" in status

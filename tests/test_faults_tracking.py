@@ -138,7 +138,7 @@ def _cli(*args: str) -> subprocess.Popen:
 def _wait_for_state(root: Path, stage: str, state: str, proc: subprocess.Popen, limit: float):
     deadline = time.time() + limit
     while time.time() < deadline and proc.poll() is None:
-        for f in root.glob(f"runs/*/stages/{stage}/state.json"):
+        for f in root.glob(f"*/stages/{stage}/state.json"):
             try:
                 if json.loads(f.read_text())["state"] == state:
                     return f.parents[2].name
@@ -168,12 +168,12 @@ def test_pipeline_finishes_when_mlflow_dies_mid_run(server: MlflowServer, tmp_pa
         _reap(proc)
     assert proc.returncode == 0, out[-4000:]
     assert "succeeded" in out and "failed" not in out.split("run " + rid, 1)[-1].split("\n")[0]
-    info = json.loads((root / "runs" / rid / "run.json").read_text())
+    info = json.loads((root / rid / "run.json").read_text())
     assert info["status"] == "succeeded"
     gap = info["tracking_gap"]
     assert gap and server.uri in gap and "metric point(s)" in gap
     assert f"tracking: MLflow at {server.uri} missed" in out
-    for f in (root / "runs" / rid / "stages").glob("*/state.json"):
+    for f in (root / rid / "stages").glob("*/state.json"):
         assert json.loads(f.read_text())["state"] == "succeeded", f
 
 
@@ -196,6 +196,6 @@ def test_ctrl_c_stops_a_run_within_seconds_during_an_outage(
         _reap(proc)
     assert proc.returncode != 0
     assert stopped_in < 20, f"SIGINT took {stopped_in:.1f}s to stop the run"
-    info = json.loads((root / "runs" / rid / "run.json").read_text())
+    info = json.loads((root / rid / "run.json").read_text())
     assert info["status"] == "failed", out[-3000:]
-    assert not (root / "runs" / rid / "lease.json").exists()  # the driver let go of the run
+    assert not (root / rid / "lease.json").exists()  # the driver let go of the run

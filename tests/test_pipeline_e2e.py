@@ -69,7 +69,7 @@ def test_mlflow_holds_parent_children_params_metrics_artifacts(finished_run) -> 
     info = store.load_run(rid)
     client = MlflowClient(tracking_uri=info.tracking_uri)
     parent = client.get_run(info.mlflow_run_id)
-    assert parent.info.run_name == rid and parent.info.status == "FINISHED"
+    assert parent.info.run_name == f"{cfg.name}-{rid}" and parent.info.status == "FINISHED"
     assert parent.data.params["pretrain.temperature"] == str(cfg.pretrain.temperature)
     from workflows.state import code_label
 
@@ -223,7 +223,7 @@ def test_two_workers_end_to_end_survive_a_worker_sigkill(ray_local, tmp_path) ->
         "distill.enabled=false",
     )
     rid = "e2e-2w"
-    ckpt = tmp_path / "runs" / rid / "stages" / "pretrain" / "checkpoints" / "latest.pt"
+    ckpt = tmp_path / rid / "stages" / "pretrain" / "checkpoints" / "latest.pt"
     box: dict = {}
     th = threading.Thread(target=lambda: box.update(rc=orchestrate.run_pipeline(cfg, run_id=rid)))
     th.start()
@@ -243,7 +243,7 @@ def test_two_workers_end_to_end_survive_a_worker_sigkill(ray_local, tmp_path) ->
     assert [h["epoch"] for h in hist] == [1, 2, 3, 4, 5]  # every epoch once, none redone
     assert {h["world_size"] for h in hist} == {2}
     assert max(h["resumed_from_epoch"] for h in hist) >= 1  # a later attempt continued
-    assert (tmp_path / "runs" / rid / "stages" / "pretrain" / "ray" / "train").is_dir()
+    assert (tmp_path / rid / "stages" / "pretrain" / "ray" / "train").is_dir()
 
 
 def test_tune_as_the_first_node_feeds_its_best_values_to_every_stage(ray_local, tmp_path) -> None:

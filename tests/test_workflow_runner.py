@@ -167,7 +167,7 @@ def test_reuse_across_runs(ray_local, tmp_path, cfg, caplog):
     inputs = json.loads(Path(store.out_dir(second, "distill@1"), "result.json").read_text())[
         "inputs"
     ]
-    assert f"runs/{first}/stages/finetune@1/out" in inputs["teacher"]["result"]
+    assert f"/{first}/stages/finetune@1/out" in inputs["teacher"]["result"]
 
     # without reuse, a new run executes everything
     third = store.create_run(cfg)

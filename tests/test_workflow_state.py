@@ -29,7 +29,7 @@ def test_run_id_format_and_order():
 def test_create_and_load_run(tmp_path, cfg):
     store = RunStore(tmp_path / "store")
     rid = store.create_run(cfg, tracking_uri="sqlite:///x.db", address="auto")
-    d = tmp_path / "store" / "runs" / rid
+    d = tmp_path / "store" / rid
     assert (d / "config.yaml").is_file() and (d / "run.json").is_file() and (d / "stages").is_dir()
     info = store.load_run(rid)
     assert info.run_id == rid and info.status == "created" and info.name == "t"
@@ -86,7 +86,7 @@ def test_atomic_write_leaves_no_temp_and_keeps_old_on_failure(tmp_path, cfg):
     rid = store.create_run(cfg)
     st = StageState("pretrain", state="running", attempts=1, cache_key="k")
     store.write_state(rid, st)
-    sdir = tmp_path / "runs" / rid / "stages" / "pretrain"
+    sdir = tmp_path / rid / "stages" / "pretrain"
     assert json.loads((sdir / "state.json").read_text())["state"] == "running"
     assert [p.name for p in sdir.iterdir()] == ["state.json"]
 
@@ -148,7 +148,7 @@ def test_find_finished_by_key_newest_first(tmp_path, cfg):
 def test_corrupt_json_is_one_line_error(tmp_path, cfg):
     store = RunStore(tmp_path)
     rid = store.create_run(cfg)
-    (tmp_path / "runs" / rid / "run.json").write_text("{not json")
+    (tmp_path / rid / "run.json").write_text("{not json")
     with pytest.raises(StateError, match=r"run.json is not valid JSON"):
         store.load_run(rid)
 
@@ -174,7 +174,7 @@ def test_uri_root(tmp_path, cfg):
     store = RunStore(f"file://{tmp_path}/s")
     assert store.is_local
     rid = store.create_run(cfg)
-    assert (tmp_path / "s" / "runs" / rid / "run.json").is_file()
+    assert (tmp_path / "s" / rid / "run.json").is_file()
     with pytest.raises(StateError, match="storage.root 'nosuch://x'"):
         RunStore("nosuch://x")
 
@@ -214,3 +214,22 @@ def test_code_labels_tell_uncommitted_edits_apart():
     assert a == "0123456+changes-aaaa1111" and a != b
     assert code_label({**base, "dirty": True}) == "0123456+changes"  # a record without the hash
     assert code_label(None) == code_label({"commit": None}) == "unknown"
+
+
+def test_runs_sit_directly_under_the_root_and_older_layout_is_read(tmp_path, cfg):
+    store = RunStore(tmp_path)
+    rid = store.create_run(cfg)
+    assert (tmp_path / rid / "run.json").is_file() and not (tmp_path / "runs").exists()
+    # a run written by the older layout, one folder deeper
+    old = RunStore(tmp_path)
+    old_id = "20200101-000000-abcdef"
+    (tmp_path / "runs" / old_id / "stages").mkdir(parents=True)
+    (tmp_path / "runs" / old_id / "config.yaml").write_text(cfg.to_yaml())
+    (tmp_path / "runs" / old_id / "run.json").write_text(
+        json.dumps({"run_id": old_id, "created": "2020-01-01T00:00:00Z", "status": "succeeded"})
+    )
+    assert [r.run_id for r in old.list_runs()] == [old_id, rid]
+    assert old.load_run(old_id).status == "succeeded"
+    assert old.run_dir(old_id).endswith(f"/runs/{old_id}")
+    with pytest.raises(StateError, match="reserved"):
+        old.create_run(cfg, "tune")

@@ -64,7 +64,7 @@ def test_parent_child_tags_params_metrics_dataset(db, cfg):
     )
 
     p = client.get_run(parent)
-    assert p.info.run_name == "20261123-101500-ab12cd"
+    assert p.info.run_name == "trk-20261123-101500-ab12cd"  # <config>-<run_id>
     assert p.data.tags["pipeline_run_id"] == "20261123-101500-ab12cd"
     assert p.data.params["pretrain.temperature"] == "0.2"
     assert json.loads(p.data.params["finetune.label_fractions"]) == [1.0, 10.0]
@@ -183,7 +183,9 @@ def test_runner_tracks_nested_runs(ray_local, db, tmp_path, cfg):
     assert ft.data.tags["upstream.dataset"] == ids["shard"]
     assert ft.data.metrics["acc"] == 0.9 and ft.data.metrics["step_metric"] == 1.0
     assert ft.info.status == "FINISHED"
-    assert ft.inputs.dataset_inputs[0].dataset.name == "digits"
+    # the history reached MLflow through the sink; the runner logs only final metrics that no
+    # history row holds, and leaves the dataset input to the stage (test_run_output.py)
+    assert set(ft.data.metrics) == {"acc", "step_metric"}
     assert client.get_run(ids["evaluate"]).data.tags["upstream.finetune_10"] == ids["finetune@10"]
     # resume: nothing runs again, the same MLflow runs are kept
     summary = run_graph(build_graph(cfg), cfg, store, rid, fake_execute, tracker=tr)

@@ -53,7 +53,7 @@ def main(root: str) -> None:
         ],
     )
     rid = "two-node"
-    ckpt = Path(root) / "runs" / rid / "stages" / "pretrain" / "checkpoints" / "latest.pt"
+    ckpt = Path(root) / rid / "stages" / "pretrain" / "checkpoints" / "latest.pt"
     box: dict = {}
     th = threading.Thread(target=lambda: box.update(rc=orchestrate.run_pipeline(cfg, run_id=rid)))
     th.start()

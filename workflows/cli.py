@@ -39,6 +39,8 @@ def _setup_logging(verbose: bool) -> None:
     )
     for noisy in ("alembic", "mlflow", "urllib3", "filelock", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not verbose:  # MLflow sets its own loggers' level on import (e.g. its database set-up)
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 
 def _load(config: str | None, overrides: tuple[str, ...]) -> Config:
@@ -59,7 +61,7 @@ storage_option = click.option(
     "--storage",
     default=None,
     metavar="ROOT",
-    help=f"Storage root holding runs/ (default: {DEFAULT_STORAGE!r}, or $CONTRASTIVE_STORAGE).",
+    help=f"Storage root holding the runs (default: {DEFAULT_STORAGE!r}, or $CONTRASTIVE_STORAGE).",
 )
 tracking_option = click.option(
     "--tracking-uri",
@@ -101,6 +103,7 @@ def main(verbose: bool) -> None:
       contrastive status
       contrastive resume RUN_ID
       contrastive lineage RUN_ID
+      contrastive logs RUN_ID [STAGE]
       contrastive ui
     """
     _setup_logging(verbose)
@@ -294,6 +297,18 @@ def lineage(run_id: str, storage: str | None) -> None:
     from workflows import orchestrate
 
     click.echo(_guarded(orchestrate.lineage_text, _storage(storage), run_id))
+
+
+@main.command()
+@click.argument("run_id")
+@click.argument("stage", required=False)
+@click.option("--tail", type=int, default=None, metavar="N", help="Only the last N lines.")
+@storage_option
+def logs(run_id: str, stage: str | None, tail: int | None, storage: str | None) -> None:
+    """The worker log of STAGE of RUN_ID (every stage's without STAGE)."""
+    from workflows import orchestrate
+
+    click.echo(_guarded(orchestrate.logs_text, _storage(storage), run_id, stage, tail))
 
 
 @main.command()

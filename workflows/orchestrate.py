@@ -1,7 +1,7 @@
 """The commands behind ``contrastive run / resume / status / lineage``.
 
 ``run_pipeline`` checks that the tracking server answers (before any compute), creates the run's
-durable record under ``<storage.root>/runs/<run_id>/``, connects to Ray (local, ``auto`` or
+durable record under ``<storage.root>/<run_id>/``, connects to Ray (local, ``auto`` or
 ``ray://``) and executes the stage graph with :func:`workflows.runner.run_graph`.
 ``resume_pipeline`` runs the same graph again under the same run id: finished stages are skipped,
 interrupted ones continue from their last checkpoint, and the same MLflow parent run receives the
@@ -142,10 +142,15 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
-    kwargs: dict[str, Any] = {"configure_logging": False, "log_to_driver": True}
+    # Worker output goes to each stage's log file (contrastive logs), not to this terminal;
+    # -v forwards it as well.
+    kwargs: dict[str, Any] = {
+        "configure_logging": False,
+        "log_to_driver": logging.getLogger().isEnabledFor(logging.DEBUG),
+    }
     if not address:
         try:
-            ray.init(address="local", include_dashboard=False, num_cpus=num_cpus, **kwargs)
+            _private_ray_init(address="local", include_dashboard=False, num_cpus=num_cpus, **kwargs)
         except Exception as err:  # noqa: BLE001 - e.g. the node timed out during startup
             if ray.is_initialized():
                 ray.shutdown()
@@ -200,6 +205,28 @@ def apply_env(cfg: Config) -> dict[str, str]:
     return env
 
 
+class _DropRayAuthNotice(logging.Filter):
+    """Ray (>= 2.59) turns token authentication on for a new local instance when RAY_AUTH_MODE
+    is unset, and says so on every start. For the private instance of ``contrastive run`` that is
+    the intended, secure setting and nothing the user must act on, so the notice is dropped.
+    (A cluster that asks for a token it cannot find still fails with Ray's own error.)"""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Token authentication is enabled for this Ray")
+
+
+def _private_ray_init(**kwargs: Any) -> None:
+    import ray
+
+    notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    drop = _DropRayAuthNotice()
+    notice.addFilter(drop)
+    try:
+        ray.init(**kwargs)
+    finally:
+        notice.removeFilter(drop)
+
+
 def _tracker(cfg: Config, uri: str | None = None) -> Any:
     if not cfg.tracking.enabled:
         return None
@@ -226,32 +253,56 @@ def _execute_graph(
     started_at: float,
     lease: Any = None,
 ) -> int:
+    from workflows.progress import ProgressDisplay, make_board
     from workflows.runner import run_graph
     from workflows.stages import StageExecutor
 
     graph = build_graph(cfg)
+    board = make_board()
+    executor = StageExecutor(cfg, started_at, run_id=run_id, progress=board)
     with lease if lease is not None else store.hold_lease(run_id):
-        summary = run_graph(
-            graph,
-            cfg,
-            store,
-            run_id,
-            StageExecutor(cfg, started_at, run_id=run_id),
-            tracker=tracker,
-            reuse=reuse,
-        )
+        with ProgressDisplay(board, cfg, {n.name: n.kind for n in graph}):
+            summary = run_graph(graph, cfg, store, run_id, executor, tracker=tracker, reuse=reuse)
     _say(summary.message())
+    if summary.mlflow_run_id:
+        _summarise_in_mlflow(tracker, store, run_id, summary.mlflow_run_id, graph)
+    _say(f"logs: contrastive logs {run_id} [STAGE] --storage {store.root}")
+    if summary.status == "succeeded":
+        _say_results(store, run_id)
     if summary.mlflow_run_id:
         from workflows.tracking import redact
 
-        _say(f"mlflow: parent run {summary.mlflow_run_id} at {redact('', tracker.uri)}")
+        uri = redact("", tracker.uri)
+        _say(f"mlflow: run {cfg.name}-{run_id} ({summary.mlflow_run_id}) at {uri}")
+        _say(
+            f"        browse: contrastive ui --storage {store.root}, then http://127.0.0.1:5000/{tracker.run_link(summary.mlflow_run_id)}?workflowType=machine_learning"
+        )
     if summary.status == "succeeded":
-        report = _report_path(store, run_id)
-        if report:
-            _say(f"report: {report}")
         return 0
     _say(f"resume with: contrastive resume {run_id} --storage {store.root}")
     return 1
+
+
+def _summarise_in_mlflow(tracker: Any, store: RunStore, run_id: str, parent: str, graph) -> None:
+    from workflows.summary import log_parent_summary
+
+    try:
+        log_parent_summary(tracker, store, run_id, parent, graph)
+    except Exception as err:  # tracking must not fail a finished run
+        log.warning("tracking: summary of run %s not logged: %s", run_id, err)
+
+
+def _say_results(store: RunStore, run_id: str) -> None:
+    from workflows.summary import label_table, read_report
+
+    report, outputs = read_report(store, run_id)
+    if report is not None:
+        _say("")
+        _say(label_table(report))
+        _say("")
+    for key in ("report_md", "report_html"):
+        if outputs.get(key):
+            _say(f"report: {outputs[key]}")
 
 
 def run_pipeline(
@@ -384,7 +435,7 @@ def status_text(storage_root: str, run_id: str | None = None) -> str:
     if run_id is None:
         runs = store.list_runs()
         if not runs:
-            return f"no runs under {store.root}/runs"
+            return f"no runs under {store.root}"
         rows = []
         for r in runs:
             shown, error = _shown_status(store, r)
@@ -607,3 +658,33 @@ def compare_text(storage_root: str, run_ids: list[str], last: int | None = None)
         f"kNN (all labels): {_mean_sd(knn)}; linear probe (all labels): {_mean_sd(lin)}",
     ]
     return "\n".join(lines)
+
+
+def logs_text(
+    storage_root: str, run_id: str, stage: str | None = None, tail: int | None = None
+) -> str:
+    """The worker log of one stage of run ``run_id`` (``stage.log``), or of every stage that has
+    one, each under a ``==> stage <==`` header; ``tail``: only the last lines of each."""
+    from workflows.progress import LOG_FILE
+
+    store = RunStore(storage_root)
+    store.load_run(run_id)  # an unknown run is a one-line error
+    names = [stage] if stage else [n.name for n in build_graph(store.load_config(run_id))]
+    known = set(store.stage_names(run_id))
+    if stage and stage not in known:
+        raise StateError(
+            f"state error: run {run_id} has no stage {stage!r} (stages: {', '.join(sorted(known))})"
+        )
+    parts = []
+    for name in names:
+        text = store._read_text(store.stage_dir(run_id, name) + "/" + LOG_FILE)
+        if text is None:
+            if stage:
+                return f"stage {name} of run {run_id} has no log yet"
+            continue
+        lines = text.splitlines()
+        if tail is not None:
+            lines = lines[-tail:]
+        body = "\n".join(lines)
+        parts.append(body if stage else f"==> {name} <==\n{body}")
+    return "\n\n".join(parts) if parts else f"run {run_id} has no stage logs yet"

@@ -377,6 +377,12 @@ def _safe(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return None
 
 
+def _final_only(metrics: Mapping[str, float], history: list[dict]) -> dict[str, float]:
+    """The final metrics that no history row holds (those were logged per epoch)."""
+    seen = {k for row in history for k in row}
+    return {k: v for k, v in metrics.items() if k not in seen}
+
+
 def _code_of(store: RunStore, run_id: str) -> str:
     """The code label of an earlier run (``unknown`` if its record is gone or has none)."""
     try:
@@ -603,25 +609,16 @@ def run_graph(
         }
         if tracker is not None and st.mlflow_run_id:
             child = st.mlflow_run_id
-            for i, row in enumerate(res["history"]):
-                nums = {
-                    k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "epoch"
-                }
-                step = (
-                    int(row.get("epoch", i)) if isinstance(row.get("epoch", i), (int, float)) else i
-                )
-                _safe("log history", tracker.log_metrics, child, nums, step)
-            _safe("log metrics", tracker.log_metrics, child, metrics, len(res["history"]))
-            if "dataset" in node.deps:
-                up = manifests[node.deps["dataset"]]
-                _safe(
-                    "log dataset",
-                    tracker.log_dataset,
-                    child,
-                    cfg.data.source,
-                    up.get("digest", ""),
-                    next(iter(up["outputs"].values()), ""),
-                )
+            # the per-epoch history reached MLflow from the workers already: log only the final
+            # metrics that are not one of its curves (once each)
+            _safe(
+                "log metrics",
+                tracker.log_metrics,
+                child,
+                _final_only(metrics, res["history"]),
+                len(res["history"]),
+            )
+            # (the stage's dataset input is logged by the stage itself, with the data's digest)
             _safe("end stage run", tracker.end, child, "FINISHED")
         store.write_manifest(run_id, node.name, manifest)  # last: the stage is now finished
         done.add(node.name)

@@ -168,11 +168,16 @@ class StageExecutor:
     """
 
     def __init__(
-        self, cfg: Config, started_at: float | None = None, run_id: str | None = None
+        self,
+        cfg: Config,
+        started_at: float | None = None,
+        run_id: str | None = None,
+        progress: Any = None,
     ) -> None:
         self.cfg = cfg
         self.started_at = started_at if started_at is not None else time.time()
         self.run_id = run_id
+        self.progress = progress  # a workflows.progress board actor, or None
         self._keys: dict[str, str] | None = None
 
     def stage_dir(self, node: StageNode, out_dir: str) -> str:
@@ -196,8 +201,26 @@ class StageExecutor:
         out_dir: str,
         tracking_info: Any = None,
     ) -> StageResult:
+        from workflows.progress import LOG_FILE, StageLog
+
+        log_path = str(Path(out_dir).parent / LOG_FILE)
+        with StageLog(log_path):
+            return self._run(node, inputs, out_dir, tracking_info, log_path)
+
+    def _run(
+        self,
+        node: StageNode,
+        inputs: dict[str, dict[str, str]],
+        out_dir: str,
+        tracking_info: Any,
+        log_path: str,
+    ) -> StageResult:
+        from workflows.progress import LoggedStageFn, ProgressSink
+
         cfg = tuned_config(self.cfg, inputs)
         sink = tracking_info.sink() if tracking_info is not None else None
+        if self.progress is not None:
+            sink = ProgressSink(self.progress, node.name, sink)
         if node.kind == "shard":
             from workflows.sharding import shard_with_ray
 
@@ -218,7 +241,7 @@ class StageExecutor:
             workers = 1 if node.kind == "evaluate" else None
             stage_cfg = cfg.model_copy(update={"resources": cfg.resources.for_stage(node.kind)})
             result = run_training_stage(
-                stage_function(node.kind),
+                LoggedStageFn(stage_function(node.kind), log_path),
                 stage_cfg,
                 stage_inputs(node, inputs),
                 out_dir,
@@ -255,6 +278,22 @@ def log_stage_to_mlflow(
         yaml.safe_dump(stage_config(node, cfg), sort_keys=False, default_flow_style=None),
     )
     tracker.log_artifact(rid, str(slice_path))
+    data: dict[str, Any] = {}
+    shape = None
+    if dataset_dir:
+        d = json.loads(stageio.read_text(stageio.join(dataset_dir, "dataset.json")))
+        size = cfg.augment.image_size or d.get("height")
+        if size and d.get("channels"):  # images of one size (or a crop size): a signature
+            shape = (int(d["channels"]), int(size), int(size))
+        data = {"name": cfg.data.source, "digest": str(d.get("digest", "")), "source": dataset_dir}
+        tracker.log_dataset(
+            rid,
+            data["name"],
+            data["digest"],
+            dataset_dir,
+            d.get("counts", {}).get("train"),
+            "evaluation" if node.kind == "evaluate" else "training",
+        )
     outs = result.outputs
     if node.kind == "shard":
         for key in ("dataset_json", "skipped"):
@@ -272,28 +311,79 @@ def log_stage_to_mlflow(
         return
     if "model" in outs:
         tracker.log_artifact(rid, outs["model"], "checkpoint")
-        shape = None
-        if dataset_dir:
-            d = json.loads(stageio.read_text(stageio.join(dataset_dir, "dataset.json")))
-            size = cfg.augment.image_size or d["height"]
-            shape = (int(d["channels"]), int(size), int(size))
-        log_torch_model(info, outs["model"], MODEL_NAMES.get(node.kind, "model"), node.kind, shape)
+        uri = log_torch_model(
+            info,
+            outs["model"],
+            MODEL_NAMES.get(node.kind, "model"),
+            node.kind,
+            shape,
+            metrics=result.metrics,
+            dataset=data or None,
+            step=int((result.history or [{}])[-1].get("epoch", len(result.history))),
+        )
+        if node.kind in REGISTERED_KINDS:
+            register_stage_model(tracker, cfg, node, rid, uri, data.get("digest", ""))
+
+
+#: Stage kinds whose models go to the Model Registry, one registered model per config name,
+#: kind and label fraction (e.g. ``demo-student-1pct``), a version per pipeline run.
+REGISTERED_KINDS = {"finetune": "teacher", "distill": "student"}
+
+
+def registered_name(cfg: Config, node: StageNode) -> str:
+    """``<config>-<teacher|student>-<fraction>pct``, e.g. ``demo-teacher-0.1pct``."""
+    from pipeline.data import format_fraction
+
+    frac = node.params.get("fraction")
+    tail = f"-{format_fraction(float(frac))}pct" if frac is not None else ""
+    return f"{cfg.name}-{REGISTERED_KINDS[node.kind]}{tail}"
+
+
+def register_stage_model(
+    tracker: Any, cfg: Config, node: StageNode, run_id: str, model_uri: str, digest: str
+) -> Any:
+    """A new version of the stage's registered model, tagged with its pipeline run and data."""
+    import mlflow
+
+    tags = tracker.client.get_run(run_id).data.tags
+    version_tags = {
+        "pipeline_run_id": tags.get("pipeline_run_id", ""),
+        "stage": node.name,
+        "data_digest": digest,
+        "cache_key": tags.get("cache_key", ""),
+    }
+    mlflow.set_tracking_uri(tracker.uri)
+    return mlflow.register_model(model_uri, registered_name(cfg, node), tags=version_tags)
 
 
 def log_torch_model(
-    info: Any, model_file: str, name: str, kind: str, input_shape: tuple[int, ...] | None = None
+    info: Any,
+    model_file: str,
+    name: str,
+    kind: str,
+    input_shape: tuple[int, ...] | None = None,
+    metrics: dict[str, float] | None = None,
+    dataset: dict[str, str] | None = None,
+    step: int = 0,
 ) -> str:
     """``mlflow.pytorch.log_model`` of the module saved in ``model_file``, inside run
     ``info.run_id``; the pretrain stage logs only the encoder. With ``input_shape`` (C, H, W) a
-    normalised example batch gives the model a signature. Returns the model URI."""
-    import inspect
+    normalised example batch gives the model a signature. The key metric of ``metrics`` (the
+    stage's final ones) is logged as ``final_<name>`` linked to the model and, with ``dataset``
+    (name, digest, source), to the data, so the model's page names its dataset. Returns the
+    model URI.
 
+    The module is saved whole (pickle format, the only one that keeps an eager module loadable
+    with ``mlflow.pytorch.load_model``); MLflow's generic warning about loading pickles is kept
+    out of the output because these models are only loaded from the pipeline's own store."""
     import mlflow
     import mlflow.pytorch
     import numpy as np
     import torch
+    from mlflow.entities import Dataset
 
     from pipeline.models import load_model
+    from workflows.tracking import SOURCE_NAME, is_count
 
     module = load_model(model_file)
     if kind == "pretrain":
@@ -301,12 +391,43 @@ def log_torch_model(
     kwargs: dict[str, Any] = {
         # explicit requirements: inferring them costs a model reload in a subprocess
         "pip_requirements": [f"torch=={torch.__version__.split('+')[0]}", "contrastive-pipeline"],
+        "serialization_format": "pickle",
+        "tags": {"mlflow.source.name": f"{SOURCE_NAME}: {kind}", "mlflow.source.type": "LOCAL"},
     }
     if input_shape is not None:
         kwargs["input_example"] = np.zeros((2, *input_shape), dtype=np.float32)
-    if "serialization_format" in inspect.signature(mlflow.pytorch.log_model).parameters:
-        kwargs["serialization_format"] = "pickle"  # the eager module; pt2 would need torch.export
     mlflow.set_tracking_uri(info.uri)
-    with mlflow.start_run(run_id=info.run_id, nested=True):
-        logged = mlflow.pytorch.log_model(module, name=name, **kwargs)
+    pickle_note = _DropMessage("Saving pytorch model by Pickle")
+    torch_log = logging.getLogger("mlflow.pytorch")
+    torch_log.addFilter(pickle_note)
+    try:
+        with mlflow.start_run(run_id=info.run_id, nested=True):
+            logged = mlflow.pytorch.log_model(module, name=name, **kwargs)
+            # the stage's key metric once more as ``final_<name>``, linked to the model and the
+            # data (its per-epoch curve is in the run already)
+            key = next((k for k in (metrics or {}) if not is_count(k)), None)
+            linked = {f"final_{key}": float(metrics[key])} if key else {}
+            if linked:
+                ds = None
+                if dataset:
+                    ds = Dataset(
+                        name=dataset["name"],
+                        digest=dataset["digest"][:36],
+                        source_type="local",
+                        source=json.dumps({"uri": dataset["source"]}),
+                    )
+                mlflow.log_metrics(linked, step=step, model_id=logged.model_id, dataset=ds)
+    finally:
+        torch_log.removeFilter(pickle_note)
     return str(logged.model_uri)
+
+
+class _DropMessage(logging.Filter):
+    """Drop log records whose message starts with ``prefix``."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)

@@ -1,14 +1,19 @@
-"""Durable run records under ``<storage.root>/runs/<run_id>/``, through ``pyarrow.fs``.
+"""Durable run records under ``<storage.root>/<run_id>/``, through ``pyarrow.fs``.
 
-Layout of one run::
+Layout of one run (``storage.root`` defaults to ``runs``, so a run lives in ``runs/<run_id>/``)::
 
-    runs/<run_id>/config.yaml                 the resolved config
-    runs/<run_id>/run.json                    run id, created, status, MLflow parent run, address, code (commit)
-    runs/<run_id>/stages/<name>/state.json    pending|running|succeeded|failed|skipped, attempts, ...
-    runs/<run_id>/stages/<name>/error.txt     the traceback of the last failure
-    runs/<run_id>/stages/<name>/out/          the stage's outputs
-    runs/<run_id>/stages/<name>/manifest.json written LAST: a stage with a manifest is finished
-    runs/<run_id>/lease.json                  the driver holding the run: host, PID, heartbeat
+    <run_id>/config.yaml                 the resolved config
+    <run_id>/run.json                    run id, created, status, MLflow parent run, address, code (commit)
+    <run_id>/stages/<name>/state.json    pending|running|succeeded|failed|skipped, attempts, ...
+    <run_id>/stages/<name>/error.txt     the traceback of the last failure
+    <run_id>/stages/<name>/stage.log     the stage's worker output (``contrastive logs``)
+    <run_id>/stages/<name>/out/          the stage's outputs
+    <run_id>/stages/<name>/manifest.json written LAST: a stage with a manifest is finished
+    <run_id>/lease.json                  the driver holding the run: host, PID, heartbeat
+
+Next to the runs the root holds ``mlflow.db`` and ``mlartifacts/`` (the default MLflow store) and
+``tune/`` (Tune searches). Runs that an older layout put under ``<storage.root>/runs/<run_id>/``
+are still found and read.
 
 ``storage.root`` is a local path or a URI (``s3://bucket/prefix``, ``gs://...``, ``file:///...``)
 that :func:`pyarrow.fs.FileSystem.from_uri` understands. Every write is atomic: on a local file
@@ -58,6 +63,10 @@ LEASE_RENEW_S = 5.0
 LEASE_TTL_S = 30.0
 RUN_STATES = ("created", "running", "succeeded", "failed")
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+#: Folder of the older layout (``<root>/runs/<run_id>``), still read.
+LEGACY_RUNS = "runs"
+#: Names next to the runs under the storage root, never run ids.
+RESERVED_NAMES = frozenset({LEGACY_RUNS, "tune", "mlartifacts", "mlruns", "mlflow.db"})
 
 
 class StateError(RuntimeError):
@@ -132,6 +141,8 @@ def check_run_id(run_id: str) -> str:
         raise StateError(
             f"state error: run id {run_id!r} is not valid (letters, digits, '.', '_', '-'; up to 128)"
         )
+    if run_id in RESERVED_NAMES:
+        raise StateError(f"state error: run id {run_id!r} is reserved (a folder of the store)")
     return run_id
 
 
@@ -221,7 +232,7 @@ class RunInfo:
 
 
 class RunStore:
-    """Run records under ``<root>/runs/``; ``root`` is a local path or a pyarrow.fs URI.
+    """Run records under ``<root>/<run_id>/``; ``root`` is a local path or a pyarrow.fs URI.
 
     ``filesystem`` (optional) replaces the file system derived from ``root`` (``root`` is then a
     path inside it); tests use it to exercise the object-store code paths.
@@ -246,6 +257,7 @@ class RunStore:
             self.fs, base = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(root))
         self.base = base.rstrip("/") or "/"
         self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
+        self._run_dirs: dict[str, str] = {}
 
     # -- paths -----------------------------------------------------------------------------
     def _join(self, *parts: str) -> str:
@@ -253,10 +265,23 @@ class RunStore:
 
     @property
     def runs_dir(self) -> str:
-        return self._join("runs")
+        """The folder holding the runs: the storage root itself."""
+        return self.base
 
     def run_dir(self, run_id: str) -> str:
-        return self._join("runs", check_run_id(run_id))
+        """``<root>/<run_id>``, or ``<root>/runs/<run_id>`` for a run of the older layout."""
+        check_run_id(run_id)
+        known = self._run_dirs.get(run_id)
+        if known is not None:
+            return known
+        new, old = self._join(run_id), self._join(LEGACY_RUNS, run_id)
+        if self._exists(new):
+            self._run_dirs[run_id] = new
+        elif self._exists(old + "/run.json"):
+            self._run_dirs[run_id] = old
+        else:
+            return new  # not created yet: decided once it exists
+        return self._run_dirs[run_id]
 
     def stage_dir(self, run_id: str, stage: str) -> str:
         if not stage or "/" in stage or stage in (".", ".."):
@@ -414,7 +439,7 @@ class RunStore:
         """The run's record; an unknown id is a one-line error naming the storage root."""
         d = self._read_json(self.run_dir(run_id) + "/run.json")
         if d is None:
-            raise StateError(f"state error: no run {run_id!r} under {self.root}/runs")
+            raise StateError(f"state error: no run {run_id!r} under {self.root}")
         known = {k: v for k, v in d.items() if k in RunInfo.__dataclass_fields__ and k != "path"}
         return RunInfo(**known, path=self.uri(self.run_dir(run_id)))
 
@@ -442,13 +467,20 @@ class RunStore:
 
     def list_runs(self) -> list[RunInfo]:
         """Every run under the root, oldest first (run ids sort by time)."""
-        sel = pafs.FileSelector(self.runs_dir, allow_not_found=True, recursive=False)
+        names: set[str] = set()
+        for folder in (self.runs_dir, self._join(LEGACY_RUNS)):
+            sel = pafs.FileSelector(folder, allow_not_found=True, recursive=False)
+            names.update(
+                fi.base_name
+                for fi in self.fs.get_file_info(sel)
+                if fi.type == pafs.FileType.Directory
+                and _RUN_ID.match(fi.base_name)
+                and fi.base_name not in RESERVED_NAMES
+            )
         out = []
-        for fi in sorted(self.fs.get_file_info(sel), key=lambda f: f.base_name):
-            if fi.type != pafs.FileType.Directory or not _RUN_ID.match(fi.base_name):
-                continue
+        for name in sorted(names):
             try:
-                out.append(self.load_run(fi.base_name))
+                out.append(self.load_run(name))
             except StateError:
                 continue  # a folder being created right now, or not a run
         return out

@@ -67,6 +67,10 @@ _STATUS = {
     "SKIPPED": "FINISHED",
 }
 _BAD_KEY = re.compile(r"[^\w\-. /:]")
+#: The experiment tag that makes MLflow 3's UI open an experiment on its training runs.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+#: Entry point shown as the source of runs and logged models.
+SOURCE_NAME = "contrastive run"
 _MAX_PARAM = 6000  # MLflow's limit on a param value
 
 
@@ -141,6 +145,16 @@ def _client(uri: str) -> Any:
     if _URI_USERINFO.search(uri):
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     return MlflowClient(tracking_uri=uri)
+
+
+def is_count(key: str) -> bool:
+    """Numbers a stage reports that are not curves: the epoch counter, parameter and image
+    counts. They go to MLflow as params, not as metric charts."""
+    return (
+        key in ("epoch", "world_size", "resumed_from_epoch")
+        or key.endswith(("params", "_images"))
+        or key.startswith("num_")
+    )
 
 
 def _sqlite_client(uri: str) -> Any:
@@ -232,7 +246,7 @@ class _GuardedClient:
 def _numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
     out = {}
     for k, v in metrics.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or is_count(str(k)):
             continue
         v = float(v)
         if math.isnan(v) or math.isinf(v):
@@ -245,7 +259,11 @@ def _log_metrics(client: Any, run_id: str, metrics: Mapping[str, Any], step: int
     from mlflow.entities import Metric
 
     ts = int(time.time() * 1000)
-    ms = [Metric(_key(k), v, ts, int(step)) for k, v in _numeric(metrics).items()]
+    ms = [
+        Metric(_key(k), v, ts, int(step))
+        for k, v in _numeric(metrics).items()
+        if not is_count(str(k))
+    ]
     for chunk in _chunks(ms, 1000):
         client.log_batch(run_id, metrics=chunk)
 
@@ -455,7 +473,9 @@ class Tracker:
             if exp is None:
                 try:
                     self._experiment_id = self.client.create_experiment(
-                        self.experiment, artifact_location=self._artifact_location()
+                        self.experiment,
+                        artifact_location=self._artifact_location(),
+                        tags=dict([EXPERIMENT_KIND]),
                     )
                 except Exception:
                     exp = self.client.get_experiment_by_name(self.experiment)
@@ -469,7 +489,13 @@ class Tracker:
                         "restore it or choose another tracking.experiment"
                     )
                 self._experiment_id = exp.experiment_id
+                if EXPERIMENT_KIND[0] not in (exp.tags or {}):
+                    self.client.set_experiment_tag(self._experiment_id, *EXPERIMENT_KIND)
         return self._experiment_id
+
+    def run_link(self, run_id: str) -> str:
+        """The MLflow UI's address of a run, relative to the UI's root (``#/experiments/...``)."""
+        return f"#/experiments/{self.experiment_id}/runs/{run_id}"
 
     def _artifact_location(self) -> str | None:
         """For a SQLite store, artifacts go next to the database (not into the working dir)."""
@@ -499,12 +525,14 @@ class Tracker:
             code = code_label(code_version())
         run = self.client.create_run(
             self.experiment_id,
-            run_name=run_id,
+            run_name=f"{cfg.name}-{run_id}",
             tags={
                 "pipeline_run_id": run_id,
                 "pipeline_name": cfg.name,
                 "pipeline_version": pipeline.__version__,
                 "code_commit": code,  # abc1234[+changes-<hash>] or unknown
+                "mlflow.source.name": f"{SOURCE_NAME} {cfg.name}",
+                "mlflow.source.type": "LOCAL",
             },
         )
         self._log_params(run.info.run_id, flatten(cfg.to_dict()))
@@ -535,8 +563,16 @@ class Tracker:
         }
         if pipeline_run_id:
             tags["pipeline_run_id"] = pipeline_run_id
+        tags["mlflow.source.name"] = f"{SOURCE_NAME}: stage {node.name}"
+        tags["mlflow.source.type"] = "LOCAL"
         for dep, rid in upstream_mlflow_ids.items():
             tags[f"upstream.{_key(dep)}"] = rid
+        if upstream_mlflow_ids:
+            # the run's description (Markdown in the UI): its inputs as links to their runs
+            links = ", ".join(
+                f"[{dep}]({self.run_link(rid)})" for dep, rid in upstream_mlflow_ids.items()
+            )
+            tags["mlflow.note.content"] = f"Stage `{node.name}` ({node.kind}). Inputs: {links}."
         run = self.client.create_run(self.experiment_id, run_name=node.name, tags=tags)
         params = flatten(dict(config_slice or {}))
         params.update({f"stage.{k}": v for k, v in flatten(node.params).items()})
@@ -555,13 +591,21 @@ class Tracker:
         return True
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, Any], step: int = 0) -> None:
-        """Log the numeric entries of ``metrics`` at ``step`` (others are ignored); a failure
-        counts the points as dropped (see :meth:`gap`) and raises."""
+        """Log the numeric entries of ``metrics`` at ``step`` (others are ignored); counts
+        (:func:`is_count`) become params ``result.<name>`` instead of charts. A failure counts
+        the points as dropped (see :meth:`gap`) and raises."""
         try:
             _log_metrics(self.client, run_id, metrics, step)
         except Exception:
             self.dropped_points += len(_numeric(metrics))
             raise
+        counts = {
+            f"result.{k}": int(v) if float(v).is_integer() else v
+            for k, v in metrics.items()
+            if is_count(str(k)) and k != "epoch" and isinstance(v, (int, float))
+        }
+        if counts:
+            self._log_params(run_id, counts)
 
     def gap(self, extra_points: int = 0) -> str | None:
         """One line on what this tracker could not record (None when nothing was lost):

@@ -15,7 +15,7 @@ Two options matter for small images:
 * ``stem_stride`` (CIFAR stem only): 2 halves the stem's output side (28 px -> 14 px), a quarter of
   the positions in every later layer. On 28 px Fashion-MNIST at 2 CPU cores it trains about 3x as
   many images/s as stride 1 with the same parameters (benchmarks/step_throughput.py
-  ``--stem-stride``; docs/demo_tuning.md); the ImageNet stem (stride 4) always keeps its own.
+  ``--stem-stride``; docs/recipe.md); the ImageNet stem (stride 4) always keeps its own.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ loss = −Σ_y P_T(y|x; τ) log P_S(y|x; τ), optionally mixed with cross-entrop
 subset (``distill.label_weight``). Teacher logits are computed once on the un-augmented images; the
 student sees crop + flip with ``distill.crop_min_scale`` (default: fine-tuning's crop). 1.0 — flip
 only, so the student's input is the image its target was computed on — closed most of the
-student-teacher gap on Fashion-MNIST (docs/demo_tuning.md).
+student-teacher gap on Fashion-MNIST (docs/recipe.md).
 """
 
 from __future__ import annotations

@@ -116,12 +116,17 @@ def run(
     report["eval_seconds"] = time.perf_counter() - t0
     report["wall_seconds"] = (time.time() - started_at) if started_at else report["eval_seconds"]
 
-    outputs = {"report_json": str(out / "report.json"), "report_md": str(out / "report.md")}
+    outputs = {
+        "report_json": str(out / "report.json"),
+        "report_md": str(out / "report.md"),
+        "report_html": str(out / "report.html"),
+    }
     plots = _plots(cfg, inputs, report, f_test, test.labels, classes, out)
     outputs.update(plots)
     report["plots"] = {k_: Path(v).name for k_, v in plots.items()}
     write_json(outputs["report_json"], report)
     atomic_write_text(outputs["report_md"], render_markdown(report, cfg))
+    atomic_write_text(outputs["report_html"], render_html(report, cfg, out))
     metrics = {"knn_top1": report["knn_top1"], "linear_full_top1": report["linear_full_top1"]}
     for name, row in fractions.items():
         for key_, v in row.items():
@@ -195,21 +200,62 @@ def render_markdown(report: dict[str, Any], cfg: Config | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plots(
-    cfg: Config,
-    inputs: dict[str, str],
-    report: dict[str, Any],
-    f_test: torch.Tensor,
-    labels: torch.Tensor,
-    classes: list[str],
-    out: Path,
-) -> dict[str, str]:
+def render_html(report: dict[str, Any], cfg: Config | None, folder: Path) -> str:
+    """The report as one self-contained HTML page (plots embedded), which MLflow's artifact
+    viewer and any browser show as it is."""
+    import base64
+    import html
+
+    md = render_markdown(report, cfg)
+    body: list[str] = []
+    table: list[list[str]] = []
+
+    def flush_table() -> None:
+        if not table:
+            return
+        head, *rows = table
+        body.append("<table><tr>" + "".join(f"<th>{c}</th>" for c in head) + "</tr>")
+        body.extend("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+        body.append("</table>")
+        table.clear()
+
+    for line in md.splitlines():
+        if line.startswith("|"):
+            cells = [html.escape(c.strip()) for c in line.strip("|").split("|")]
+            if not all(set(c) <= {"-"} for c in cells):
+                table.append(cells)
+            continue
+        flush_table()
+        if line.startswith("# "):
+            body.append(f"<h1>{html.escape(line[2:])}</h1>")
+        elif line.startswith("![") and "](" in line:
+            alt, src = line[2:].split("](", 1)
+            path = folder / src.rstrip(")")
+            if path.is_file():
+                data = base64.b64encode(path.read_bytes()).decode()
+                body.append(f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">')
+        elif line.strip():
+            body.append(f"<p>{html.escape(line)}</p>")
+    flush_table()
+    style = (
+        "body{font-family:sans-serif;margin:1.5em;max-width:70em}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.25em .6em;"
+        "text-align:right}img{max-width:32em;margin:.5em 1em .5em 0}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(report['dataset'])}"
+        f"</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n"
+    )
+
+
+def plot_label_efficiency(report: dict[str, Any], path: Path) -> str:
+    """Top-1 against the labeled fraction (log axis, ticks in %) for every network, the kNN line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    paths: dict[str, str] = {}
     rows = report["fractions"]
     xs = [float(n) for n in rows]
     fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -224,14 +270,36 @@ def _plots(
             ax.plot(xs, [y if y is not None else float("nan") for y in ys], marker="o", label=label)
     ax.axhline(report["knn_top1"], ls="--", color="grey", label="kNN (all labels)")
     ax.set_xscale("log")
-    ax.set_xlabel("labeled fraction of train (%)")
+    ax.set_xticks(xs)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g} %"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("labeled fraction of train")
     ax.set_ylabel("test top-1 (%)")
     ax.set_title(f"Label efficiency — {report['dataset']}")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    paths["plot_label_efficiency"] = str(out / "label_efficiency.png")
-    fig.savefig(paths["plot_label_efficiency"], dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
+    return str(path)
+
+
+def _plots(
+    cfg: Config,
+    inputs: dict[str, str],
+    report: dict[str, Any],
+    f_test: torch.Tensor,
+    labels: torch.Tensor,
+    classes: list[str],
+    out: Path,
+) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    paths: dict[str, str] = {}
+    paths["plot_label_efficiency"] = plot_label_efficiency(report, out / "label_efficiency.png")
 
     hist_path = Path(inputs["pretrain"]).with_name("history.json")
     if hist_path.is_file():
