@@ -114,8 +114,7 @@ def dataset_info(dataset_dir: Any) -> dict[str, Any]:
             raise DataError(
                 f"{location}: missing; the folder is not a finished dataset (run the shard stage)"
             ) from None
-    else:
-        _info_cached.cache_clear()  # remote: re-read (cheap, and a re-sharded prefix is seen)
+    # remote: read once per process (a finished dataset folder is not rewritten in place)
     return dict(_info_cached(location, stamp))
 
 
@@ -152,9 +151,14 @@ class ShardRef:
 
 
 def _manifest_counts(dataset_dir: Any) -> dict[str, int]:
+    info = dataset_info(dataset_dir)
+    return _manifest_counts_cached(_where(dataset_dir, MANIFEST), str(info.get("digest")))
+
+
+@lru_cache(maxsize=8)
+def _manifest_counts_cached(location: str, digest: str) -> dict[str, int]:
     import pyarrow.parquet as pq
 
-    location = _where(dataset_dir, MANIFEST)
     try:
         fs, path = store.resolve(location)
         table = pq.read_table(path, columns=["shard"], filesystem=fs)

@@ -53,10 +53,14 @@ def resolve(location: str) -> tuple[Any, str]:
     if location.startswith("file://"):
         return pafs.LocalFileSystem(), location[len("file://") :]
     scheme, _, rest = location.partition("://")
+    rest, _, query = rest.partition("?")  # e.g. ?endpoint_override=...: the filesystem's options
     bucket = rest.split("/", 1)[0]
     try:
-        fs = _filesystem(f"{scheme}://{bucket}")
-        _, path = pafs.FileSystem.from_uri(location)
+        fs = _filesystem(f"{scheme}://{bucket}" + (f"?{query}" if query else ""))
+        if scheme in ("s3", "gs", "gcs"):  # bucket/key (no new filesystem per file)
+            path = rest
+        else:
+            _, path = pafs.FileSystem.from_uri(location)
     except Exception as err:  # noqa: BLE001 - any pyarrow failure: one line naming the URI
         raise DataError(f"{location}: cannot open ({type(err).__name__}: {err})") from None
     return fs, path
