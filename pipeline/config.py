@@ -128,6 +128,7 @@ class DataConfig(_Section):
                 return table[low]
             raise ValueError("expected auto, true or false")
         return v
+
     max_side: int | None = Field(
         None,
         ge=8,

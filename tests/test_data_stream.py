@@ -275,7 +275,7 @@ def _tiny_cfg(in_memory):
                 "min_steps": 2,
                 "consistency": {"epochs": 1, "batch_size": 64, "labeled_batch_size": 8},
             },
-            "distill": {"epochs": 1, "batch_size": 64, "alpha": 0.5},
+            "distill": {"epochs": 1, "batch_size": 64, "label_weight": 0.5},
             "evaluate": {"knn_k": 5, "linear_epochs": 2, "embedding_samples": 10},
             "resources": {"torch_threads": 1},
         }

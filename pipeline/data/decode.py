@@ -39,15 +39,22 @@ _MODES = {1: "L", 3: "RGB"}
 
 
 def open_image(data: bytes, where: str, channels: int | None = None, draft: Any = None):
-    """A decoded PIL image of ``data``, converted to ``channels`` (None: L/RGB kept, any other
-    mode made RGB). ``draft(img)`` may call ``img.draft(...)`` before the pixels are decoded."""
-    from PIL import Image
+    """A decoded PIL image of ``data`` (EXIF orientation applied), converted to ``channels``
+    (None: L/RGB kept, any other mode made RGB). ``draft(img, swapped)`` may call
+    ``img.draft(...)`` before a JPEG's pixels are decoded (``swapped``: the orientation turns the
+    image by 90 degrees, so its displayed width is ``img.size[1]``)."""
+    from PIL import Image, ImageOps
 
     try:
         img = Image.open(io.BytesIO(data))
-        if draft is not None and img.format == "JPEG":
-            draft(img)
+        orient = 1
+        if img.format in ("JPEG", "MPO", "WEBP"):
+            orient = int(img.getexif().get(0x0112, 1) or 1)
+        if draft is not None and img.format in ("JPEG", "MPO"):
+            draft(img, orient in (5, 6, 7, 8))
         img.load()
+        if orient != 1:  # the EXIF orientation, as the shard stage measured the sizes
+            img = ImageOps.exif_transpose(img)
         mode = _MODES.get(channels) if channels else None
         if mode is None:
             mode = img.mode if img.mode in ("L", "RGB") else "RGB"
@@ -157,8 +164,8 @@ class CropViews(_Seeded):
         s = self.size
         boxes: list[tuple[float, float, float, float, bool]] = []
 
-        def draft(img) -> None:
-            w, h = img.size
+        def draft(img, swapped: bool) -> None:
+            w, h = img.size[::-1] if swapped else img.size  # as displayed
             boxes.extend(self._boxes(w, h))
             if not self.use_draft:
                 return
@@ -168,7 +175,7 @@ class CropViews(_Seeded):
             if self.eval_view:
                 need_w, need_h = max(need_w, s), max(need_h, s)
             if need_w < w or need_h < h:
-                img.draft(_MODES[self.channels], (need_w, need_h))
+                img.draft(_MODES[self.channels], (need_h, need_w) if swapped else (need_w, need_h))
 
         img = open_image(data, where, self.channels, draft=draft)
         w, h = img.size
@@ -206,7 +213,7 @@ class ResizeView:
     def __call__(self, data: bytes, where: str) -> torch.Tensor:
         s = self.size
 
-        def draft(img) -> None:
+        def draft(img, swapped: bool) -> None:
             w, h = img.size
             if s < w or s < h:
                 img.draft(_MODES[self.channels], (s, s))

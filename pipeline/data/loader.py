@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data import store
 from pipeline.data.decode import TensorDecoder
-from pipeline.data.shards import DATASET_JSON, MANIFEST, SKIPPED_JSON, SPLITS, format_fraction
+from pipeline.data.shards import DATASET_JSON, MANIFEST, SPLITS, format_fraction, is_val_key
 from pipeline.data.sources import DataError
 
 __all__ = [
@@ -145,6 +145,18 @@ class ShardRef:
     skip: frozenset[str] = field(default_factory=frozenset)
     image_keys: tuple[str, ...] = DEFAULT_IMAGE_KEYS
     label_key: str = "cls"
+    #: val carved out of train shards (``val_from_train``): keep the samples whose key is val
+    #: (``want_val``) or not; ``count`` then covers both
+    val_fraction: float | None = None
+    want_val: bool = False
+
+    def takes(self, key: str) -> bool:
+        """Whether a usable sample belongs to this split."""
+        if key in self.skip:
+            return False
+        if self.val_fraction is None:
+            return True
+        return is_val_key(key, self.val_fraction) == self.want_val
 
     def __str__(self) -> str:
         return self.url
@@ -170,18 +182,10 @@ def _manifest_counts_cached(location: str, digest: str) -> dict[str, int]:
     return out
 
 
-def _skipped(dataset_dir: Any, info: dict[str, Any]) -> dict[str, set[str]]:
-    if not info.get("skipped"):
-        return {}
-    try:
-        data = json.loads(store.read_bytes(_where(dataset_dir, SKIPPED_JSON)))
-    except (DataError, ValueError):
-        return {}
-    out: dict[str, set[str]] = {}
-    for row in data.get("skipped", []) if isinstance(data, dict) else []:
-        if isinstance(row, dict) and row.get("shard") and row.get("key") is not None:
-            out.setdefault(str(row["shard"]), set()).add(str(row["key"]))
-    return out
+def _skipped(info: dict[str, Any]) -> dict[str, set[str]]:
+    """``dataset.json``'s ``skipped_keys``: per shard ref, the samples readers leave out."""
+    raw = info.get("skipped_keys") or {}
+    return {str(k): {str(x) for x in v} for k, v in raw.items()} if isinstance(raw, dict) else {}
 
 
 def shard_refs(dataset_dir: Any, split: str) -> list[ShardRef]:
@@ -197,7 +201,11 @@ def shard_refs(dataset_dir: Any, split: str) -> list[ShardRef]:
     if refs and not all(r in counts for r in refs):
         manifest = _manifest_counts(dataset_dir)
         counts = {**manifest, **counts}
-    skipped = _skipped(dataset_dir, info)
+    skipped = _skipped(info)
+    carve = info.get("val_from_train") or None
+    val_fraction = None
+    if carve and split in ("train", "val"):
+        val_fraction = float(carve["fraction"])
     out = []
     for r in refs:
         url = store.join(str(dataset_dir), r)
@@ -211,6 +219,8 @@ def shard_refs(dataset_dir: Any, split: str) -> list[ShardRef]:
                 skip,
                 image_keys,
                 label_key,
+                val_fraction,
+                split == "val",
             )
         )
     return out
@@ -309,14 +319,18 @@ def _iter_raw(
             if tap.pos == 0:
                 raise DataError(f"{path}: truncated shard (empty file)") from None
             raise DataError(f"{path}: corrupt shard ({err})") from None
-        index = -1
+        index = -1  # samples of this split
+        usable = 0  # samples not skipped (all splits: what shard_counts counts)
         key: str | None = None
         parts: dict[str, bytes] | None = None
         keep = True
 
         def flush() -> Iterator[tuple[int, str, dict[str, bytes] | None]]:
-            nonlocal index
+            nonlocal index, usable
             if key is None or key in ref.skip:
+                return
+            usable += 1
+            if not ref.takes(key):
                 return
             index += 1
             want = select is None or select(index)
@@ -338,7 +352,7 @@ def _iter_raw(
                     yield from flush()
                     key, parts = k, {}
                     # whether this sample's bytes are needed (select sees the next index)
-                    keep = k not in ref.skip and (select is None or select(index + 1))
+                    keep = ref.takes(k) and (select is None or select(index + 1))
                 if keep:
                     assert parts is not None
                     fobj = tar.extractfile(m)
@@ -353,7 +367,7 @@ def _iter_raw(
             raise DataError(f"{path}: truncated shard (no end-of-archive marker)")
         if marker is not None and any(marker):
             raise DataError(f"{path}: corrupt shard (bad tar header at byte {end})")
-        got = index + 1 + (1 if key is not None and key not in ref.skip else 0)
+        got = usable + (1 if key is not None and key not in ref.skip else 0)
         if ref.count is not None and got != ref.count:
             raise DataError(
                 f"{path}: truncated shard ({got} samples, dataset.json says {ref.count})"
@@ -686,12 +700,14 @@ def _memory_samples(ref: ShardRef) -> Iterator[tuple[str, dict[str, bytes]]]:
     if samples is None:
         yield from ((k, p) for _, k, p in _iter_raw(ref) if p is not None)
         return
-    if ref.count is not None and len(samples) != ref.count:
+    n_usable = len(samples)
+    if ref.count is not None and n_usable != ref.count:
         raise DataError(
-            f"{ref.url}: truncated shard ({len(samples)} samples, dataset.json says {ref.count})"
-            if len(samples) < ref.count
-            else f"{ref.url}: {len(samples)} samples, dataset.json says {ref.count}"
+            f"{ref.url}: truncated shard ({n_usable} samples, dataset.json says {ref.count})"
+            if n_usable < ref.count
+            else f"{ref.url}: {n_usable} samples, dataset.json says {ref.count}"
         )
+    samples = [(k, p) for k, p in samples if ref.takes(k)]
     if ref.sha256:
         got = hashlib.sha256(data).hexdigest()
         if got != ref.sha256:

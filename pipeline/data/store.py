@@ -128,7 +128,9 @@ def open_stream(location: str, missing: str = "missing") -> Iterator[IO[bytes]]:
         return
     fs, path = resolve(location)
     try:
-        f = fs.open_input_stream(path)
+        # never decompressed by name (the recorded sha256 is the file's); object stores buffered
+        local = type(fs).__name__ == "LocalFileSystem"
+        f = fs.open_input_stream(path, compression=None, buffer_size=None if local else 1 << 20)
     except FileNotFoundError:
         raise DataError(f"{location}: {missing}") from None
     except OSError as err:

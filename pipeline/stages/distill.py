@@ -182,13 +182,13 @@ def _run_streaming(
     teacher_params = count_params(teacher)
     teacher.eval()
     known: dict[str, int] = {}
-    if d.alpha > 0:
+    if d.label_weight > 0:
         keys, labels = load_subset(ds, fraction)
         known = dict(zip(keys, labels.tolist(), strict=True))
-    loss = DistillationLoss(temperature=d.temperature, alpha=d.alpha)
+    loss = DistillationLoss(temperature=d.temperature, label_weight=d.label_weight)
 
     def loss_fn(student_logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if d.alpha > 0:
+        if d.label_weight > 0:
             return loss(student_logits, t[:, :-1], t[:, -1].long())
         return loss(student_logits, t)
 
@@ -202,7 +202,7 @@ def _run_streaming(
             x = finish(crop.to(device))
             with torch.no_grad():
                 t = encode(teacher, clean.to(device), batch_size=batch).to(device)
-            if d.alpha > 0:
+            if d.label_weight > 0:
                 hard = torch.tensor([known.get(k, -1) for k in keys], dtype=torch.float32)
                 t = torch.cat([t, hard[:, None].to(device)], dim=1)
             yield x, t
