@@ -74,6 +74,7 @@ def main() -> None:
             "--set", f"data.test_urls={test}", "--set", "data.in_memory=false",
             "--set", "data.val_fraction=0.05", "--set", f"augment.image_size={args.size}",
             "--set", "pretrain.epochs=1", "--set", "pretrain.knn_every=0",
+            "--set", "pretrain.pseudo_label_from_epoch=0",
             "--set", "finetune.label_fractions=[1]", "--set", "finetune.epochs=1",
             "--set", "finetune.min_steps=1", "--set", "finetune.consistency.epochs=1",
             "--set", "distill.epochs=1", "--set", "evaluate.linear_epochs=2",

@@ -48,6 +48,7 @@ def main() -> None:
                     "pretrain.epochs=1",
                     f"pretrain.max_steps_per_epoch={args.steps}",
                     "pretrain.knn_every=0",
+                    "pretrain.pseudo_label_from_epoch=0",
                 ],
             )
             res = pretrain.run(cfg, {"dataset": str(ds)}, str(Path(tmp.name) / f"r{r}{in_memory}"))
