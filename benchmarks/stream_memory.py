@@ -84,6 +84,7 @@ def main() -> None:
         if rc:
             raise SystemExit(f"contrastive local failed for N={n} (rc {rc})")
         runs[n] = (peak, secs)
+        print(f"N={n}: peak {peak:.1f} MiB, {secs:.0f} s", file=sys.stderr, flush=True)
     (p1, s1), (p4, s4) = runs[args.n], runs[4 * args.n]
     emit(
         "stream_memory_growth_mib",
