@@ -50,6 +50,10 @@ bench: setup
 	$(PY) benchmarks/pipeline_throughput.py
 	$(PY) benchmarks/orchestration_overhead.py
 	$(PY) benchmarks/thread_layout.py
+	$(PY) benchmarks/read_formats.py
+	$(PY) benchmarks/stream_loader.py
+	$(PY) benchmarks/stream_vs_memory.py
+	$(PY) benchmarks/stream_memory.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info

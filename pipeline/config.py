@@ -98,8 +98,38 @@ class DataConfig(_Section):
     max_train: int | None = Field(None, ge=1, description="cap on train images (class-stratified)")
     max_test: int | None = Field(None, ge=1, description="cap on test images (class-stratified)")
     seed: int = 0
-    loader_workers: int = Field(1, ge=0, description="DataLoader worker processes")
-    in_memory: bool = Field(True, description="decode the shards once into a uint8 tensor")
+    loader_workers: int = Field(
+        1, ge=0, description="DataLoader worker processes that decode and crop (streaming path)"
+    )
+    in_memory: Literal["auto"] | bool = Field(
+        "auto",
+        description="true: decode each split once into a uint8 tensor; false: stream the shards; "
+        "auto: in memory when the decoded splits fit in memory_budget_mb",
+    )
+    memory_budget_mb: float = Field(
+        1024.0,
+        gt=0.0,
+        description="in_memory=auto: the most decoded image bytes (all splits, MiB) a stage holds "
+        "in memory; every training process holds its own copy (and on a GPU, on the device)",
+    )
+    shuffle_buffer: int = Field(
+        1000,
+        ge=1,
+        description="streaming: samples (still encoded) each loader worker shuffles in",
+    )
+
+    @field_validator("in_memory", mode="before")
+    @classmethod
+    def _in_memory(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            low = v.strip().lower()
+            table = {"auto": "auto", "true": True, "yes": True, "on": True, "1": True}
+            table.update({"false": False, "no": False, "off": False, "0": False})
+            if low in table:
+                return table[low]
+            raise ValueError("expected auto, true or false")
+        return v
+
     max_side: int | None = Field(
         None,
         ge=8,

@@ -67,9 +67,12 @@ READERS: dict[str, set[str]] = {
     "resources.cpus_per_worker": {"tune", *TRAIN, "evaluate"},
     "resources.torch_threads": {"tune", *TRAIN, "evaluate"},
     "resources.use_gpu": {"tune", *TRAIN, "evaluate"},
-    # read by no stage function: the graph's shape, runtime and bookkeeping
-    "data.loader_workers": set(),
-    "data.in_memory": set(),
+    # how the splits are read (in memory or streamed, the loader's workers and shuffle buffer):
+    # every stage that reads images, not the shard stage
+    "data.in_memory": {"tune", *TRAIN, "evaluate"},
+    "data.memory_budget_mb": {"tune", *TRAIN, "evaluate"},
+    "data.loader_workers": {"tune", *TRAIN, "evaluate"},
+    "data.shuffle_buffer": {"tune", *TRAIN, "evaluate"},
     "finetune.label_fractions": set(),  # each stage's fraction is its param
     "finetune.baseline": set(),
     "distill.enabled": set(),
@@ -100,6 +103,7 @@ SPECIAL: dict[str, tuple[dict[str, Any], Any]] = {
     "data.max_side": ({"data": {"source": "image-folder"}}, 64),
     "data.image_keys": ({}, ["png"]),
     "data.label_key": ({}, "json:label"),
+    "data.in_memory": ({}, False),
     "finetune.label_fractions": ({}, [1, 20]),
     "model.head_hidden": ({}, 64),
     "augment.image_size": ({}, 16),

@@ -47,10 +47,12 @@ def test_materialize_input_copies_once_per_node_and_names_a_missing_object(s3_bu
     uri = f"{s3_bucket}/runs/r/stages/shard/out"
     stageio.write_text(f"{uri}/dataset.json", '{"name": "x"}')
     stageio.write_text(f"{uri}/subsets/label_1.parquet", "p")
-    local = stageio.materialize_input("dataset", uri, cache=str(tmp_path))
+    # the dataset folder is read in place (streamed); any other input is copied once per node
+    assert stageio.materialize_input("dataset", uri, cache=str(tmp_path)) == uri
+    local = stageio.materialize_input("pretrain", uri, cache=str(tmp_path))
     assert Path(local, "dataset.json").read_text() == '{"name": "x"}'
     assert Path(local, "subsets", "label_1.parquet").is_file()
-    assert stageio.materialize_input("dataset", uri, cache=str(tmp_path)) == local  # cached
+    assert stageio.materialize_input("pretrain", uri, cache=str(tmp_path)) == local  # cached
     assert stageio.materialize_input("dataset", "/a/local/path") == "/a/local/path"
     with pytest.raises(FileNotFoundError, match=r"input 'teacher': s3://.*/nope\.pt does not"):
         stageio.materialize_input("teacher", f"{s3_bucket}/nope.pt", cache=str(tmp_path))

@@ -148,6 +148,12 @@ def test_corrupt_shard_names_the_file(few_shards, tmp_path):
     data = bytearray((few_shards / "train-000002.tar").read_bytes())
     data[512 + 45 : 512 + 60] = bytes(15)
     shard.write_bytes(bytes(data))
+    # the shard's recorded sha256 catches it first
+    with pytest.raises(DataError, match=r"train-000002\.tar: sha256 .* differs from dataset"):
+        load_split(ds, "train")
+    info = json.loads((ds / "dataset.json").read_text())
+    info["shard_sha256"].pop("train-000002.tar")
+    (ds / "dataset.json").write_text(json.dumps(info))
     with pytest.raises(DataError, match=r"train-000002\.tar: sample \w+: cannot decode PNG"):
         load_split(ds, "train")
     with pytest.raises(DataError, match=r"train-000002\.tar: sample \w+: cannot decode PNG"):

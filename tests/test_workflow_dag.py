@@ -153,7 +153,6 @@ def test_cache_key_changes_only_with_relevant_sections():
     k = keys(
         resources={"max_failures": 5},
         tracking={"experiment": "other"},
-        data={"loader_workers": 3},
     )
     assert k == base
     # the worker count splits every batch across ranks: each training stage is another result

@@ -54,6 +54,16 @@ _ONE_PROCESS_RESOURCES = (
     "resources.use_gpu",
 )
 
+# How the training and evaluation stages read the dataset (pipeline/stages/common.py use_memory,
+# StreamSplit): in memory or streamed (another crop implementation and random stream), and when
+# streamed, the loader workers and the shuffle buffer set which samples meet in a batch.
+_DATA_READ = (
+    "data.in_memory",
+    "data.memory_budget_mb",
+    "data.loader_workers",
+    "data.shuffle_buffer",
+)
+
 # Fine-tuning and the baseline: pipeline/stages/finetune.py (plan_for, build_network, run) and
 # the consistency phase (pipeline/stages/consistency.py). Both train at pretrain.bf16, build the
 # network from model.* and crop to augment.image_size; the seed is finetune.seed, else seed.
@@ -73,11 +83,12 @@ _SUPERVISED = (
     "finetune.crop_min_scale",
     "finetune.classifier_init",
     *_TRAIN_RESOURCES,
+    *_DATA_READ,
 )
 
 STAGE_READS: dict[str, Reads] = {
     # pipeline/stages/shard.py: the source and how it is split and sharded.
-    "shard": Reads(("data",)),
+    "shard": Reads(("data",), minus=_DATA_READ),
     # workflows/tune/: short pretraining trials (pretrain.run), scored by the online val kNN.
     "tune": Reads(
         (
@@ -89,10 +100,11 @@ STAGE_READS: dict[str, Reads] = {
             "evaluate.knn_k",
             "evaluate.knn_temperature",
             *_ONE_PROCESS_RESOURCES,
+            *_DATA_READ,
         )
     ),
     # pipeline/stages/pretrain.py.
-    "pretrain": Reads(("seed", "augment", "model", "pretrain", *_TRAIN_RESOURCES)),
+    "pretrain": Reads(("seed", "augment", "model", "pretrain", *_TRAIN_RESOURCES, *_DATA_READ)),
     # The consistency flag `baseline` only decides whether the baseline trains that way.
     "finetune": Reads(
         (*_SUPERVISED, "finetune.consistency"), minus=("finetune.consistency.baseline",)
@@ -113,6 +125,7 @@ STAGE_READS: dict[str, Reads] = {
             "distill",
             "finetune.crop_min_scale",
             *_TRAIN_RESOURCES,
+            *_DATA_READ,
         )
     ),
     # pipeline/stages/evaluate.py: probes and plots, and the report's header, which names these.
@@ -136,6 +149,7 @@ STAGE_READS: dict[str, Reads] = {
             "finetune.consistency.threshold",
             "finetune.consistency.baseline",
             *_ONE_PROCESS_RESOURCES,
+            *_DATA_READ,
         )
     ),
 }
@@ -143,8 +157,6 @@ STAGE_READS: dict[str, Reads] = {
 # Fields that change no stage's result, with the reason; they are left out of every key.
 NOT_RESULTS: dict[str, str] = {
     "name": "the run's display name",
-    "data.loader_workers": "DataLoader processes: no stage reads it",
-    "data.in_memory": "how shards are held while read: the same samples in the same order",
     "finetune.label_fractions": "shapes the graph: each stage's fraction is its own param "
     "(finetune@<p>), and evaluate's inputs name every stage",
     "finetune.baseline": "shapes the graph (whether baseline@<p> stages exist)",

@@ -47,9 +47,9 @@ __all__ = [
 ]
 
 #: Stage inputs handed to the stage as URIs, read in place (streamed) instead of copied to the
-#: node's cache. Empty while the dataset reader needs a local folder; add "dataset" once it streams
-#: shards from object storage.
-URI_INPUTS: frozenset[str] = frozenset()
+#: node's cache: the dataset folder (``pipeline.data`` reads dataset.json, subsets and shards
+#: through ``pyarrow.fs``).
+URI_INPUTS: frozenset[str] = frozenset({"dataset"})
 
 
 def is_uri(location: str) -> bool:

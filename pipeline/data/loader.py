@@ -1,51 +1,72 @@
-"""Reading a sharded dataset: streaming (``iter_samples`` / ``make_loader``) and in memory
-(``load_split``, the path training uses), plus the labelled subsets.
+"""Reading a dataset folder: as a stream (``ShardDataset`` / ``make_loader``, the path for data
+that does not fit in memory) and in memory (``load_split``), plus the labelled subsets.
 
-The tar reader is a small streaming parser (512-byte headers, GNU long names and PAX paths
-understood) instead of ``webdataset``/``tarfile``: it is several times faster on tiny members, it can
-skip the bytes of samples another reader owns, and every failure becomes a :class:`DataError`
-naming the shard file (a missing end-of-archive marker counts as truncation, so a shard cut at a
-member boundary is not read as a shorter dataset).
+The folder may be a local path or a URI (``s3://``, ``gs://``, ``file://``; see
+:mod:`pipeline.data.store`); shard refs in ``dataset.json`` are relative to it or absolute URLs
+(external WebDataset shards, ``pipe:`` commands included). Nothing is copied: each shard is read
+once, front to back, as a stream, through ``tarfile`` (webdataset's member convention:
+``<key>.<ext>``, consecutive members with one key form a sample; the image is the first present of
+``format.image_keys``, the label ``format.label_key``: ``cls`` or ``json:<field>``).
+
+Verified while reading. A shard is hashed as its bytes pass and, once read to its end, compared
+with ``dataset.json``'s ``shard_sha256`` (when recorded); its sample count with ``shard_counts``
+(or the manifest); a missing end-of-archive marker, a corrupt header or a member cut short is a
+truncated/corrupt shard; a label outside ``[0, len(classes))`` is an error. Each is one
+:class:`DataError` naming the shard (and the sample). Samples the shard stage listed as skipped
+in ``skipped.json`` (a corrupt image, a non-integer label in an external shard) are skipped again.
+A pass that stops inside a shard (the epoch's step count reached) has not verified that shard's
+hash.
 
 Work split. ``ShardDataset`` spreads samples over ``world_size`` ranks x DataLoader workers
 (``C`` consumers; consumer ``c = rank * workers + worker``). ``mode="shard"`` gives consumer ``c``
-the shards ``c, c+C, ...``; ``mode="sample"`` makes every consumer walk all shards and keep the
-samples whose running index ``i`` has ``i % C == c`` (skipping the others' bytes, not decoding
-them): balanced to +-1 sample, and correct when there are fewer shards than consumers.
-``mode="auto"`` (default) uses ``shard`` when there are at least ``C`` shards, else ``sample``.
-Either way one epoch yields every sample exactly once across all consumers.
+the shards ``c, c+C, ...`` of the epoch's shard order; ``mode="sample"`` makes every consumer walk
+all shards and keep the samples whose running index ``i`` has ``i % C == c`` (skipping the others'
+bytes, not decoding them): balanced to +-1 sample, and correct when there are fewer shards than
+consumers. ``mode="auto"`` (default) uses ``shard`` when there are at least ``C`` shards and, with
+``min_per_rank``, the shard counts give every rank at least that many samples this epoch; else
+``sample``. Either way one epoch yields every sample exactly once across all consumers.
 """
 
 from __future__ import annotations
 
-import io
+import hashlib
 import json
-import os
+import re
 import struct
+import tarfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
+from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.data.shards import DATASET_JSON, SPLITS, subset_path
+from pipeline.data import store
+from pipeline.data.decode import TensorDecoder
+from pipeline.data.shards import DATASET_JSON, MANIFEST, SPLITS, format_fraction, is_val_key
 from pipeline.data.sources import DataError
 
 __all__ = [
+    "DEFAULT_IMAGE_KEYS",
     "ShardDataset",
+    "ShardRef",
     "dataset_info",
-    "decode_png",
+    "decoded_bytes",
     "iter_samples",
     "load_split",
     "load_subset",
     "make_loader",
     "read_shard",
     "shard_paths",
+    "shard_refs",
 ]
 
+DEFAULT_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")  # webdataset's base_plus_ext
+_TAIL = 1 << 16
 _BLOCK = 512
 _ZERO = bytes(_BLOCK)
 
@@ -55,21 +76,46 @@ _ZERO = bytes(_BLOCK)
 # --------------------------------------------------------------------------------------------
 
 
-def dataset_info(dataset_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The content of ``<dataset_dir>/dataset.json`` (written last by the shard stage)."""
-    path = Path(dataset_dir) / DATASET_JSON
-    if not path.is_file():
-        raise DataError(
-            f"{path}: missing; the folder is not a finished dataset (run the shard stage)"
-        )
+def _where(dataset_dir: Any, name: str) -> str:
+    return store.join(str(dataset_dir), name)
+
+
+@lru_cache(maxsize=16)
+def _info_cached(location: str, mtime_key: Any) -> dict[str, Any]:
     try:
-        info = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise DataError(f"{path}: unreadable ({err})") from None
-    for field in ("classes", "channels", "height", "width", "counts", "shards"):
-        if field not in info:
-            raise DataError(f"{path}: no field {field!r}")
+        raw = store.read_bytes(location)
+    except DataError:
+        raise DataError(
+            f"{location}: missing; the folder is not a finished dataset (run the shard stage)"
+        ) from None
+    try:
+        info = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{location}: unreadable ({err})") from None
+    if not isinstance(info, dict):
+        raise DataError(f"{location}: not a JSON object")
+    for fld in ("classes", "channels", "height", "width", "counts", "shards"):
+        if fld not in info:
+            raise DataError(f"{location}: no field {fld!r}")
     return info
+
+
+def dataset_info(dataset_dir: Any) -> dict[str, Any]:
+    """The content of ``<dataset_dir>/dataset.json`` (written last by the shard stage)."""
+    location = _where(dataset_dir, DATASET_JSON)
+    stamp: Any = None
+    if not store.is_uri(location):
+        import os
+
+        try:
+            st = os.stat(location)
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except OSError:
+            raise DataError(
+                f"{location}: missing; the folder is not a finished dataset (run the shard stage)"
+            ) from None
+    # remote: read once per process (a finished dataset folder is not rewritten in place)
+    return dict(_info_cached(location, stamp))
 
 
 def _check_split(split: str) -> None:
@@ -77,189 +123,291 @@ def _check_split(split: str) -> None:
         raise DataError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
 
 
-def shard_paths(dataset_dir: str | os.PathLike[str], split: str) -> list[str]:
-    """The shard files of ``split``, in order (from ``dataset.json``; each must exist)."""
+def decoded_bytes(info: dict[str, Any], split: str | None = None) -> int:
+    """Bytes the in-memory path holds for ``split`` (all splits when None): ``dataset.json``'s
+    ``decoded_bytes`` when recorded, else ``count x channels x height x width``."""
+    splits = [split] if split is not None else list(SPLITS)
+    recorded = info.get("decoded_bytes") or {}
+    per = int(info["channels"]) * int(info["height"]) * int(info["width"])
+    return sum(
+        int(recorded[s]) if s in recorded else int(info["counts"].get(s, 0)) * per for s in splits
+    )
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    """One shard: its ref in ``dataset.json``, the URL it is read from, and what it must hold."""
+
+    ref: str
+    url: str
+    count: int | None = None
+    sha256: str | None = None
+    skip: frozenset[str] = field(default_factory=frozenset)
+    image_keys: tuple[str, ...] = DEFAULT_IMAGE_KEYS
+    label_key: str = "cls"
+    #: val carved out of train shards (``val_from_train``): keep the samples whose key is val
+    #: (``want_val``) or not; ``count`` then covers both
+    val_fraction: float | None = None
+    want_val: bool = False
+
+    def takes(self, key: str) -> bool:
+        """Whether a usable sample belongs to this split."""
+        if key in self.skip:
+            return False
+        if self.val_fraction is None:
+            return True
+        return is_val_key(key, self.val_fraction) == self.want_val
+
+    def __str__(self) -> str:
+        return self.url
+
+
+def _manifest_counts(dataset_dir: Any) -> dict[str, int]:
+    info = dataset_info(dataset_dir)
+    return _manifest_counts_cached(_where(dataset_dir, MANIFEST), str(info.get("digest")))
+
+
+@lru_cache(maxsize=8)
+def _manifest_counts_cached(location: str, digest: str) -> dict[str, int]:
+    import pyarrow.parquet as pq
+
+    try:
+        fs, path = store.resolve(location)
+        table = pq.read_table(path, columns=["shard"], filesystem=fs)
+    except Exception:  # noqa: BLE001 - no manifest: counts unknown, the end marker still checked
+        return {}
+    out: dict[str, int] = {}
+    for name in table.column("shard").to_pylist():
+        out[str(name)] = out.get(str(name), 0) + 1
+    return out
+
+
+def _skipped(info: dict[str, Any]) -> dict[str, set[str]]:
+    """``dataset.json``'s ``skipped_keys``: per shard ref, the samples readers leave out."""
+    raw = info.get("skipped_keys") or {}
+    return {str(k): {str(x) for x in v} for k, v in raw.items()} if isinstance(raw, dict) else {}
+
+
+def shard_refs(dataset_dir: Any, split: str) -> list[ShardRef]:
+    """The shards of ``split`` in order, with what each must hold (from ``dataset.json``)."""
     _check_split(split)
     info = dataset_info(dataset_dir)
-    paths = [str(Path(dataset_dir) / name) for name in info["shards"].get(split, [])]
-    for p in paths:
-        if not os.path.isfile(p):
-            raise DataError(f"{p}: shard listed in dataset.json is missing")
-    return paths
+    refs = [str(r) for r in info["shards"].get(split, [])]
+    counts = info.get("shard_counts") or {}
+    shas = info.get("shard_sha256") or {}
+    fmt = info.get("format") or {}
+    image_keys = tuple(fmt.get("image_keys") or DEFAULT_IMAGE_KEYS)
+    label_key = str(fmt.get("label_key") or "cls")
+    if refs and not all(r in counts for r in refs):
+        manifest = _manifest_counts(dataset_dir)
+        counts = {**manifest, **counts}
+    skipped = _skipped(info)
+    carve = info.get("val_from_train") or None
+    val_fraction = None
+    if carve and split in ("train", "val"):
+        val_fraction = float(carve["fraction"])
+    out = []
+    for r in refs:
+        url = store.join(str(dataset_dir), r)
+        skip = frozenset(skipped.get(r, set()) | skipped.get(url, set()))
+        out.append(
+            ShardRef(
+                r,
+                url,
+                int(counts[r]) if r in counts else None,
+                shas.get(r),
+                skip,
+                image_keys,
+                label_key,
+                val_fraction,
+                split == "val",
+            )
+        )
+    return out
+
+
+def shard_paths(dataset_dir: Any, split: str) -> list[str]:
+    """The shard URLs of ``split``, in order (a listed local shard that is missing is an error)."""
+    refs = shard_refs(dataset_dir, split)
+    for s in refs:
+        if not store.is_uri(s.url) and not store.exists(s.url):
+            raise DataError(f"{s.url}: shard listed in dataset.json is missing")
+    return [s.url for s in refs]
+
+
+def _as_ref(s: ShardRef | str) -> ShardRef:
+    return s if isinstance(s, ShardRef) else ShardRef(str(s), str(s))
 
 
 # --------------------------------------------------------------------------------------------
-# tar parsing
+# one shard as a stream
 # --------------------------------------------------------------------------------------------
 
 
-def _octal(field: bytes, path: str, offset: int) -> int:
-    s = field.rstrip(b"\0 ").lstrip(b" ")
+class _Tap:
+    """A read-through wrapper that hashes and counts the bytes and keeps the last ones."""
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+        self.sha = hashlib.sha256()
+        self.pos = 0
+        self.tail = b""
+
+    def read(self, n: int = -1) -> bytes:
+        b = self.f.read() if n is None or n < 0 else self.f.read(n)
+        if b:
+            self.sha.update(b)
+            self.pos += len(b)
+            self.tail = (self.tail + b)[-_TAIL:] if len(b) < _TAIL else b[-_TAIL:]
+        return b
+
+    def block_at(self, offset: int, n: int = 512) -> bytes | None:
+        start = self.pos - len(self.tail)
+        if offset < start:
+            return None
+        return self.tail[offset - start : offset - start + n]
+
+
+def _label(ref: ShardRef, key: str, parts: dict[str, bytes]) -> int:
+    lk = ref.label_key
+    if lk.startswith("json:"):
+        fld = lk[5:]
+        if "json" not in parts:
+            raise DataError(f"{ref.url}: sample {key} has no .json member")
+        try:
+            value = json.loads(parts["json"]).get(fld)
+        except (ValueError, AttributeError):
+            raise DataError(f"{ref.url}: sample {key}: .json is not a JSON object") from None
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise DataError(f"{ref.url}: sample {key}: json field {fld!r} is not an integer")
+        raw = str(value)
+    else:
+        if lk not in parts:
+            raise DataError(f"{ref.url}: sample {key} has no .{lk} member")
+        try:
+            raw = parts[lk].decode("ascii")
+        except UnicodeDecodeError:
+            raise DataError(f"{ref.url}: sample {key}: .{lk} is not an integer") from None
     try:
-        return int(s, 8) if s else 0
+        return int(raw.strip())
     except ValueError:
-        raise DataError(f"{path}: corrupt shard (bad tar header at byte {offset})") from None
+        raise DataError(f"{ref.url}: sample {key}: .{lk} is not an integer") from None
 
 
-def _read_exact(f: io.BufferedReader, n: int, path: str, what: str) -> bytes:
-    data = f.read(n)
-    if len(data) != n:
-        raise DataError(f"{path}: truncated shard (ends inside {what})")
-    return data
+def _image(ref: ShardRef, key: str, parts: dict[str, bytes]) -> bytes:
+    for ext in ref.image_keys:
+        if ext in parts:
+            return parts[ext]
+    raise DataError(
+        f"{ref.url}: sample {key} has no image member ({', '.join('.' + e for e in ref.image_keys)})"
+    )
 
 
 def _iter_raw(
-    path: str, select: Callable[[int], bool] | None = None
+    shard: ShardRef | str, select: Callable[[int], bool] | None = None
 ) -> Iterator[tuple[int, str, dict[str, bytes] | None]]:
-    """Yield ``(index, key, {ext: bytes})`` per sample of a shard; ``None`` instead of the dict for
-    samples ``select(index)`` rejects (their bytes are skipped, not read)."""
-    try:
-        f = open(path, "rb", buffering=1 << 20)  # noqa: SIM115 - closed in finally
-    except OSError as err:
-        raise DataError(f"{path}: cannot open shard ({err.strerror or err})") from None
-    try:
-        index = -1
+    """Yield ``(index, key, {ext: bytes})`` per usable sample of a shard (``index`` counts them);
+    ``None`` instead of the dict for samples ``select(index)`` rejects (their bytes are read
+    through, not kept). Verifies the shard when read to its end (module docstring)."""
+    ref = _as_ref(shard)
+    path = ref.url
+    with store.open_stream(path, "shard listed in dataset.json is missing") as f:
+        tap = _Tap(f)
+        try:
+            tar = tarfile.open(fileobj=tap, mode="r|")  # type: ignore[arg-type]
+        except tarfile.ReadError as err:
+            if tap.pos == 0:
+                raise DataError(f"{path}: truncated shard (empty file)") from None
+            raise DataError(f"{path}: corrupt shard ({err})") from None
+        index = -1  # samples of this split
+        usable = 0  # samples not skipped (all splits: what shard_counts counts)
         key: str | None = None
         parts: dict[str, bytes] | None = None
-        long_name: str | None = None
-        offset = 0
-        while True:
-            hdr = f.read(_BLOCK)
-            if len(hdr) == 0:
-                raise DataError(f"{path}: truncated shard (no end-of-archive marker)")
-            if len(hdr) < _BLOCK:
-                raise DataError(f"{path}: truncated shard (ends inside a tar header)")
-            if hdr == _ZERO:
-                break
-            if hdr[257:262] != b"ustar":
-                raise DataError(f"{path}: corrupt shard (bad tar header at byte {offset})")
-            if _octal(hdr[148:156], path, offset) != sum(hdr) - sum(hdr[148:156]) + 256:
-                raise DataError(f"{path}: corrupt shard (tar header checksum at byte {offset})")
-            size = _octal(hdr[124:136], path, offset)
-            typ = hdr[156:157]
-            padded = (size + _BLOCK - 1) // _BLOCK * _BLOCK
-            offset += _BLOCK + padded
-            if typ in (b"L", b"x"):
-                meta = _read_exact(f, padded, path, "a tar header")[:size]
-                if typ == b"L":
-                    long_name = meta.rstrip(b"\0").decode("utf-8", "replace")
-                else:
-                    for line in meta.decode("utf-8", "replace").splitlines():
-                        _, _, kv = line.partition(" ")
-                        if kv.startswith("path="):
-                            long_name = kv[5:]
-                continue
-            if typ not in (b"0", b"\0"):
-                if padded:
-                    f.seek(padded, 1)
-                long_name = None
-                continue
-            if long_name is not None:
-                name, long_name = long_name, None
-            else:
-                name = hdr[:100].rstrip(b"\0").decode("utf-8", "replace")
-                prefix = hdr[345:500].rstrip(b"\0")
-                if prefix and hdr[257:263] == b"ustar\0":
-                    name = prefix.decode("utf-8", "replace") + "/" + name
-            base = name.rsplit("/", 1)[-1]
-            k, dot, ext = base.partition(".")
-            if not dot:
-                raise DataError(f"{path}: member {name!r} has no extension")
-            if k != key:
-                if key is not None:
-                    yield index, key, parts
-                index += 1
-                key = k
-                parts = {} if select is None or select(index) else None
-            if parts is None:
-                if padded:
-                    f.seek(padded, 1)
-            else:
-                parts[ext] = _read_exact(f, padded, path, f"member {name!r}")[:size]
-        if key is not None:
-            yield index, key, parts
-    finally:
-        f.close()
+        keep = True
+
+        def flush() -> Iterator[tuple[int, str, dict[str, bytes] | None]]:
+            nonlocal index, usable
+            if key is None or key in ref.skip:
+                return
+            usable += 1
+            if not ref.takes(key):
+                return
+            index += 1
+            want = select is None or select(index)
+            yield index, key, (parts if want else None)
+
+        try:
+            while True:
+                m = tar.next()
+                tar.members.clear()  # a stream: keep no per-member state
+                if m is None:
+                    break
+                if not m.isfile():
+                    continue
+                match = _KEY_EXT.match(m.name)
+                if match is None:
+                    continue
+                k, ext = match.group(1), match.group(2).lower()
+                if k != key:
+                    yield from flush()
+                    key, parts = k, {}
+                    # whether this sample's bytes are needed (select sees the next index)
+                    keep = ref.takes(k) and (select is None or select(index + 1))
+                if keep:
+                    assert parts is not None
+                    fobj = tar.extractfile(m)
+                    parts[ext] = fobj.read() if fobj is not None else b""
+        except tarfile.TarError as err:
+            raise DataError(f"{path}: truncated shard (ends inside a member: {err})") from None
+        end = tar.offset
+        marker = tap.block_at(end)
+        while tap.read(1 << 20):  # the rest (end marker, padding): hashed too
+            pass
+        if tap.pos < end + 512:
+            raise DataError(f"{path}: truncated shard (no end-of-archive marker)")
+        if marker is not None and any(marker):
+            raise DataError(f"{path}: corrupt shard (bad tar header at byte {end})")
+        got = usable + (1 if key is not None and key not in ref.skip else 0)
+        if ref.count is not None and got != ref.count:
+            raise DataError(
+                f"{path}: truncated shard ({got} samples, dataset.json says {ref.count})"
+                if got < ref.count
+                else f"{path}: {got} samples, dataset.json says {ref.count}"
+            )
+        if ref.sha256 and tap.sha.hexdigest() != ref.sha256:
+            raise DataError(
+                f"{path}: sha256 {tap.sha.hexdigest()[:16]}... differs from dataset.json's "
+                f"{ref.sha256[:16]}... (the shard changed since it was indexed)"
+            )
+        # the last sample only now: a shard cut inside it is named as truncated, not as a
+        # sample with a missing member
+        yield from flush()
 
 
-_PNG_SIG = b"\x89PNG\r\n\x1a\n"
-_PNG_CHANNELS = {0: 1, 4: 2, 2: 3, 6: 4}
+def _decode(
+    ref: ShardRef,
+    key: str,
+    parts: dict[str, bytes],
+    decoder: Callable[[bytes, str], Any],
+    num_classes: int | None,
+) -> tuple[Any, int]:
+    label = _label(ref, key, parts)
+    if num_classes is not None and not 0 <= label < num_classes:
+        raise DataError(
+            f"{ref.url}: sample {key}: label {label} outside [0, {num_classes}) of dataset.json"
+        )
+    return decoder(_image(ref, key, parts), f"{ref.url}: sample {key}"), label
 
 
-def _fast_png(data: bytes) -> np.ndarray | None:
-    """Decode the PNGs :func:`pipeline.data.shards.encode_png` writes (8-bit, no interlace, filter
-    0 on every row) with one ``zlib.decompress``; ``None`` for anything else (PIL then decodes)."""
-    if data[:8] != _PNG_SIG or data[12:16] != b"IHDR" or len(data) < 33:
-        return None
-    w, h, depth, ctype, _, _, interlace = struct.unpack(">IIBBBBB", data[16:29])
-    c = _PNG_CHANNELS.get(ctype)
-    if depth != 8 or c is None or interlace:
-        return None
-    pos, end, idat = 33, len(data), []
-    while True:
-        if pos + 12 > end:
-            return None
-        n = int.from_bytes(data[pos : pos + 4], "big")
-        kind = data[pos + 4 : pos + 8]
-        if kind == b"IDAT":
-            idat.append(data[pos + 8 : pos + 8 + n])
-        elif kind == b"IEND":
-            break
-        pos += 12 + n
-    try:
-        raw = zlib.decompress(idat[0] if len(idat) == 1 else b"".join(idat))
-    except zlib.error:
-        return None
-    stride = 1 + w * c
-    if len(raw) != h * stride:
-        return None
-    rows = np.frombuffer(raw, dtype=np.uint8).reshape(h, stride)
-    if rows[:, 0].any():
-        return None
-    img = rows[:, 1:].reshape(h, w, c)
-    return img[..., 0] if c == 1 else img
-
-
-def decode_png(data: bytes, where: str = "") -> np.ndarray:
-    """PNG bytes -> uint8 array ``HxW`` or ``HxWxC`` (maybe read-only); failures name ``where``."""
-    img = _fast_png(data)
-    if img is not None:
-        return img
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.mode not in ("L", "LA", "RGB", "RGBA"):
-                im = im.convert("RGBA" if "A" in im.getbands() else "RGB")
-            return np.asarray(im)
-    except Exception as err:  # noqa: BLE001 - any decoder failure is a bad sample
-        raise DataError(f"{where}: cannot decode PNG ({type(err).__name__}: {err})") from None
-
-
-def _decode_sample(path: str, key: str, parts: dict[str, bytes]) -> tuple[np.ndarray, int]:
-    if "png" not in parts or "cls" not in parts:
-        missing = "png" if "png" not in parts else "cls"
-        raise DataError(f"{path}: sample {key} has no .{missing} member")
-    img = decode_png(parts["png"], f"{path}: sample {key}")
-    try:
-        label = int(parts["cls"].decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError):
-        raise DataError(f"{path}: sample {key}: .cls is not an integer") from None
-    return img, label
-
-
-def _to_chw(img: np.ndarray) -> torch.Tensor:
-    t = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True))
-    return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
-
-
-def read_shard(path: str) -> list[tuple[str, np.ndarray, int]]:
+def read_shard(path: ShardRef | str) -> list[tuple[str, np.ndarray, int]]:
     """All samples of one shard as ``(key, uint8 image HxW or HxWxC, label)``."""
-    return [
-        (key, *_decode_sample(path, key, parts))
-        for _, key, parts in _iter_raw(path)
-        if parts is not None
-    ]
+    ref = _as_ref(path)
+    out = []
+    for _, key, parts in _iter_raw(ref):
+        assert parts is not None
+        x, y = _decode(ref, key, parts, TensorDecoder(), None)
+        out.append((key, x[0].numpy() if x.shape[0] == 1 else x.permute(1, 2, 0).numpy(), y))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,24 +416,31 @@ def read_shard(path: str) -> list[tuple[str, np.ndarray, int]]:
 
 
 class ShardDataset(IterableDataset):
-    """Samples ``(image, label)`` from tar shards, split over ranks and DataLoader workers.
+    """Samples ``(x, label)`` (``(x, label, key)`` with ``with_keys``) from tar shards, split
+    over ranks and DataLoader workers (module docstring).
 
-    ``image`` is a uint8 tensor ``CxHxW`` (after ``transform``, if given). See the module
-    docstring for ``mode``. With ``shuffle`` the shard order is permuted per epoch
-    (``set_epoch``) with the same seed on every consumer, and samples pass a shuffle buffer.
+    ``x`` is ``decoder(image_bytes, where)`` (default: the uint8 ``C x H x W`` tensor), then
+    ``transform(x)`` when given. With ``shuffle`` the shard order is permuted per epoch
+    (``set_epoch``) with the same seed on every consumer, and samples pass a shuffle buffer of
+    ``buffer_size`` (still encoded: the buffer holds file bytes, not pixels). ``exclude``: keys to
+    leave out (e.g. a labelled subset); ``num_classes``: range-check the labels.
     """
 
     def __init__(
         self,
-        shard_paths: Sequence[str | os.PathLike[str]],
+        shard_paths: Sequence[ShardRef | str],
         rank: int = 0,
         world_size: int = 1,
-        transform: Callable[[torch.Tensor], Any] | None = None,
+        transform: Callable[[Any], Any] | None = None,
         mode: Literal["auto", "shard", "sample"] = "auto",
         shuffle: bool = False,
         seed: int = 0,
         buffer_size: int = 1000,
         with_keys: bool = False,
+        decoder: Callable[[bytes, str], Any] | None = None,
+        exclude: frozenset[str] | set[str] | None = None,
+        num_classes: int | None = None,
+        min_per_rank: int = 0,
     ) -> None:
         super().__init__()
         if world_size < 1:
@@ -296,55 +451,85 @@ class ShardDataset(IterableDataset):
             raise DataError(f"mode: expected auto, shard or sample (got {mode!r})")
         if buffer_size < 1:
             raise DataError(f"buffer_size: must be >= 1 (got {buffer_size})")
-        self.shard_paths = [str(p) for p in shard_paths]
+        self.shards = [_as_ref(p) for p in shard_paths]
         self.rank, self.world_size = rank, world_size
         self.transform = transform
         self.mode = mode
         self.shuffle, self.seed, self.buffer_size = shuffle, seed, buffer_size
         self.with_keys = with_keys
+        self.decoder = decoder or TensorDecoder()
+        self.exclude = frozenset(exclude or ())
+        self.num_classes = num_classes
+        self.min_per_rank = min_per_rank
         self.epoch = 0
+
+    @property
+    def shard_paths(self) -> list[str]:
+        return [s.url for s in self.shards]
 
     def set_epoch(self, epoch: int) -> None:
         """Set the epoch that seeds the shard order and the shuffle buffer."""
         self.epoch = int(epoch)
 
-    def _consumer(self) -> tuple[int, int]:
+    def _workers(self) -> tuple[int, int]:
         wi = get_worker_info()
-        nw, wid = (wi.num_workers, wi.id) if wi is not None else (1, 0)
-        return self.rank * nw + wid, self.world_size * nw
+        return (wi.num_workers, wi.id) if wi is not None else (1, 0)
 
-    def _samples(self) -> Iterator[tuple[str, np.ndarray, int]]:
-        c, n = self._consumer()
-        shards = list(self.shard_paths)
+    def _order(self) -> list[ShardRef]:
+        shards = list(self.shards)
         if self.shuffle:
             order = np.random.default_rng([self.seed, self.epoch]).permutation(len(shards))
             shards = [shards[i] for i in order]
-        mode = self.mode if self.mode != "auto" else ("shard" if len(shards) >= n else "sample")
-        if mode == "shard":
-            for path in shards[c::n]:
-                for _, key, parts in _iter_raw(path):
-                    assert parts is not None
-                    yield key, *_decode_sample(path, key, parts)
+        return shards
+
+    def split_mode(self, num_workers: int) -> str:
+        """The split this epoch uses for ``num_workers`` loader workers per rank."""
+        n = self.world_size * max(1, num_workers)
+        shards = self._order()
+        if self.mode != "auto":
+            return self.mode
+        if len(shards) < n:
+            return "sample"
+        if self.min_per_rank:
+            if any(s.count is None for s in shards):
+                return "sample"
+            nw = max(1, num_workers)
+            for r in range(self.world_size):
+                total = sum(shards[i].count or 0 for i in range(len(shards)) if i % n // nw == r)
+                if total < self.min_per_rank:
+                    return "sample"
+        return "shard"
+
+    def _samples(self) -> Iterator[tuple[ShardRef, str, dict[str, bytes]]]:
+        nw, wid = self._workers()
+        c, n = self.rank * nw + wid, self.world_size * nw
+        shards = self._order()
+        keep = (lambda k: k not in self.exclude) if self.exclude else None
+        if self.split_mode(nw) == "shard":
+            for ref in shards[c::n]:
+                for _, key, parts in _iter_raw(ref):
+                    if parts is not None and (keep is None or keep(key)):
+                        yield ref, key, parts
         else:
             seen = 0
-            for path in shards:
-                base = seen
-                count = 0
-                for i, key, parts in _iter_raw(path, lambda i, b=base: (b + i) % n == c):
+            for ref in shards:
+                base, count = seen, 0
+                for i, key, parts in _iter_raw(ref, lambda i, b=base: (b + i) % n == c):
                     count = i + 1
-                    if parts is not None:
-                        yield key, *_decode_sample(path, key, parts)
+                    if parts is not None and (keep is None or keep(key)):
+                        yield ref, key, parts
                 seen = base + count
 
     def __iter__(self) -> Iterator[Any]:
         it = self._samples()
         if self.shuffle:
-            c, _ = self._consumer()
+            nw, wid = self._workers()
+            c = self.rank * nw + wid
             it = _buffer_shuffle(
                 it, self.buffer_size, np.random.default_rng([self.seed, self.epoch, c, 1])
             )
-        for key, img, label in it:
-            x = _to_chw(img)
+        for ref, key, parts in it:
+            x, label = _decode(ref, key, parts, self.decoder, self.num_classes)
             if self.transform is not None:
                 x = self.transform(x)
             yield (x, label, key) if self.with_keys else (x, label)
@@ -359,31 +544,42 @@ def _buffer_shuffle(it: Iterator[Any], size: int, rng: np.random.Generator) -> I
         j = int(rng.integers(size))
         buf[j], item = item, buf[j]
         yield item
-    rng.shuffle(buf)  # type: ignore[arg-type]
-    yield from buf
+    order = rng.permutation(len(buf))
+    for j in order:
+        yield buf[j]
 
 
 def iter_samples(
-    shard_paths: Sequence[str | os.PathLike[str]],
+    shard_paths: Sequence[ShardRef | str],
     rank: int = 0,
     world_size: int = 1,
-    transform: Callable[[torch.Tensor], Any] | None = None,
+    transform: Callable[[Any], Any] | None = None,
     mode: Literal["auto", "shard", "sample"] = "auto",
     shuffle: bool = False,
     seed: int = 0,
     with_keys: bool = False,
+    **kwargs: Any,
 ) -> ShardDataset:
-    """An :class:`~torch.utils.data.IterableDataset` of ``(uint8 CxHxW tensor, label)`` from the
-    shards (``(x, label, key)`` with ``with_keys``); see :class:`ShardDataset`."""
+    """A :class:`ShardDataset` of ``(uint8 CxHxW tensor, label)`` from the shards (``(x, label,
+    key)`` with ``with_keys``)."""
     return ShardDataset(
-        shard_paths, rank, world_size, transform, mode, shuffle, seed, with_keys=with_keys
+        shard_paths, rank, world_size, transform, mode, shuffle, seed, with_keys=with_keys, **kwargs
     )
 
 
+def split_dataset(dataset_dir: Any, split: str, **kwargs: Any) -> ShardDataset:
+    """A :class:`ShardDataset` over ``split`` of a dataset folder: its shards with their counts
+    and hashes, labels range-checked, images converted to the dataset's channels."""
+    info = dataset_info(dataset_dir)
+    kwargs.setdefault("decoder", TensorDecoder(int(info["channels"])))
+    kwargs.setdefault("num_classes", len(info["classes"]))
+    return ShardDataset(shard_refs(dataset_dir, split), **kwargs)
+
+
 def make_loader(
-    dataset_dir: str | os.PathLike[str],
+    dataset_dir: Any,
     split: str,
-    transform: Callable[[torch.Tensor], Any] | None,
+    transform: Callable[[Any], Any] | None,
     batch_size: int,
     rank: int = 0,
     world_size: int = 1,
@@ -393,14 +589,26 @@ def make_loader(
     drop_last: bool = False,
     mode: Literal["auto", "shard", "sample"] = "auto",
     with_keys: bool = False,
+    **kwargs: Any,
 ) -> DataLoader:
-    """A DataLoader over ``split`` of a dataset folder, this rank's share of it."""
+    """A DataLoader over ``split`` of a dataset folder, this rank's share of it (``kwargs`` go to
+    :class:`ShardDataset`: ``decoder``, ``buffer_size``, ``exclude``, ``min_per_rank``...)."""
     if batch_size < 1:
         raise DataError(f"batch_size: must be >= 1 (got {batch_size})")
     if num_workers < 0:
         raise DataError(f"num_workers: must be >= 0 (got {num_workers})")
-    ds = iter_samples(
-        shard_paths(dataset_dir, split), rank, world_size, transform, mode, shuffle, seed, with_keys
+    shard_paths(dataset_dir, split)  # a missing local shard: named before workers start
+    ds = split_dataset(
+        dataset_dir,
+        split,
+        rank=rank,
+        world_size=world_size,
+        transform=transform,
+        mode=mode,
+        shuffle=shuffle,
+        seed=seed,
+        with_keys=with_keys,
+        **kwargs,
     )
     return DataLoader(
         ds,
@@ -420,8 +628,9 @@ class _Unusual(Exception):
     """A member layout the fast scanner does not handle (the streaming parser then reads it)."""
 
 
-def _scan_fast(path: str) -> list[tuple[str, dict[str, bytes]]]:
-    data = Path(path).read_bytes()
+def _scan_fast(data: bytes) -> list[tuple[str, dict[str, bytes]]]:
+    """``(key, {ext: bytes})`` of a plain ustar shard held in memory (this package's shards);
+    :class:`_Unusual` for anything else (the ``tarfile`` stream then reads it)."""
     end = len(data)
     pos = 0
     out: list[tuple[str, dict[str, bytes]]] = []
@@ -469,36 +678,67 @@ def _scan_fast(path: str) -> list[tuple[str, dict[str, bytes]]]:
     return out
 
 
-def _scan_shard(path: str) -> list[tuple[str, dict[str, bytes]]]:
-    """``(key, {ext: bytes})`` for every sample of a shard, via a whole-file fast path for plain
-    ustar shards and the streaming parser (exact error messages) otherwise."""
+_PNG_CHANNELS = {1: 0, 3: 2}  # channels -> PNG colour type (grey, RGB)
+
+
+def _memory_samples(ref: ShardRef) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """The usable samples of one shard for the in-memory path: the whole file read at once and,
+    for a plain ustar file, split by :func:`_scan_fast` (verified: sha256, count); else the
+    ``tarfile`` stream (:func:`_iter_raw`), which also names any damage precisely."""
     try:
-        return _scan_fast(path)
-    except (_Unusual, ValueError, UnicodeDecodeError):
-        return [(key, parts) for _, key, parts in _iter_raw(path) if parts is not None]
-    except OSError as err:
-        raise DataError(f"{path}: cannot read shard ({err.strerror or err})") from None
+        data = store.read_bytes(ref.url) if not ref.url.startswith("pipe:") else None
+    except DataError as err:
+        if str(err).endswith(": missing"):
+            raise DataError(f"{ref.url}: shard listed in dataset.json is missing") from None
+        raise
+    samples = None
+    if data is not None:
+        try:
+            samples = [(k, p) for k, p in _scan_fast(data) if k not in ref.skip]
+        except (_Unusual, ValueError, UnicodeDecodeError):
+            samples = None
+    if samples is None:
+        yield from ((k, p) for _, k, p in _iter_raw(ref) if p is not None)
+        return
+    n_usable = len(samples)
+    if ref.count is not None and n_usable != ref.count:
+        raise DataError(
+            f"{ref.url}: truncated shard ({n_usable} samples, dataset.json says {ref.count})"
+            if n_usable < ref.count
+            else f"{ref.url}: {n_usable} samples, dataset.json says {ref.count}"
+        )
+    samples = [(k, p) for k, p in samples if ref.takes(k)]
+    if ref.sha256:
+        got = hashlib.sha256(data).hexdigest()
+        if got != ref.sha256:
+            raise DataError(
+                f"{ref.url}: sha256 {got[:16]}... differs from dataset.json's "
+                f"{ref.sha256[:16]}... (the shard changed since it was indexed)"
+            )
+    yield from samples
 
 
 def load_split(
-    dataset_dir: str | os.PathLike[str], split: str, keys: Sequence[str] | None = None
+    dataset_dir: Any, split: str, keys: Sequence[str] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """All of ``split`` decoded into memory: ``(uint8 N x C x H x W, int64 N, keys)`` in shard order.
 
-    With ``keys``, only those samples, in the order given (an unknown key is an error). The sample
-    count is checked against ``dataset.json``. PNGs written by this package are inflated straight
-    into one buffer (one ``zlib.decompress`` each, the filter bytes checked in one vector op); any
-    other PNG goes through PIL.
+    With ``keys``, only those samples, in the order given (an unknown key is an error). Images
+    whose size differs from the dataset's nominal ``height`` x ``width`` are resized to it
+    (bilinear). Shards are verified as on the streaming path.
+
+    One small reader stays here, for speed (``benchmarks/read_formats.py``: on this package's
+    28 px PNG shards ``tarfile`` + PIL take about 10x as long, and every stage loads its splits):
+    a plain ustar shard is split in memory (:func:`_scan_fast`) and a PNG of the dataset's exact
+    size, 8 bits, filter 0 on every row (what the shard stage writes for decoded arrays) is
+    inflated with one ``zlib.decompress`` straight into the batch; every other member (JPEG,
+    WebP, other PNGs, other tar layouts) goes through ``tarfile`` and PIL.
     """
     info = dataset_info(dataset_dir)
-    paths = shard_paths(dataset_dir, split)
+    refs = shard_refs(dataset_dir, split)
     c, h, w = int(info["channels"]), int(info["height"]), int(info["width"])
-    ctype = {v: k for k, v in _PNG_CHANNELS.items()}.get(c)
-    if ctype is None:
-        raise DataError(f"{Path(dataset_dir) / DATASET_JSON}: channels {c} not in 1..4")
-    ihdr = b"IHDR" + struct.pack(">IIBBBBB", w, h, 8, ctype, 0, 0, 0)
-    stride = 1 + w * c
-    raw_len = h * stride
+    if c not in (1, 3):
+        raise DataError(f"{_where(dataset_dir, DATASET_JSON)}: channels {c} not in (1, 3)")
     want: dict[str, int] | None = None
     if keys is not None:
         want = {}
@@ -507,46 +747,50 @@ def load_split(
                 raise DataError(f"load_split({split}): key {k!r} requested twice")
             want[k] = i
     n = int(info["counts"].get(split, 0)) if want is None else len(want)
-    raws: list[bytes | None] = [None] * n
+    stride = 1 + w * c
+    rows = np.zeros((n, h, stride), dtype=np.uint8)
     labels = np.empty(n, dtype=np.int64)
     out_keys: list[str] = [""] * n
-    where: list[tuple[str, bytes]] = [("", b"")] * n  # (shard, png) to re-decode the odd one out
-    filled = total = 0
+    pending: dict[int, tuple[ShardRef, str, bytes]] = {}  # slot -> PIL decodes it
+    ihdr = b"IHDR" + struct.pack(">IIBBBBB", w, h, 8, _PNG_CHANNELS[c], 0, 0, 0)
+    raw_len = h * stride
+    n_classes = len(info["classes"])
     decompress = zlib.decompress
-    for path in paths:
-        for key, parts in _scan_shard(path):
+    filled = total = 0
+    for ref in refs:
+        for key, parts in _memory_samples(ref):
             total += 1
             if want is None:
                 slot = filled
                 if slot >= n:
                     raise DataError(
-                        f"{path}: more samples than dataset.json counts for {split} ({n})"
+                        f"{ref.url}: more samples than dataset.json counts for {split} ({n})"
                     )
             else:
                 got = want.get(key)
                 if got is None:
                     continue
                 slot = got
-            png, cls = parts.get("png"), parts.get("cls")
-            if png is None or cls is None:
-                missing = "png" if png is None else "cls"
-                raise DataError(f"{path}: sample {key} has no .{missing} member")
+            label = _label(ref, key, parts)
+            if not 0 <= label < n_classes:
+                raise DataError(
+                    f"{ref.url}: sample {key}: label {label} outside [0, {n_classes}) of "
+                    "dataset.json"
+                )
+            img = _image(ref, key, parts)
             raw = None
-            if png[12:29] == ihdr and png[37:41] == b"IDAT":
-                m = int.from_bytes(png[33:37], "big")
-                if png[49 + m : 53 + m] == b"IEND":
+            if img[12:29] == ihdr and img[37:41] == b"IDAT":
+                m = int.from_bytes(img[33:37], "big")
+                if img[49 + m : 53 + m] == b"IEND":
                     try:
-                        raw = decompress(png[41 : 41 + m])
+                        raw = decompress(img[41 : 41 + m])
                     except zlib.error:
                         raw = None
-            if raw is None or len(raw) != raw_len:
-                raw = _as_raw(decode_png(png, f"{path}: sample {key}"), (h, w, c), path, key)
-            raws[slot] = raw
-            where[slot] = (path, png)
-            try:
-                labels[slot] = int(cls)
-            except ValueError:
-                raise DataError(f"{path}: sample {key}: .cls is not an integer") from None
+            if raw is not None and len(raw) == raw_len and raw[::stride].count(0) == h:
+                rows[slot] = np.frombuffer(raw, dtype=np.uint8).reshape(h, stride)
+            else:
+                pending[slot] = (ref, key, img)
+            labels[slot] = label
             out_keys[slot] = key
             filled += 1
     if want is None and total != n:
@@ -558,49 +802,45 @@ def load_split(
         raise DataError(
             f"load_split({split}): key {missing!r} is not in {dataset_dir} ({n - filled} missing)"
         )
-    rows = np.frombuffer(b"".join(raws), dtype=np.uint8).reshape(n, h, stride)  # type: ignore[arg-type]
-    odd = np.flatnonzero(rows[:, :, 0].any(axis=1)) if n else []
-    if len(odd):  # rows with PNG filters other than 0: not written here, decode them fully
-        rows = rows.copy()
-        for i in odd:
-            path, png = where[i]
-            key = out_keys[i]
-            raw = _as_raw(decode_png(png, f"{path}: sample {key}"), (h, w, c), path, key)
-            rows[i] = np.frombuffer(raw, dtype=np.uint8).reshape(h, stride)
-    images = rows[:, :, 1:].reshape(n, h, w, c)
-    t = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
-    return t, torch.from_numpy(labels), out_keys
+    images = torch.from_numpy(
+        np.ascontiguousarray(rows[:, :, 1:].reshape(n, h, w, c).transpose(0, 3, 1, 2))
+    )
+    decoder = TensorDecoder(c, size=(h, w))
+    for slot, (ref, key, img) in pending.items():
+        images[slot] = decoder(img, f"{ref.url}: sample {key}")
+    return images, torch.from_numpy(labels), out_keys
 
 
-def _as_raw(img: np.ndarray, hwc: tuple[int, int, int], path: str, key: str) -> bytes:
-    """An image as unfiltered PNG scanlines (a zero filter byte per row), shape-checked."""
-    h, w, c = hwc
-    if img.ndim == 2:
-        img = img[..., None]
-    if img.shape != (h, w, c):
-        raise DataError(
-            f"{path}: sample {key}: image shape {tuple(img.shape)} differs from the dataset's "
-            f"{(h, w, c)}"
-        )
-    rows = np.zeros((h, 1 + w * c), dtype=np.uint8)
-    rows[:, 1:] = img.reshape(h, w * c)
-    return rows.tobytes()
-
-
-def load_subset(
-    dataset_dir: str | os.PathLike[str], fraction: float
-) -> tuple[list[str], torch.Tensor]:
+def load_subset(dataset_dir: Any, fraction: float) -> tuple[list[str], torch.Tensor]:
     """The labelled subset of ``fraction`` percent: ``(keys, int64 labels)`` (train-split keys)."""
     import pyarrow.parquet as pq
 
-    path = subset_path(dataset_dir, fraction)
-    if not path.is_file():
-        avail = sorted(p.stem.removeprefix("label_") for p in path.parent.glob("label_*.parquet"))
-        raise DataError(f"{path}: no such label subset (available: {', '.join(avail) or 'none'})")
+    location = _where(dataset_dir, f"subsets/label_{format_fraction(fraction)}.parquet")
+    fs, path = store.resolve(location)
+    if not store.exists(location):
+        try:
+            folder = _where(dataset_dir, "subsets")
+            import pyarrow.fs as pafs
+
+            sfs, spath = store.resolve(folder)
+            names = [
+                i.base_name
+                for i in sfs.get_file_info(pafs.FileSelector(spath, allow_not_found=True))
+            ]
+        except Exception:  # noqa: BLE001 - only for the message
+            names = []
+        avail = sorted(
+            n.removeprefix("label_").removesuffix(".parquet")
+            for n in names
+            if n.startswith("label_") and n.endswith(".parquet")
+        )
+        raise DataError(
+            f"{location}: no such label subset (available: {', '.join(avail) or 'none'})"
+        )
     try:
-        table = pq.read_table(path, columns=["key", "label"])
+        table = pq.read_table(path, columns=["key", "label"], filesystem=fs)
     except Exception as err:  # noqa: BLE001 - any parquet failure is a bad file
-        raise DataError(f"{path}: unreadable subset ({type(err).__name__}: {err})") from None
+        raise DataError(f"{location}: unreadable subset ({type(err).__name__}: {err})") from None
     keys = [str(k) for k in table.column("key").to_pylist()]
     labels = torch.tensor(table.column("label").to_pylist(), dtype=torch.int64)
     return keys, labels

@@ -201,10 +201,20 @@ class BatchTwoViewAugment:
 
     def view(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """One augmented, normalised view of a float batch in [0, 1]."""
-        b, _, h, w = x.shape
+        b = x.shape[0]
         dev = x.device
         r = lambda: self._rand(b, dev, generator)  # noqa: E731
+        return self._finish(self._crop(x, r), r)
 
+    def crop(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The random resized crop + flip of :meth:`view` alone: float ``(B, C, size, size)`` in
+        [0, 1] (finish with :meth:`colour`)."""
+        x = _to_unit(images)
+        b = x.shape[0]
+        return self._crop(x, lambda: self._rand(b, x.device, generator))
+
+    def _crop(self, x: torch.Tensor, r) -> torch.Tensor:
+        _, _, h, w = x.shape
         # random resized crop + flip, as one affine map of normalised coordinates
         area = self.crop_min_scale + (1.0 - self.crop_min_scale) * r()
         log_ratio = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * r()
@@ -214,8 +224,23 @@ class BatchTwoViewAugment:
         cx = (2 * r() - 1) * (1 - cw)  # crop centre, normalised coords
         cy = (2 * r() - 1) * (1 - ch)
         flip = torch.where(r() < 0.5, -1.0, 1.0)
-        v = crop_resize(x, cw * flip, cx, ch, cy, self.size)
+        return crop_resize(x, cw * flip, cx, ch, cy, self.size)
 
+    def colour(self, views: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The rest of a view after its crop: ``views`` are already cropped and flipped
+        ``(B, C, size, size)`` (uint8 or [0, 1] float; the streaming path crops each sample in a
+        loader worker, :class:`pipeline.data.decode.CropViews`); colour jitter, greyscale, blur
+        and normalisation with the distribution of :meth:`view`."""
+        if views.ndim != 4 or views.shape[1] != self.channels:
+            raise ValueError(
+                f"views: expected (B, {self.channels}, S, S), got shape {tuple(views.shape)}"
+            )
+        v = _to_unit(views)
+        b = v.shape[0]
+        return self._finish(v, lambda: self._rand(b, v.device, generator))
+
+    def _finish(self, v: torch.Tensor, r) -> torch.Tensor:
+        b = v.shape[0]
         s = self.strength
         if s > 0:
             apply = (r() < 0.8).view(b, 1, 1, 1)

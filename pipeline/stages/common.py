@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import Config
-from pipeline.data import dataset_info, load_split, load_subset
+from pipeline.data import dataset_info, load_split, load_subset, make_loader
+from pipeline.data.loader import decoded_bytes
 from pipeline.data.transforms import BatchTwoViewAugment, normalize_batch
 from pipeline.runtime import atomic_write_text
 
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "SplitData",
+    "StreamSplit",
     "accuracy",
     "batches",
     "encode",
@@ -37,6 +39,7 @@ __all__ = [
     "seed_everything",
     "set_rng_state",
     "single_view_augment",
+    "use_memory",
     "write_json",
 ]
 
@@ -325,3 +328,162 @@ def out_path(out_dir: str | os.PathLike[str], name: str) -> str:
     p = Path(out_dir) / name
     p.parent.mkdir(parents=True, exist_ok=True)
     return str(p)
+
+
+# --------------------------------------------------------------------------------------------
+# the streaming path
+# --------------------------------------------------------------------------------------------
+
+
+def use_memory(cfg: Config, info: dict[str, Any]) -> bool:
+    """Whether the stages hold the decoded splits in memory (``data.in_memory``; ``auto``: when
+    all splits' decoded bytes fit in ``data.memory_budget_mb``) or stream the shards."""
+    mode = cfg.data.in_memory
+    if isinstance(mode, bool):
+        return mode
+    return decoded_bytes(info) <= cfg.data.memory_budget_mb * 2**20
+
+
+def _cat(parts: list[Any]) -> Any:
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(parts)
+    if isinstance(parts[0], (list, tuple)) and parts[0] and isinstance(parts[0][0], str):
+        return [k for p in parts for k in p]
+    return type(parts[0])(_cat([p[i] for p in parts]) for i in range(len(parts[0])))
+
+
+def _take(x: Any, a: int, b: int) -> Any:
+    if isinstance(x, torch.Tensor) or (isinstance(x, list) and (not x or isinstance(x[0], str))):
+        return x[a:b]
+    return type(x)(_take(v, a, b) for v in x)
+
+
+class StreamSplit:
+    """One split read as a stream by this rank: batches of decoded views made in
+    ``data.loader_workers`` DataLoader processes.
+
+    Epochs and DDP. Each rank takes exactly the number of steps the caller asks for
+    (:meth:`batches`), the same on every rank; the caller derives it from the split's count in
+    ``dataset.json`` as the in-memory path does (e.g. ``count // world // batch``). The shard order
+    and the shuffle buffer are re-seeded per epoch; samples are split over ranks x workers by
+    shards when the shard counts give every rank its steps' worth, else by sample index
+    (:class:`pipeline.data.loader.ShardDataset`). What a rank's share holds beyond its steps is
+    not seen that epoch (as the in-memory path leaves ``count % (world * batch)`` samples out);
+    a share that runs out first (uneven shards) is read again from its start. A stage resumed in
+    the middle of an epoch restarts that epoch.
+    """
+
+    def __init__(
+        self, cfg: Config, dataset_dir: str, split: str, rank: int = 0, world: int = 1
+    ) -> None:
+        self.cfg, self.dataset_dir, self.split = cfg, dataset_dir, split
+        self.rank, self.world = rank, world
+        self.info = dataset_info(dataset_dir)
+        self.count = int(self.info["counts"].get(split, 0))
+        self.channels = int(self.info["channels"])
+
+    def loader(
+        self,
+        decoder: Any,
+        batch: int,
+        *,
+        epoch: int = 0,
+        shuffle: bool = True,
+        exclude: Any = None,
+        min_per_rank: int = 0,
+        rank: int | None = None,
+        world: int | None = None,
+        workers: int | None = None,
+    ) -> torch.utils.data.DataLoader:
+        d = self.cfg.data
+        loader = make_loader(
+            self.dataset_dir,
+            self.split,
+            None,
+            batch_size=batch,
+            rank=self.rank if rank is None else rank,
+            world_size=self.world if world is None else world,
+            num_workers=d.loader_workers if workers is None else workers,
+            shuffle=shuffle,
+            seed=self.cfg.seed * 1_000_003 + 17,
+            with_keys=True,
+            decoder=decoder,
+            buffer_size=d.shuffle_buffer,
+            exclude=frozenset(exclude or ()),
+            min_per_rank=min_per_rank,
+        )
+        loader.dataset.set_epoch(epoch)
+        return loader
+
+    def batches(
+        self,
+        decoder: Any,
+        batch: int,
+        steps: int,
+        *,
+        epoch: int,
+        exclude: Any = None,
+    ) -> Iterator[tuple[Any, torch.Tensor, list[str]]]:
+        """Exactly ``steps`` batches ``(views, labels, keys)`` of ``batch`` samples each."""
+        passes = 0
+        buf: list[Any] = []
+        have = 0
+        made = 0
+        while made < steps:
+            loader = self.loader(
+                decoder,
+                batch,
+                epoch=epoch * 1000 + passes,
+                exclude=exclude,
+                min_per_rank=steps * batch,
+            )
+            got_any = False
+            for x, y, keys in loader:
+                got_any = True
+                buf.append((x, y, list(keys)))
+                have += len(keys)
+                while have >= batch and made < steps:
+                    joined = _cat(buf) if len(buf) > 1 else buf[0]
+                    yield tuple(_take(v, 0, batch) for v in joined)  # type: ignore[misc]
+                    made += 1
+                    rest = tuple(_take(v, batch, have) for v in joined)
+                    have -= batch
+                    buf = [rest] if have else []
+                if made >= steps:
+                    break
+            del loader
+            if not got_any:
+                raise ValueError(
+                    f"{self.split} split of {self.dataset_dir}: this rank's share is empty"
+                )
+            passes += 1
+
+    @torch.no_grad()
+    def features(
+        self,
+        module: nn.Module,
+        size: int,
+        limit: int | None = None,
+        batch: int = 256,
+    ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """``module``'s outputs (eval mode) on the whole split (or its first ``limit`` samples)
+        in shard order, batch by batch: ``(features (N, D) float32, labels, keys)``. Only the
+        outputs are kept, never the images."""
+        from pipeline.data.decode import ResizeView
+
+        loader = self.loader(ResizeView(size, self.channels), batch, shuffle=False, rank=0, world=1)
+        feats, labels, keys = [], [], []
+        n = 0
+        for x, y, k in loader:
+            if limit is not None and n >= limit:
+                break
+            if limit is not None and n + len(k) > limit:
+                x, y, k = x[: limit - n], y[: limit - n], list(k)[: limit - n]
+            feats.append(encode(module, x, batch_size=batch))
+            labels.append(y)
+            keys.extend(k)
+            n += len(k)
+        del loader
+        if not feats:
+            return torch.empty(0), torch.empty(0, dtype=torch.long), []
+        return torch.cat(feats), torch.cat(labels).long(), keys

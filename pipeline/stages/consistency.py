@@ -73,6 +73,7 @@ def fit_consistency(
     name: str = "consistency",
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
     unlabeled_labels: torch.Tensor | None = None,
+    stream: Any = None,
 ) -> list[dict[str, Any]]:
     """Run ``cfg.epochs`` epochs over ``unlabeled_images`` (uint8, N×C×H×W) after the supervised
     ``history``; returns that history extended by one row per epoch.
@@ -81,8 +82,14 @@ def fit_consistency(
     often the confident pseudo-labels are right (``pseudo_label_acc``, monitoring).
     Checkpoints every epoch through ``ctx``; ``resume`` (the stage's latest checkpoint, loaded
     by the caller) continues from it when the consistency phase wrote it.
+
+    Streaming: ``stream(epoch, batch, steps)`` yields exactly ``steps`` batches ``(weak crops,
+    strong crops, true labels)`` of the unlabeled images (uint8, cropped in loader workers),
+    ``stream.count`` is their number and ``stream.colours`` the (weak, strong) colour halves;
+    ``unlabeled_images`` is then unused and the true labels measure ``pseudo_label_acc``.
     """
-    n_u, n_l = int(unlabeled_images.shape[0]), int(labeled_images.shape[0])
+    n_u = int(unlabeled_images.shape[0]) if stream is None else int(stream.count)
+    n_l = int(labeled_images.shape[0])
     if n_l == 0:
         raise ValueError(f"{name}: no labeled images")
     rank, world = ctx.rank, ctx.world_size
@@ -97,7 +104,8 @@ def fit_consistency(
     total = steps * cfg.epochs
     net = ctx.prepare_model(model)
     device = ctx.device
-    unlabeled_images = unlabeled_images.to(device)
+    if stream is None:
+        unlabeled_images = unlabeled_images.to(device)
     labeled_images, labeled_labels = labeled_images.to(device), labeled_labels.to(device)
     if unlabeled_labels is not None:
         unlabeled_labels = unlabeled_labels.to(device)
@@ -126,12 +134,27 @@ def fit_consistency(
         # labeled loss, unlabeled loss, kept targets, right targets: on the device, read per epoch
         sums = torch.zeros(4, device=device)
         # Every rank takes the same number of steps (DDP), whatever n_u % world is.
-        draws = batches(n_u, b_u, epoch=epoch, seed=seed + 31, rank=rank, world_size=world)
-        for step, idx in enumerate(itertools.islice(draws, steps)):
-            xu = unlabeled_images[idx]
+        if stream is None:
+            draws = batches(n_u, b_u, epoch=epoch, seed=seed + 31, rank=rank, world_size=world)
+            draws = itertools.islice(draws, steps)
+        else:
+            draws = stream(epoch, b_u, steps)
+            weak_c, strong_c = stream.colours
+        for step, item in enumerate(draws):
+            if stream is None:
+                idx = item
+                xu = unlabeled_images[idx]
+                weak_u, strong_u = (lambda xu=xu: weak(xu)), (lambda xu=xu: strong(xu))
+                yu = unlabeled_labels[idx] if unlabeled_labels is not None else None
+            else:
+                wc, sc, yu = item
+                idx = yu
+                wc, sc, yu = wc.to(device), sc.to(device), yu.to(device)
+                weak_u = lambda wc=wc, f=weak_c: f(wc)  # noqa: E731
+                strong_u = lambda sc=sc, f=strong_c: f(sc)  # noqa: E731
             model.eval()
             with torch.no_grad(), autocast:
-                weak_logits = model(weak(xu)).float()  # (b_u, K): the targets, no gradient
+                weak_logits = model(weak_u()).float()  # (b_u, K): the targets, no gradient
             if cfg.distribution_alignment:
                 if prior is None:
                     # A class missing from the labeled subset counts once (the target must be > 0).
@@ -145,7 +168,7 @@ def fit_consistency(
                 weak_logits = align_distribution(weak_logits, running, prior)
             net.train()
             li = order_l[(step * world + rank) * b_l : (step * world + rank + 1) * b_l]
-            x = torch.cat([weak(labeled_images[li]), strong(xu)])  # (b_l + b_u, C, H, W)
+            x = torch.cat([weak(labeled_images[li]), strong_u()])  # (b_l + b_u, C, H, W)
             with autocast:
                 logits = net(x)
             logits = logits.float()
@@ -161,11 +184,7 @@ def fit_consistency(
             sched.step()
             loss_sum += value
             targets, keep = confident_targets(weak_logits, cfg.threshold)
-            right = (
-                ((targets == unlabeled_labels[idx]) & keep).sum()
-                if unlabeled_labels is not None
-                else keep.new_zeros(())
-            )
+            right = ((targets == yu) & keep).sum() if yu is not None else keep.new_zeros(())
             sums += torch.stack([sup.detach(), uns.detach(), keep.sum(), right]).float()
             meter.add((len(idx) + len(li)) * world)
         sup_sum, uns_sum, kept, right_sum = sums.tolist()
@@ -180,7 +199,7 @@ def fit_consistency(
             "images_per_s": meter.rate,
             "epoch_seconds": meter.seconds,
         }
-        if unlabeled_labels is not None:
+        if unlabeled_labels is not None or stream is not None:
             metrics["pseudo_label_acc"] = 100.0 * right_sum / max(kept, 1.0)
         if evaluate is not None and epoch + 1 == cfg.epochs:
             metrics.update(evaluate(model))

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from pipeline.config import Config, ModelConfig
-from pipeline.data import dataset_info
+from pipeline.data import dataset_info, load_subset
+from pipeline.data.transforms import BatchTwoViewAugment
 from pipeline.distributed import convert_sync_batchnorm
 from pipeline.losses import DistillationLoss
 from pipeline.models import (
@@ -30,12 +31,14 @@ from pipeline.models import (
 )
 from pipeline.runtime import LocalContext, StageResult, TrainContext
 from pipeline.stages.common import (
+    StreamSplit,
     accuracy,
     encode,
     load_data,
     seed_everything,
     single_view_augment,
     subset_keys,
+    use_memory,
     write_json,
 )
 from pipeline.stages.pretrain import view_size
@@ -67,6 +70,9 @@ def run(
     seed_everything(cfg.supervised_seed * 100 + ctx.rank)
     info = dataset_info(ds)
     channels, size, n_classes = int(info["channels"]), view_size(cfg, info), len(info["classes"])
+    streaming = not use_memory(cfg, info)
+    if streaming:
+        return _run_streaming(cfg, inputs, out, ctx, info, fraction)
     train = load_data(ds, "train")
     val = load_data(ds, "val")
 
@@ -127,6 +133,111 @@ def run(
         ctx=ctx,
         evaluate=evaluate,
     )
+    return _finish(out, ctx, history, student, smodel_cfg, channels, n_classes, teacher_params)
+
+
+def _plan(cfg: Config, fraction: float) -> SupervisedPlan:
+    d = cfg.distill
+    return SupervisedPlan(
+        epochs=d.epochs,
+        batch_size=d.batch_size,
+        lr=d.lr,
+        weight_decay=d.weight_decay,
+        optimizer="adamw",
+        seed=cfg.supervised_seed,
+        bf16=cfg.pretrain.bf16,
+        name=f"distill@{fraction:g}",
+    )
+
+
+def _student(cfg: Config, channels: int, n_classes: int, world: int) -> tuple[Any, Classifier]:
+    smodel_cfg = student_model_config(cfg)
+    backbone, feat_dim = backbone_from(build_contrastive_model(smodel_cfg, channels), 0)
+    student = Classifier(backbone, feat_dim, n_classes)
+    if world > 1:
+        student = convert_sync_batchnorm(student)
+    return smodel_cfg, student
+
+
+def _run_streaming(
+    cfg: Config,
+    inputs: dict[str, str],
+    out: Path,
+    ctx: TrainContext,
+    info: dict[str, Any],
+    fraction: float,
+) -> StageResult:
+    """:func:`run` on the streaming path. The teacher's logits are computed per batch on the
+    clean (resized, un-augmented) view of the same samples the student sees cropped, instead
+    of once for the whole split: the same targets, with no N x K table held."""
+    from pipeline.data.decode import CropViews
+
+    d = cfg.distill
+    ds = inputs["dataset"]
+    channels, size, n_classes = int(info["channels"]), view_size(cfg, info), len(info["classes"])
+    train = StreamSplit(cfg, ds, "train", ctx.rank, ctx.world_size)
+    val = StreamSplit(cfg, ds, "val")
+    device = ctx.device
+    teacher = load_model(inputs["teacher"], map_location=device)
+    teacher_params = count_params(teacher)
+    teacher.eval()
+    known: dict[str, int] = {}
+    if d.label_weight > 0:
+        keys, labels = load_subset(ds, fraction)
+        known = dict(zip(keys, labels.tolist(), strict=True))
+    loss = DistillationLoss(temperature=d.temperature, label_weight=d.label_weight)
+
+    def loss_fn(student_logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if d.label_weight > 0:
+            return loss(student_logits, t[:, :-1], t[:, -1].long())
+        return loss(student_logits, t)
+
+    smodel_cfg, student = _student(cfg, channels, n_classes, ctx.world_size)
+    crop_scale = d.crop_min_scale if d.crop_min_scale is not None else cfg.finetune.crop_min_scale
+    finish = BatchTwoViewAugment(size=size, channels=channels, strength=0.0).colour
+    crops = CropViews(size, channels, (crop_scale,), eval_view=True)
+
+    def stream(epoch: int, batch: int, steps: int):
+        for (crop, clean), _y, keys in train.batches(crops, batch, steps, epoch=epoch):
+            x = finish(crop.to(device))
+            with torch.no_grad():
+                t = encode(teacher, clean.to(device), batch_size=batch).to(device)
+            if d.label_weight > 0:
+                hard = torch.tensor([known.get(k, -1) for k in keys], dtype=torch.float32)
+                t = torch.cat([t, hard[:, None].to(device)], dim=1)
+            yield x, t
+
+    def evaluate(m: torch.nn.Module) -> dict[str, float]:
+        logits, labels, _ = val.features(m, size)
+        return {"val_top1": accuracy(logits, labels)} if len(labels) else {}
+
+    history = fit(
+        student,
+        None,  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
+        loss_fn=loss_fn,
+        augment=finish,
+        plan=_plan(cfg, fraction),
+        ctx=ctx,
+        evaluate=evaluate,
+        stream=stream,
+        stream_count=train.count,
+    )
+    result = _finish(out, ctx, history, student, smodel_cfg, channels, n_classes, teacher_params)
+    result.metrics["data_streaming"] = 1.0
+    return result
+
+
+def _finish(
+    out: Path,
+    ctx: TrainContext,
+    history: list[dict[str, Any]],
+    student: Classifier,
+    smodel_cfg: ModelConfig,
+    channels: int,
+    n_classes: int,
+    teacher_params: int,
+) -> StageResult:
     outputs = {"model": str(out / "model.pt"), "history": str(out / "history.json")}
     final = history[-1]
     metrics: dict[str, Any] = {}
@@ -136,6 +247,7 @@ def run(
         student_params=float(count_params(student)),
         teacher_params=float(teacher_params),
         train_loss=final["loss"],
+        data_streaming=0.0,
     )
     if ctx.rank == 0:
         save_model(

@@ -20,6 +20,7 @@ from pipeline.data import dataset_info, format_fraction
 from pipeline.models import count_params, load_model
 from pipeline.runtime import StageResult, TrainContext, atomic_write_text
 from pipeline.stages.common import (
+    StreamSplit,
     accuracy,
     encode,
     fit_linear_probe,
@@ -27,6 +28,7 @@ from pipeline.stages.common import (
     load_data,
     seed_everything,
     subset_keys,
+    use_memory,
     write_json,
 )
 from pipeline.stages.pretrain import view_size
@@ -59,7 +61,7 @@ def run(
     info = dataset_info(ds)
     size, classes = view_size(cfg, info), list(info["classes"])
     k = len(classes)
-    train, test = load_data(ds, "train"), load_data(ds, "test")
+    streaming = not use_memory(cfg, info)
     report: dict[str, Any] = {
         "dataset": info.get("name", cfg.data.source),
         "digest": info.get("digest"),
@@ -67,19 +69,33 @@ def run(
 
     device = ctx.device if ctx is not None else torch.device("cpu")  # where the models run
     encoder = load_model(inputs["pretrain"], map_location=device).encoder
-    f_train = encode(encoder, train.images, size=size)  # (N, D)
-    f_test = encode(encoder, test.images, size=size)  # (M, D)
-    knn = knn_predict(f_train, train.labels, f_test, k, k=e.knn_k, temperature=e.knn_temperature)
-    report["knn_top1"] = accuracy(knn, test.labels)
+    if streaming:  # features batch by batch; no image is held
+        train_s, test_s = StreamSplit(cfg, ds, "train"), StreamSplit(cfg, ds, "test")
+        f_train, train_labels, train_keys = train_s.features(encoder, size)
+        f_test, test_labels, _ = test_s.features(encoder, size)
+
+        def outputs_on_test(m: torch.nn.Module) -> torch.Tensor:
+            return test_s.features(m, size)[0]
+    else:
+        train, test = load_data(ds, "train"), load_data(ds, "test")
+        train_labels, train_keys, test_labels = train.labels, train.keys, test.labels
+        f_train = encode(encoder, train.images, size=size)  # (N, D)
+        f_test = encode(encoder, test.images, size=size)  # (M, D)
+
+        def outputs_on_test(m: torch.nn.Module) -> torch.Tensor:
+            return encode(m, test.images, size=size)
+
+    knn = knn_predict(f_train, train_labels, f_test, k, k=e.knn_k, temperature=e.knn_temperature)
+    report["knn_top1"] = accuracy(knn, test_labels)
     probe = fit_linear_probe(
-        f_train, train.labels, k, epochs=e.linear_epochs, lr=e.linear_lr, seed=cfg.seed
+        f_train, train_labels, k, epochs=e.linear_epochs, lr=e.linear_lr, seed=cfg.seed
     )
     with torch.no_grad():
-        report["linear_full_top1"] = accuracy(probe(f_test), test.labels)
+        report["linear_full_top1"] = accuracy(probe(f_test), test_labels)
     report["encoder_params"] = count_params(encoder)
 
     fractions: dict[str, dict[str, Any]] = {}
-    pos = {key: i for i, key in enumerate(train.keys)}
+    pos = {key: i for i, key in enumerate(train_keys)}
     for p in cfg.finetune.label_fractions:
         name = format_fraction(p)
         row: dict[str, Any] = {"labeled_images": 0}
@@ -88,14 +104,14 @@ def run(
         idx = torch.tensor([pos[x] for x in keys])
         probe_p = fit_linear_probe(
             f_train[idx],
-            train.labels[idx],
+            train_labels[idx],
             k,
             epochs=e.linear_epochs,
             lr=e.linear_lr,
             seed=cfg.seed,
         )
         with torch.no_grad():
-            row["linear_top1"] = accuracy(probe_p(f_test), test.labels)
+            row["linear_top1"] = accuracy(probe_p(f_test), test_labels)
         for role, key in (
             ("finetune", f"finetune@{name}"),
             ("baseline", f"baseline@{name}"),
@@ -104,15 +120,15 @@ def run(
             if key not in inputs:
                 continue
             model = load_model(inputs[key], map_location=device)
-            top = _top(encode(model, test.images, size=size), test.labels)
+            top = _top(outputs_on_test(model), test_labels)
             row[f"{role}_top1"], row[f"{role}_top5"] = top["top1"], top["top5"]
             row[f"{role}_params"] = count_params(model)
         if "finetune_params" in row:
             row["teacher_params"] = row["finetune_params"]
         fractions[name] = row
     report["fractions"] = fractions
-    report["test_images"] = len(test)
-    report["train_images"] = len(train)
+    report["test_images"] = len(test_labels)
+    report["train_images"] = len(train_labels)
     report["eval_seconds"] = time.perf_counter() - t0
     report["wall_seconds"] = (time.time() - started_at) if started_at else report["eval_seconds"]
 
@@ -121,13 +137,14 @@ def run(
         "report_md": str(out / "report.md"),
         "report_html": str(out / "report.html"),
     }
-    plots = _plots(cfg, inputs, report, f_test, test.labels, classes, out)
+    plots = _plots(cfg, inputs, report, f_test, test_labels, classes, out)
     outputs.update(plots)
     report["plots"] = {k_: Path(v).name for k_, v in plots.items()}
     write_json(outputs["report_json"], report)
     atomic_write_text(outputs["report_md"], render_markdown(report, cfg))
     atomic_write_text(outputs["report_html"], render_html(report, cfg, out))
     metrics = {"knn_top1": report["knn_top1"], "linear_full_top1": report["linear_full_top1"]}
+    metrics["data_streaming"] = float(streaming)
     for name, row in fractions.items():
         for key_, v in row.items():
             if key_.endswith("top1"):

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import Config
-from pipeline.data import dataset_info
+from pipeline.data import dataset_info, load_split
 from pipeline.data.transforms import BatchTwoViewAugment
 from pipeline.distributed import convert_sync_batchnorm
 from pipeline.models import (
@@ -32,6 +32,8 @@ from pipeline.models import (
 )
 from pipeline.runtime import LocalContext, StageResult, TrainContext
 from pipeline.stages.common import (
+    SplitData,
+    StreamSplit,
     accuracy,
     encode,
     fit_linear_probe,
@@ -39,6 +41,7 @@ from pipeline.stages.common import (
     seed_everything,
     single_view_augment,
     subset_keys,
+    use_memory,
 )
 from pipeline.stages.consistency import fit_consistency, resumes_consistency
 from pipeline.stages.pretrain import view_size
@@ -121,10 +124,17 @@ def run(
     seed_everything(cfg.supervised_seed * 100 + ctx.rank)
     info = dataset_info(ds)
     channels, size, n_classes = int(info["channels"]), view_size(cfg, info), len(info["classes"])
-    train = load_data(ds, "train")
+    streaming = not use_memory(cfg, info)
     keys = subset_keys(ds, fraction)
-    labeled = train.take(keys)
-    val = load_data(ds, "val")
+    if streaming:  # the labeled subset is small: in memory; the rest streams
+        images, labels_l, keys_l = load_split(ds, "train", keys=keys)
+        labeled = SplitData(images, labels_l, keys_l)
+        train_stream = StreamSplit(cfg, ds, "train", ctx.rank, ctx.world_size)
+        val_stream = StreamSplit(cfg, ds, "val")
+    else:
+        train = load_data(ds, "train")
+        labeled = train.take(keys)
+        val = load_data(ds, "val")
     model = build_network(cfg, channels, n_classes, None if baseline else inputs["pretrain"])
     if ctx.world_size > 1:
         model = convert_sync_batchnorm(model)
@@ -133,6 +143,9 @@ def run(
         probe_init(model, labeled.images, labeled.labels, size, n_classes, seed=cfg.supervised_seed)
 
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
+        if streaming:
+            logits, labels, _ = val_stream.features(m, size)
+            return {"val_top1": accuracy(logits, labels)} if len(labels) else {}
         logits = encode(m, val.images, size=size)
         return {"val_top1": accuracy(logits, val.labels)} if len(val) else {}
 
@@ -154,15 +167,35 @@ def run(
             evaluate=None if consistency else evaluate,
         )
     if consistency:
-        unlabeled = train.drop(keys)
-        strong = BatchTwoViewAugment(
+        strong_aug = BatchTwoViewAugment(
             size=size, channels=channels, strength=c.strength, crop_min_scale=c.crop_min_scale
-        ).single
+        )
+        strong = strong_aug.single
+        unlabeled_stream = None
+        if streaming:
+            from pipeline.data.decode import CropViews
+
+            weak_colour = BatchTwoViewAugment(size=size, channels=channels, strength=0.0).colour
+            crops = CropViews(size, channels, (cfg.finetune.crop_min_scale, c.crop_min_scale))
+            excluded = frozenset(keys)
+
+            def unlabeled_stream(epoch: int, batch: int, steps: int):
+                for (w, st), y, _k in train_stream.batches(
+                    crops, batch, steps, epoch=epoch, exclude=excluded
+                ):
+                    yield w, st, y
+
+            unlabeled_stream.count = train_stream.count - len(keys)  # type: ignore[attr-defined]
+            unlabeled_stream.colours = (weak_colour, strong_aug.colour)  # type: ignore[attr-defined]
+            unlabeled = SplitData(torch.empty(0, dtype=torch.uint8), torch.empty(0), [])
+        else:
+            unlabeled = train.drop(keys)
         history = fit_consistency(
             model,
             labeled.images,
             labeled.labels,
             unlabeled.images,
+            stream=unlabeled_stream,
             cfg=c,
             weak=augment,
             strong=strong,
@@ -174,7 +207,7 @@ def run(
             bf16=cfg.pretrain.bf16,
             name=name,
             evaluate=evaluate,
-            unlabeled_labels=unlabeled.labels,
+            unlabeled_labels=None if streaming else unlabeled.labels,
         )
     outputs = {"model": str(out / "model.pt"), "history": str(out / "history.json")}
     metrics: dict[str, Any] = {}
@@ -185,6 +218,7 @@ def run(
         labeled_images=float(len(labeled)),
         params=float(count_params(model)),
         train_loss=final["loss"],
+        data_streaming=float(streaming),
     )
     if ctx.rank == 0:
         from pipeline.stages.common import write_json

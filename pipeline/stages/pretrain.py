@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import Config
-from pipeline.data import dataset_info
+from pipeline.data import dataset_info, load_split, load_subset
 from pipeline.data.transforms import BatchTwoViewAugment
 from pipeline.distributed import convert_sync_batchnorm
 from pipeline.losses import SupConLoss
@@ -31,6 +31,7 @@ from pipeline.optim import build_optimizer, scale_lr, warmup_cosine
 from pipeline.runtime import LocalContext, StageResult, TrainContext
 from pipeline.stages.common import (
     SplitData,
+    StreamSplit,
     Throughput,
     accuracy,
     batches,
@@ -41,6 +42,7 @@ from pipeline.stages.common import (
     seed_everything,
     subset_keys,
     training_state,
+    use_memory,
     write_json,
 )
 
@@ -168,6 +170,9 @@ def run(
 
     info = dataset_info(ds)
     channels, size = int(info["channels"]), view_size(cfg, info)
+    in_memory = use_memory(cfg, info)
+    if not in_memory:
+        return _run_streaming(cfg, ds, out, ctx, info)
     train = load_data(ds, "train")
     if len(train) < p.batch_size:
         raise ValueError(
@@ -296,10 +301,24 @@ def run(
             f" val kNN {metrics['val_knn_top1']:.2f}%" if "val_knn_top1" in metrics else "",
         )
 
+    return _finish(cfg, out, model, channels, n_params, history, rank, streaming=False)
+
+
+def _finish(
+    cfg: Config,
+    out: Path,
+    model: torch.nn.Module,
+    channels: int,
+    n_params: int,
+    history: list[dict[str, Any]],
+    rank: int,
+    streaming: bool,
+) -> StageResult:
     outputs = {"model": str(out / "model.pt"), "history": str(out / "history.json")}
     final = dict(history[-1]) if history else {}
     metrics_out = {k: float(v) for k, v in final.items() if isinstance(v, (int, float))}
     metrics_out["params"] = float(n_params)
+    metrics_out["data_streaming"] = float(streaming)
     if rank == 0:
         save_model(
             outputs["model"],
@@ -335,3 +354,184 @@ def knn_accuracy(
         temperature=cfg.evaluate.knn_temperature,
     )
     return accuracy(scores, query.labels)
+
+
+def _run_streaming(
+    cfg: Config, ds: str, out: Path, ctx: TrainContext, info: dict[str, Any]
+) -> StageResult:
+    """:func:`run` on the streaming path: the same loss, schedule, step count and semantics, with
+    the train split read as a stream. Each sample's two random resized crops are made from the
+    original image in the loader workers (:class:`pipeline.data.decode.CropViews`), the colour
+    half of the augmentation per batch on the device. The labeled subset (semisup) is small and
+    held in memory for ``labeled_per_batch``; pseudo-labels are a key -> label map built from the
+    streamed features of every train image. An interrupted epoch restarts from its beginning."""
+    from pipeline.data.decode import CropViews
+
+    p = cfg.pretrain
+    rank, world = ctx.rank, ctx.world_size
+    local_bs = p.batch_size // world
+    channels, size = int(info["channels"]), view_size(cfg, info)
+    train = StreamSplit(cfg, ds, "train", rank, world)
+    if train.count < p.batch_size:
+        raise ValueError(
+            f"pretrain.batch_size {p.batch_size} exceeds the {train.count} train images"
+        )
+    known: dict[str, int] = {}  # semisup: key -> label of the labeled subset
+    pool: SplitData | None = None
+    if p.method == "semisup":
+        keys, sub_labels = load_subset(ds, cfg.pretrain_label_fraction)
+        known = dict(zip(keys, sub_labels.tolist(), strict=True))
+        k_mix = p.labeled_per_batch // world
+        if k_mix > 0 and keys:
+            if k_mix >= local_bs:
+                raise ValueError(
+                    f"pretrain.labeled_per_batch {p.labeled_per_batch} leaves no unlabeled "
+                    f"images in a batch of {p.batch_size}"
+                )
+            images, labels_l, keys_l = load_split(ds, "train", keys=keys)
+            pool = SplitData(images, labels_l, keys_l)
+    val = StreamSplit(cfg, ds, "val") if p.knn_every else None
+
+    model = build_contrastive_model(cfg.model, in_channels=channels)
+    n_params = count_params(model)
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if world > 1:
+        model = convert_sync_batchnorm(model)
+    net = ctx.prepare_model(model)
+    device = ctx.device
+    steps_per_epoch = train.count // world // local_bs
+    if p.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, p.max_steps_per_epoch)
+    total_steps = steps_per_epoch * p.epochs
+    opt = build_optimizer(
+        p.optimizer, model, lr=_lr(cfg), weight_decay=p.weight_decay, momentum=p.momentum
+    )
+    sched = warmup_cosine(
+        opt, warmup_steps=int(p.warmup_epochs * steps_per_epoch), total_steps=total_steps
+    )
+    loss_fn = SupConLoss(temperature=p.temperature, gather_distributed=world > 1)
+    aug = BatchTwoViewAugment(
+        size=size,
+        channels=channels,
+        strength=cfg.augment.strength,
+        crop_min_scale=cfg.augment.crop_min_scale,
+    )
+    crops = CropViews(size, channels, (cfg.augment.crop_min_scale,) * 2)
+
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    ckpt = ctx.load_checkpoint()
+    if ckpt is not None:
+        start_epoch, history = restore_training_state(ckpt, model, opt, sched)
+        log.info("pretrain: resuming after epoch %d", start_epoch)
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        if p.bf16
+        else contextlib.nullcontext()
+    )
+    n_classes = int(len(info["classes"]))
+    for epoch in range(start_epoch, p.epochs):
+        net.train()
+        meter = Throughput()
+        loss_sum, n_steps = 0.0, 0
+        mix_gen = torch.Generator().manual_seed((cfg.seed * 7919 + epoch) * 131 + rank)
+        step_known, pseudo_metrics = known, {}
+        if p.pseudo_label_from_epoch and epoch + 1 >= p.pseudo_label_from_epoch:
+            feats, truth, keys_all = train.features(model.encoder, size)
+            base = torch.tensor([known.get(k, -1) for k in keys_all], dtype=torch.long)
+            assigned = pseudo_labels(feats, base, p.pseudo_label_fraction)
+            pseudo = (assigned >= 0) & (base < 0)
+            n_pseudo = int(pseudo.sum())
+            step_known = {
+                k: int(y) for k, y in zip(keys_all, assigned.tolist(), strict=True) if y >= 0
+            }
+            pseudo_metrics = {
+                "pseudo_labels": n_pseudo,
+                "pseudo_label_acc": (
+                    100.0 * float((assigned[pseudo] == truth[pseudo]).float().mean())
+                    if n_pseudo
+                    else 0.0
+                ),
+            }
+            del feats
+        for step, ((c1, c2), truth_b, keys_b) in enumerate(
+            train.batches(crops, local_bs, steps_per_epoch, epoch=epoch)
+        ):
+            c1, c2 = c1.to(device, non_blocking=True), c2.to(device, non_blocking=True)
+            if p.method == "simclr":
+                y_b = None
+            elif p.method == "supcon":
+                y_b = truth_b
+            else:
+                y_b = torch.tensor([step_known.get(k, -1) for k in keys_b], dtype=torch.long)
+            if pool is not None:
+                k_mix = p.labeled_per_batch // world
+                pick = torch.randperm(len(pool), generator=mix_gen)[:k_mix]
+                picked = {pool.keys[i] for i in pick.tolist()}
+                rest = [i for i, k in enumerate(keys_b) if k not in picked][: local_bs - len(pick)]
+                rest_t = torch.tensor(rest, dtype=torch.long)
+                imgs = pool.images[pick].to(device)
+                c1 = torch.cat([aug.crop(imgs), _to_unit_views(c1[rest_t.to(device)])])
+                c2 = torch.cat([aug.crop(imgs), _to_unit_views(c2[rest_t.to(device)])])
+                y_b = torch.cat([pool.labels[pick], y_b[rest_t]])  # type: ignore[index]
+            v1, v2 = aug.colour(c1), aug.colour(c2)
+            x = torch.cat([v1, v2])
+            if cfg.model.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast:
+                _, z = net(x)  # (2b, D)
+            z = z.float().view(2, -1, z.shape[-1]).transpose(0, 1)  # (b, 2, D)
+            y = y_b.to(device) if y_b is not None else None
+            loss = loss_fn(z, y)
+            value = loss.item()
+            if not math.isfinite(value):
+                raise FloatingPointError(f"pretrain: loss is {value} at epoch {epoch} step {step}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += value
+            n_steps += 1
+            meter.add(2 * len(v1) * world)
+        metrics: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "loss": loss_sum / max(n_steps, 1),
+            "lr": opt.param_groups[0]["lr"],
+            "views_per_s": meter.rate,
+            "images_per_s": meter.rate / 2,
+            "epoch_seconds": meter.seconds,
+            "resumed_from_epoch": start_epoch,
+            "world_size": world,
+            **pseudo_metrics,
+        }
+        if val is not None and ((epoch + 1) % p.knn_every == 0 or epoch + 1 == p.epochs):
+            f_bank, y_bank, _ = train.features(model.encoder, size, limit=p.knn_bank)
+            f_q, y_q, _ = val.features(model.encoder, size, limit=p.knn_queries)
+            scores = knn_predict(
+                f_bank,
+                y_bank,
+                f_q,
+                n_classes,
+                k=cfg.evaluate.knn_k,
+                temperature=cfg.evaluate.knn_temperature,
+            )
+            metrics["val_knn_top1"] = accuracy(scores, y_q)
+        history.append(metrics)
+        state = None
+        if rank == 0:
+            state = training_state(model, opt, sched, epoch, history)
+        ctx.report(metrics, checkpoint=state)
+        log.info(
+            "pretrain (streaming) epoch %d/%d loss %.4f %.0f views/s%s",
+            epoch + 1,
+            p.epochs,
+            metrics["loss"],
+            metrics["views_per_s"],
+            f" val kNN {metrics['val_knn_top1']:.2f}%" if "val_knn_top1" in metrics else "",
+        )
+    return _finish(cfg, out, model, channels, n_params, history, rank, streaming=True)
+
+
+def _to_unit_views(v: torch.Tensor) -> torch.Tensor:
+    return v.float().div_(255.0) if v.dtype == torch.uint8 else v

@@ -65,14 +65,20 @@ def fit(
     ctx: TrainContext,
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
     extra_state: dict[str, Any] | None = None,
+    stream: Callable[[int, int, int], Any] | None = None,
+    stream_count: int = 0,
 ) -> list[dict[str, Any]]:
     """Train ``model`` on ``images`` (uint8, N×C×H×W) against ``targets`` (row-aligned: hard
     labels (N,) or teacher logits (N, K)). Rows are visited in shuffled epochs (:func:`epoch_order`):
     each step takes the next ``batch_size`` rows, ``batch_size / world`` per rank (the whole
     subset when it is smaller than the batch).
     Checkpoints every epoch through ``ctx``; resumes from ``ctx.load_checkpoint()``.
-    Returns the per-epoch history."""
-    n = int(images.shape[0])
+    Returns the per-epoch history.
+
+    Streaming: with ``stream(epoch, batch, steps)`` (an iterator of exactly ``steps`` batches
+    ``(augmented x, targets)`` of this rank's share) and ``stream_count`` (the split's size) in
+    place of ``images`` / ``targets``, the same step budget is drawn from the stream."""
+    n = int(images.shape[0]) if stream is None else int(stream_count)
     if n == 0:
         raise ValueError(f"{plan.name}: no training images")
     rank, world = ctx.rank, ctx.world_size
@@ -82,7 +88,8 @@ def fit(
     net = ctx.prepare_model(model)
     device = ctx.device
     # Images and targets go to the device once (a no-op on the CPU); augmentation runs there.
-    images, targets = images.to(device), targets.to(device)
+    if stream is None:
+        images, targets = images.to(device), targets.to(device)
     opt = build_optimizer(plan.optimizer, model, lr=plan.lr, weight_decay=plan.weight_decay)
     sched = warmup_cosine(opt, warmup_steps=int(plan.warmup_fraction * total), total_steps=total)
     history: list[dict[str, Any]] = []
@@ -99,16 +106,23 @@ def fit(
     b = max(1, min(per_rank, n // world))
     for epoch in range(start_epoch, plan.epochs):
         net.train()
-        order = epoch_order(n, steps_per_epoch * b * world, seed=plan.seed * 7919 + epoch)
         meter = Throughput()
         loss_sum = 0.0
         correct = torch.zeros((), dtype=torch.long, device=device)
         seen = 0
+        if stream is None:
+            order = epoch_order(n, steps_per_epoch * b * world, seed=plan.seed * 7919 + epoch)
+        else:
+            drawn = iter(stream(epoch, b, steps_per_epoch))
         for step in range(steps_per_epoch):
-            start = (step * world + rank) * b
-            idx = order[start : start + b]
-            x = augment(images[idx])
-            t = targets[idx]
+            if stream is None:
+                start = (step * world + rank) * b
+                idx = order[start : start + b]
+                x = augment(images[idx])
+                t = targets[idx]
+            else:
+                x, t = next(drawn)
+                idx = t
             with autocast:
                 logits = net(x)
             logits = logits.float()

@@ -1,0 +1,65 @@
+"""Why ``load_split`` keeps one small reader: the in-memory load of this package's PNG shards
+(28 px Fashion-MNIST-sized) through the fast path (whole-file ustar split + one
+``zlib.decompress`` per PNG) next to the libraries (``tarfile`` stream + PIL decode), on the same
+shards, same process. Every training stage loads its splits, so this is on the demo's path.
+
+    python benchmarks/read_formats.py [--data DATASET_DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from _common import emit
+
+from pipeline.config import parse_config
+from pipeline.data.decode import TensorDecoder
+from pipeline.data.loader import _iter_raw, dataset_info, shard_refs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=None)
+    args = ap.parse_args()
+    tmp = tempfile.TemporaryDirectory(prefix="read-formats-")
+    ds = args.data
+    if ds is None:
+        from pipeline.stages import shard as shard_stage
+
+        ds = Path(tmp.name) / "ds"
+        cfg = parse_config({"data": {"source": "fashion-mnist", "max_train": 10000,
+                                     "max_test": 1000, "shard_size": 5000}})  # fmt: skip
+        shard_stage.run(cfg, ds)
+    info = dataset_info(ds)
+    refs = shard_refs(ds, "train")
+    from pipeline.data.loader import load_split
+
+    load_split(ds, "val")  # warm the imports and caches
+    t = time.perf_counter()
+    images, _, _ = load_split(ds, "train")
+    fast = len(images) / (time.perf_counter() - t)
+    dec = TensorDecoder(int(info["channels"]))
+    t = time.perf_counter()
+    n = 0
+    for r in refs:
+        for _, _k, parts in _iter_raw(r):
+            dec(parts["png"], "bench")
+            n += 1
+    lib = n / (time.perf_counter() - t)
+    assert n == len(images)
+    emit(
+        "read_formats_in_memory_png_images_per_s",
+        fast,
+        "images/s",
+        lib,
+        digits=1,
+        baseline_is="tarfile stream + PIL decode of the same shards",
+        images=n,
+    )
+
+
+if __name__ == "__main__":
+    main()
