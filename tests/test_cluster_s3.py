@@ -70,9 +70,9 @@ def test_uri_query_survives_in_store_uris(s3_server, s3_bucket):
     root = f"{s3_bucket}/q?endpoint_override={host}&scheme=http"
     store = RunStore(root)
     uri = store.uri(store.out_dir("r1", "shard"))
-    assert uri.endswith(f"/q/runs/r1/stages/shard/out?endpoint_override={host}&scheme=http")
+    assert uri.endswith(f"/q/r1/stages/shard/out?endpoint_override={host}&scheme=http")
     stageio.write_text(stageio.join(uri, "a.txt"), "hi")
-    assert stageio.read_text(f"{s3_bucket}/q/runs/r1/stages/shard/out/a.txt") == "hi"
+    assert stageio.read_text(f"{s3_bucket}/q/r1/stages/shard/out/a.txt") == "hi"
 
 
 @pytest.mark.slow
@@ -152,7 +152,7 @@ def test_driver_sigkill_on_s3_then_resume_continues_from_the_checkpoint(
         cwd=REPO, env=_env(s3_server["env"]), stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
-    ckpt = f"{root}/runs/{rid}/stages/pretrain/checkpoints/latest.pt"
+    ckpt = f"{root}/{rid}/stages/pretrain/checkpoints/latest.pt"
     deadline = time.time() + 240
     try:
         while time.time() < deadline and driver.poll() is None:
@@ -166,7 +166,7 @@ def test_driver_sigkill_on_s3_then_resume_continues_from_the_checkpoint(
     store = RunStore(root)
     assert store.read_state(rid, "pretrain").state == "running"  # killed, not recorded as done
     shard_manifest = store.read_manifest(rid, "shard")
-    shard_objects = _objects(f"{root}/runs/{rid}/stages/shard/out")
+    shard_objects = _objects(f"{root}/{rid}/stages/shard/out")
     assert shard_objects
 
     res = subprocess.run(
@@ -178,7 +178,7 @@ def test_driver_sigkill_on_s3_then_resume_continues_from_the_checkpoint(
     assert all(s.state == "succeeded" for s in states.values()), states
     assert states["shard"].attempts == 1 and states["pretrain"].attempts == 2
     assert store.read_manifest(rid, "shard") == shard_manifest
-    assert _objects(f"{root}/runs/{rid}/stages/shard/out") == shard_objects  # not rewritten
+    assert _objects(f"{root}/{rid}/stages/shard/out") == shard_objects  # not rewritten
     hist = json.loads(stageio.read_text(store.read_manifest(rid, "pretrain")["outputs"]["history"]))
     assert [h["epoch"] for h in hist] == [1, 2, 3, 4, 5, 6]
     assert max(h["resumed_from_epoch"] for h in hist) >= 1  # continued from the S3 checkpoint
