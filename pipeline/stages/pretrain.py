@@ -148,6 +148,38 @@ def _lr(cfg: Config) -> float:
     return scale_lr(p.base_lr, p.batch_size, p.lr_scaling)
 
 
+def _step(
+    cfg: Config,
+    net: torch.nn.Module,
+    loss_fn: Any,
+    opt: Any,
+    sched: Any,
+    autocast: Any,
+    v1: torch.Tensor,
+    v2: torch.Tensor,
+    y: torch.Tensor | None,
+    epoch: int,
+    step: int,
+) -> float:
+    """One optimisation step on two views ``(b, C, S, S)`` of a batch (labels ``y`` or None);
+    the same for the in-memory and the streaming path. Returns the loss."""
+    x = torch.cat([v1, v2])
+    if cfg.model.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast:
+        _, z = net(x)  # (2b, D)
+    z = z.float().view(2, -1, z.shape[-1]).transpose(0, 1)  # (b, 2, D)
+    loss = loss_fn(z, y)
+    value = loss.item()  # the step's one wait for the device
+    if not math.isfinite(value):
+        raise FloatingPointError(f"pretrain: loss is {value} at epoch {epoch} step {step}")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    return value
+
+
 def run(
     cfg: Config,
     inputs: dict[str, str],
@@ -254,21 +286,8 @@ def run(
             if labeled_pool is not None:
                 idx = _mix_labeled(idx, labeled_pool, p.labeled_per_batch // world, mix_gen)
             v1, v2 = aug(images[idx])  # 2 x (b, C, S, S) float, on the device
-            x = torch.cat([v1, v2])
-            if cfg.model.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast:
-                _, z = net(x)  # (2b, D)
-            z = z.float().view(2, -1, z.shape[-1]).transpose(0, 1)  # (b, 2, D)
             y = step_labels[idx] if step_labels is not None else None
-            loss = loss_fn(z, y)
-            value = loss.item()  # the step's one wait for the device
-            if not math.isfinite(value):
-                raise FloatingPointError(f"pretrain: loss is {value} at epoch {epoch} step {step}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            value = _step(cfg, net, loss_fn, opt, sched, autocast, v1, v2, y, epoch, step)
             loss_sum += value
             n_steps += 1
             meter.add(2 * len(idx) * world)
@@ -476,21 +495,8 @@ def _run_streaming(
                 c2 = torch.cat([aug.crop(imgs), _to_unit_views(c2[rest_t.to(device)])])
                 y_b = torch.cat([pool.labels[pick], y_b[rest_t]])  # type: ignore[index]
             v1, v2 = aug.colour(c1), aug.colour(c2)
-            x = torch.cat([v1, v2])
-            if cfg.model.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast:
-                _, z = net(x)  # (2b, D)
-            z = z.float().view(2, -1, z.shape[-1]).transpose(0, 1)  # (b, 2, D)
             y = y_b.to(device) if y_b is not None else None
-            loss = loss_fn(z, y)
-            value = loss.item()
-            if not math.isfinite(value):
-                raise FloatingPointError(f"pretrain: loss is {value} at epoch {epoch} step {step}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            value = _step(cfg, net, loss_fn, opt, sched, autocast, v1, v2, y, epoch, step)
             loss_sum += value
             n_steps += 1
             meter.add(2 * len(v1) * world)
