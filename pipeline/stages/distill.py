@@ -108,16 +108,7 @@ def run(
         logits = encode(m, val.images, size=size)
         return {"val_top1": accuracy(logits, val.labels)} if len(val) else {}
 
-    plan = SupervisedPlan(
-        epochs=d.epochs,
-        batch_size=d.batch_size,
-        lr=d.lr,
-        weight_decay=d.weight_decay,
-        optimizer="adamw",
-        seed=cfg.supervised_seed,
-        bf16=cfg.pretrain.bf16,
-        name=f"distill@{fraction:g}",
-    )
+    plan = _plan(cfg, fraction)
     history = fit(
         student,
         train.images,
