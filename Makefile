@@ -43,6 +43,7 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check pipeline workflows tests benchmarks
 	$(VENV)/bin/ruff format --check pipeline workflows tests benchmarks
+	$(VENV)/bin/mypy
 
 bench: setup
 	$(PY) benchmarks/data_throughput.py
