@@ -6,7 +6,9 @@
   ..., "machine"}`` (ratio = value / baseline);
 * :func:`bare_simclr_step` — one SimCLR step in plain PyTorch (the modules, the inline NT-Xent of
   ``step_throughput.py``, a ``torch.optim`` optimiser; no pipeline helper): the baseline;
-* :func:`kill_tree` — SIGKILL a process and then what it started (its local Ray).
+* :func:`kill_tree` — SIGKILL a process and then what it started (its local Ray);
+* :func:`wds_jpegs` — the variable-size JPEG WebDataset of ``make_wds_jpegs.py`` (made once per
+  folder).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -43,6 +46,7 @@ __all__ = [
     "measure_peak_flops",
     "nt_xent_inline",
     "timed",
+    "wds_jpegs",
 ]
 
 
@@ -167,3 +171,17 @@ def kill_tree(pid: int) -> None:
     for p in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
+
+
+def wds_jpegs(n_train: int, out: Path) -> tuple[list[str], list[str]]:
+    """(train shards, test shards) of ``make_wds_jpegs.py --n-train n_train`` in ``out/wds``
+    (500 samples a shard), made unless they are there."""
+    if not (out / "wds").is_dir():
+        subprocess.run(
+            [sys.executable, str(HERE / "make_wds_jpegs.py"), "--out", str(out),
+             "--n-train", str(n_train), "--shard-size", "500"],
+            check=True, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+    train = sorted(str(p) for p in (out / "wds").glob("train-*.tar"))
+    test = sorted(str(p) for p in (out / "wds").glob("test-*.tar"))
+    return train, test

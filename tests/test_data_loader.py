@@ -172,3 +172,82 @@ def test_missing_shard_and_unfinished_folder(few_shards, tmp_path):
     with pytest.raises(DataError, match="dataset.json: missing"):
         dataset_info(ds)
     assert info["counts"]["test"] == 50
+
+
+def _tar_bytes(members: list[tuple[str, bytes]], fmt: int, dirs: tuple[str, ...] = ()) -> bytes:
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tf:
+        for d in dirs:
+            ti = tarfile.TarInfo(d)
+            ti.type = tarfile.DIRTYPE
+            tf.addfile(ti)
+        for name, data in members:
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["ustar", "gnu", "pax"])
+def test_tar_reader_reads_every_layout_as_tarfile_does(tmp_path, fmt):
+    """The stream's own ustar parser hands over to tarfile at the first header it does not take
+    (a long name, a pax header): every layout gives tarfile's members, in order, and the same
+    end-of-archive offset."""
+    import io
+    import random
+    import tarfile
+
+    from pipeline.data.loader import _iter_raw, _members, _Tap
+
+    rnd = random.Random(0)
+    long_dir = "d" * 120  # > 100 characters: a prefix (ustar), an 'L' member (gnu), pax
+    members = []
+    for i in range(6):
+        key = f"{long_dir}/s{i}" if i == 3 else f"s{i}"
+        size = 200_000 if i == 1 else rnd.randrange(1, 3000)  # one body spans several reads
+        members += [(f"{key}.jpg", rnd.randbytes(size)), (f"{key}.cls", str(i % 3).encode())]
+    form = {"ustar": tarfile.USTAR_FORMAT, "gnu": tarfile.GNU_FORMAT, "pax": tarfile.PAX_FORMAT}
+    data = _tar_bytes(members, form[fmt], dirs=("top/",))
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        want = [(m.name, tf.extractfile(m).read()) for m in tf if m.isfile()]
+        want_end = tf.offset
+    assert [n for n, _ in want] == [n for n, _ in members]
+
+    gen, got = _members(_Tap(io.BytesIO(data)), "t.tar"), []
+    while True:
+        try:
+            name, body = next(gen)
+        except StopIteration as stop:
+            end = stop.value
+            break
+        got.append((name, body()))
+    assert got == want
+    assert end == want_end
+
+    path = tmp_path / "t.tar"
+    path.write_bytes(data)
+    samples = [(k, p) for _, k, p in _iter_raw(str(path))]
+    assert [k for k, _ in samples] == [n.rsplit(".", 1)[0] for n, _ in members[::2]]
+    assert all(p["jpg"] == dict(members)[f"{k}.jpg"] for k, p in samples)
+
+
+def test_tar_reader_names_a_bad_header_after_the_first_by_its_offset(tmp_path):
+    import io
+    import tarfile
+
+    from pipeline.data.loader import _iter_raw
+
+    members = [(f"s{i}.{e}", bytes([i]) * 700 if e == "png" else b"1") for i in range(4)
+               for e in ("png", "cls")]  # fmt: skip
+    data = bytearray(_tar_bytes(members, tarfile.USTAR_FORMAT))
+    with tarfile.open(fileobj=io.BytesIO(bytes(data))) as tf:
+        third = [m.offset for m in tf][4]  # the header of s2.png
+    data[third + 148 : third + 156] = b"0000000\0"  # its checksum
+    (tmp_path / "bad.tar").write_bytes(bytes(data))
+    with pytest.raises(
+        DataError, match=rf"bad\.tar: corrupt shard \(bad tar header at byte {third}\)"
+    ):
+        list(_iter_raw(str(tmp_path / "bad.tar")))

@@ -4,8 +4,9 @@ that does not fit in memory) and in memory (``load_split``), plus the labelled s
 The folder may be a local path or a URI (``s3://``, ``gs://``, ``file://``; see
 :mod:`pipeline.data.store`); shard refs in ``dataset.json`` are relative to it or absolute URLs
 (external WebDataset shards, ``pipe:`` commands included). Nothing is copied: each shard is read
-once, front to back, as a stream, through ``tarfile`` (webdataset's member convention:
-``<key>.<ext>``, consecutive members with one key form a sample; the image is the first present of
+once, front to back, as a stream (plain ustar headers parsed here, anything else through
+``tarfile``: :func:`_members`), in webdataset's member convention (``<key>.<ext>``,
+consecutive members with one key form a sample; the image is the first present of
 ``format.image_keys``, the label ``format.label_key``: ``cls`` or ``json:<field>``).
 
 Verified while reading. A shard is hashed as its bytes pass and, once read to its end, compared
@@ -35,7 +36,7 @@ import re
 import struct
 import tarfile
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Literal
@@ -67,6 +68,7 @@ __all__ = [
 DEFAULT_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")  # webdataset's base_plus_ext
 _TAIL = 1 << 16
+_CHUNK = 1 << 16  # the fast tar reader's read size (at most _TAIL: see _Tap.block_at)
 _BLOCK = 512
 _ZERO = bytes(_BLOCK)
 
@@ -303,6 +305,115 @@ def _image(ref: ShardRef, key: str, parts: dict[str, bytes]) -> bytes:
     )
 
 
+def _read_full(f: Any, n: int) -> bytes:
+    """``n`` bytes of ``f`` (fewer only at its end: some streams return short reads)."""
+    b = f.read(n)
+    if len(b) == n or not b:
+        return b
+    chunks = [b]
+    got = len(b)
+    while got < n:
+        more = f.read(n - got)
+        if not more:
+            break
+        chunks.append(more)
+        got += len(more)
+    return b"".join(chunks)
+
+
+def _ustar_header(h: bytes) -> tuple[str, bool, int] | None:
+    """``(name, is_file, size)`` of a plain ustar header block: a regular file or a directory, no
+    name prefix, a valid checksum. None for any other block: the ``tarfile`` reader takes over
+    there (long names, pax headers, links, damage), so every error is named as ``tarfile`` sees it.
+    """
+    if h[257:262] != b"ustar" or h[345] != 0 or h[156] not in (48, 0, 53):
+        return None
+    try:
+        size = int(h[124:136].rstrip(b"\0 ") or b"0", 8)
+        chk = int(h[148:156].rstrip(b"\0 "), 8)
+        name = h[:100].split(b"\0", 1)[0].decode()
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if sum(h) - sum(h[148:156]) + 256 != chk:
+        return None
+    return name, h[156] != 53, size
+
+
+class _Pushback:
+    """``head``, then the rest of ``f``: where the fast reader stops, ``tarfile`` goes on."""
+
+    def __init__(self, head: bytes, f: _Tap) -> None:
+        self.head, self.f = head, f
+
+    def read(self, n: int = -1) -> bytes:
+        if not self.head:
+            return self.f.read(n)
+        if n is None or n < 0:
+            b, self.head = self.head + self.f.read(), b""
+            return b
+        b, self.head = self.head[:n], self.head[n:]
+        return b + _read_full(self.f, n - len(b)) if len(b) < n else b
+
+
+_Members = Generator[tuple[str, Callable[[], bytes]], None, int]
+
+
+def _members(tap: _Tap, path: str) -> _Members:
+    """``(name, body)`` per regular file member of the tar read through ``tap`` (``body()``
+    returns its bytes; not calling it skips them); returns the end-of-archive marker's offset.
+
+    Plain ustar headers (what webdataset, ``tar`` and the shard stage write) are parsed here, a
+    64 KiB read at a time; at the first block that is anything else, a member cut short or the
+    end of the stream, ``tarfile`` reads the rest (:func:`_tarfile_members`), so damage gets
+    ``tarfile``'s diagnosis. ``benchmarks/stream_loader.py``: ``tarfile``'s per-member Python
+    cost is a sixth of the decode + crop of a small JPEG, which the loader must stay close to.
+    """
+    buf, i = b"", 0  # buf[0] is the byte at offset tap.pos - len(buf)
+    while True:
+        if len(buf) - i < _BLOCK:
+            buf, i = buf[i:] + _read_full(tap, _CHUNK), 0
+            if len(buf) < _BLOCK:
+                break
+        h = buf[i : i + _BLOCK]
+        if h == _ZERO:
+            return tap.pos - len(buf) + i
+        head = _ustar_header(h)
+        if head is None:
+            break
+        name, is_file, size = head
+        body, nxt = i + _BLOCK, i + _BLOCK + (size + _BLOCK - 1) // _BLOCK * _BLOCK
+        if nxt > len(buf):
+            buf = buf[i:] + _read_full(tap, max(_CHUNK, nxt - len(buf)))
+            body, nxt, i = body - i, nxt - i, 0
+            if nxt > len(buf):
+                break
+        if is_file:
+            yield name, (lambda d=buf, a=body, b=body + size: d[a:b])
+        i = nxt
+    base = tap.pos - len(buf) + i
+    return (yield from _tarfile_members(_Pushback(buf[i:], tap), tap, path, base))
+
+
+def _tarfile_members(stream: Any, tap: _Tap, path: str, base: int) -> _Members:
+    """:func:`_members` through ``tarfile``, for the tar from offset ``base`` on."""
+    try:
+        tar = tarfile.open(fileobj=stream, mode="r|")
+    except tarfile.ReadError as err:
+        if base:  # a bad or cut header after the first: the end, as tarfile.next() takes it
+            return base
+        if tap.pos == 0:
+            raise DataError(f"{path}: truncated shard (empty file)") from None
+        raise DataError(f"{path}: corrupt shard ({err})") from None
+    while True:
+        m = tar.next()
+        tar.members.clear()  # a stream: keep no per-member state
+        if m is None:
+            return base + tar.offset
+        if m.isfile():
+            fobj = tar.extractfile(m)
+            yield m.name, (lambda f=fobj: f.read() if f is not None else b"")
+
+
 def _iter_raw(
     shard: ShardRef | str, select: Callable[[int], bool] | None = None
 ) -> Iterator[tuple[int, str, dict[str, bytes] | None]]:
@@ -313,12 +424,6 @@ def _iter_raw(
     path = ref.url
     with store.open_stream(path, "shard listed in dataset.json is missing") as f:
         tap = _Tap(f)
-        try:
-            tar = tarfile.open(fileobj=tap, mode="r|")  # type: ignore[arg-type]
-        except tarfile.ReadError as err:
-            if tap.pos == 0:
-                raise DataError(f"{path}: truncated shard (empty file)") from None
-            raise DataError(f"{path}: corrupt shard ({err})") from None
         index = -1  # samples of this split
         usable = 0  # samples not skipped (all splits: what shard_counts counts)
         key: str | None = None
@@ -336,15 +441,15 @@ def _iter_raw(
             want = select is None or select(index)
             yield index, key, (parts if want else None)
 
+        members = _members(tap, path)
         try:
             while True:
-                m = tar.next()
-                tar.members.clear()  # a stream: keep no per-member state
-                if m is None:
+                try:
+                    name, body = next(members)
+                except StopIteration as stop:
+                    end: int = stop.value
                     break
-                if not m.isfile():
-                    continue
-                match = _KEY_EXT.match(m.name)
+                match = _KEY_EXT.match(name)
                 if match is None:
                     continue
                 k, ext = match.group(1), match.group(2).lower()
@@ -355,11 +460,9 @@ def _iter_raw(
                     keep = ref.takes(k) and (select is None or select(index + 1))
                 if keep:
                     assert parts is not None
-                    fobj = tar.extractfile(m)
-                    parts[ext] = fobj.read() if fobj is not None else b""
+                    parts[ext] = body()
         except tarfile.TarError as err:
             raise DataError(f"{path}: truncated shard (ends inside a member: {err})") from None
-        end = tar.offset
         marker = tap.block_at(end)
         while tap.read(1 << 20):  # the rest (end marker, padding): hashed too
             pass
@@ -624,98 +727,14 @@ def make_loader(
 # --------------------------------------------------------------------------------------------
 
 
-class _Unusual(Exception):
-    """A member layout the fast scanner does not handle (the streaming parser then reads it)."""
-
-
-def _scan_fast(data: bytes) -> list[tuple[str, dict[str, bytes]]]:
-    """``(key, {ext: bytes})`` of a plain ustar shard held in memory (this package's shards);
-    :class:`_Unusual` for anything else (the ``tarfile`` stream then reads it)."""
-    end = len(data)
-    pos = 0
-    out: list[tuple[str, dict[str, bytes]]] = []
-    last_key: str | None = None
-    parts: dict[str, bytes] = {}
-    headers: list[int] = []
-    sums: list[int] = []
-    while True:
-        if pos + _BLOCK > end:
-            raise _Unusual  # truncated: the streaming parser names it precisely
-        if data[pos] == 0 and data[pos : pos + _BLOCK] == _ZERO:
-            break
-        if data[pos + 257 : pos + 262] != b"ustar" or data[pos + 156] not in (48, 0):
-            raise _Unusual
-        if data[pos + 345] != 0:  # ustar prefix field in use
-            raise _Unusual
-        size = int(data[pos + 124 : pos + 136].rstrip(b"\0 "), 8)
-        headers.append(pos)
-        sums.append(int(data[pos + 148 : pos + 156].rstrip(b"\0 "), 8))
-        name = data[pos : pos + 100].split(b"\0", 1)[0].decode()
-        body = pos + _BLOCK
-        pos = body + (size + _BLOCK - 1) // _BLOCK * _BLOCK
-        if pos > end:
-            raise _Unusual
-        k, dot, ext = name.rpartition("/")[2].partition(".")
-        if not dot:
-            raise _Unusual
-        if k != last_key:
-            if last_key is not None:
-                out.append((last_key, parts))
-            last_key, parts = k, {}
-        parts[ext] = data[body : body + size]
-    if last_key is not None:
-        out.append((last_key, parts))
-    if headers:  # header checksums, all at once
-        whole = np.frombuffer(data, dtype=np.uint8, count=end // _BLOCK * _BLOCK)
-        blocks = whole.reshape(-1, _BLOCK)[np.asarray(headers, dtype=np.int64) // _BLOCK]
-        got = (
-            blocks.sum(axis=1, dtype=np.int64)
-            - blocks[:, 148:156].sum(axis=1, dtype=np.int64)
-            + 256
-        )
-        if not np.array_equal(got, np.asarray(sums, dtype=np.int64)):
-            raise _Unusual
-    return out
+def _memory_samples(ref: ShardRef) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """The usable samples of one shard for the in-memory path (verified as on the stream)."""
+    for _, key, parts in _iter_raw(ref):
+        assert parts is not None
+        yield key, parts
 
 
 _PNG_CHANNELS = {1: 0, 3: 2}  # channels -> PNG colour type (grey, RGB)
-
-
-def _memory_samples(ref: ShardRef) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """The usable samples of one shard for the in-memory path: the whole file read at once and,
-    for a plain ustar file, split by :func:`_scan_fast` (verified: sha256, count); else the
-    ``tarfile`` stream (:func:`_iter_raw`), which also names any damage precisely."""
-    try:
-        data = store.read_bytes(ref.url) if not ref.url.startswith("pipe:") else None
-    except DataError as err:
-        if str(err).endswith(": missing"):
-            raise DataError(f"{ref.url}: shard listed in dataset.json is missing") from None
-        raise
-    samples = None
-    if data is not None:
-        try:
-            samples = [(k, p) for k, p in _scan_fast(data) if k not in ref.skip]
-        except (_Unusual, ValueError, UnicodeDecodeError):
-            samples = None
-    if samples is None:
-        yield from ((k, p) for _, k, p in _iter_raw(ref) if p is not None)
-        return
-    n_usable = len(samples)
-    if ref.count is not None and n_usable != ref.count:
-        raise DataError(
-            f"{ref.url}: truncated shard ({n_usable} samples, dataset.json says {ref.count})"
-            if n_usable < ref.count
-            else f"{ref.url}: {n_usable} samples, dataset.json says {ref.count}"
-        )
-    samples = [(k, p) for k, p in samples if ref.takes(k)]
-    if ref.sha256:
-        got = hashlib.sha256(data).hexdigest()
-        if got != ref.sha256:
-            raise DataError(
-                f"{ref.url}: sha256 {got[:16]}... differs from dataset.json's "
-                f"{ref.sha256[:16]}... (the shard changed since it was indexed)"
-            )
-    yield from samples
 
 
 def load_split(
@@ -727,12 +746,12 @@ def load_split(
     whose size differs from the dataset's nominal ``height`` x ``width`` are resized to it
     (bilinear). Shards are verified as on the streaming path.
 
-    One small reader stays here, for speed (``benchmarks/read_formats.py``: on this package's
-    28 px PNG shards ``tarfile`` + PIL take about 10x as long, and every stage loads its splits):
-    a plain ustar shard is split in memory (:func:`_scan_fast`) and a PNG of the dataset's exact
-    size, 8 bits, filter 0 on every row (what the shard stage writes for decoded arrays) is
-    inflated with one ``zlib.decompress`` straight into the batch; every other member (JPEG,
-    WebP, other PNGs, other tar layouts) goes through ``tarfile`` and PIL.
+    Shards are read by the same tar reader as the stream (:func:`_members`). One small PNG
+    reader stays here, for speed (``benchmarks/read_formats.py``: on this package's 28 px PNG
+    shards ``tarfile`` + PIL take several times as long, and every stage loads its splits): a PNG
+    of the dataset's exact size, 8 bits, filter 0 on every row (what the shard stage writes for
+    decoded arrays) is inflated with one ``zlib.decompress`` straight into the batch; every other
+    image (JPEG, WebP, other PNGs) goes through PIL.
     """
     info = dataset_info(dataset_dir)
     refs = shard_refs(dataset_dir, split)
