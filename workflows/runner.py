@@ -38,7 +38,7 @@ import time
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, TypeVar
 
 import pyarrow.fs as pafs
 import ray
@@ -163,6 +163,51 @@ def one_line(err: BaseException, limit: int = 400) -> str:
     return msg if len(msg) <= limit else msg[: limit - 3] + "..."
 
 
+#: Opens one file of an output for reading (a local file or an object of a pyarrow file system).
+Opener = Callable[[str], BinaryIO]
+
+
+def _open_local(full: str) -> BinaryIO:
+    return open(full, "rb")  # noqa: SIM115 - the caller closes it
+
+
+def _uri_files(path: str) -> tuple[list[tuple[str, str]] | None, Opener]:
+    """The files of an output given as a URI, as (relative name, full path) sorted by name (a
+    file on its own is ``.``; None when it does not exist), and how to open them."""
+    fs, base = pafs.FileSystem.from_uri(path)
+    info = fs.get_file_info(base)
+    files: list[tuple[str, str]] | None = None
+    if info.type == pafs.FileType.Directory:
+        sel = pafs.FileSelector(base, recursive=True)
+        files = sorted(
+            (posix_rel(fi.path, base), fi.path)
+            for fi in fs.get_file_info(sel)
+            if fi.type == pafs.FileType.File
+        )
+    elif info.type == pafs.FileType.File:
+        files = [(".", base)]
+
+    def opener(full: str) -> BinaryIO:
+        stream: BinaryIO = fs.open_input_stream(full)
+        return stream
+
+    return files, opener
+
+
+def _local_files(path: str) -> tuple[list[tuple[str, str]] | None, Opener]:
+    """As :func:`_uri_files`, for a local path."""
+    if os.path.isdir(path):
+        files = sorted(
+            (os.path.relpath(os.path.join(d, f), path), os.path.join(d, f))
+            for d, _, names in os.walk(path)
+            for f in names
+        )
+        return files, _open_local
+    if os.path.exists(path):
+        return [(".", path)], _open_local
+    return None, _open_local
+
+
 def _digests(outputs: Mapping[str, str]) -> tuple[str, dict[str, str]]:
     """:func:`output_digest` of all outputs, and the same digest of each output on its own.
 
@@ -176,38 +221,7 @@ def _digests(outputs: Mapping[str, str]) -> tuple[str, dict[str, str]]:
         hs = (whole, one)
         for h in hs:
             h.update(f"output:{name}\n".encode())
-        if "://" in path:
-            fs, base = pafs.FileSystem.from_uri(path)
-            info = fs.get_file_info(base)
-            if info.type == pafs.FileType.Directory:
-                sel = pafs.FileSelector(base, recursive=True)
-                files = sorted(
-                    (posix_rel(fi.path, base), fi.path)
-                    for fi in fs.get_file_info(sel)
-                    if fi.type == pafs.FileType.File
-                )
-            elif info.type == pafs.FileType.File:
-                files = [(".", base)]
-            else:
-                files = None
-
-            def opener(full: str, fs: pafs.FileSystem = fs) -> Any:
-                return fs.open_input_stream(full)
-        else:
-            if os.path.isdir(path):
-                files = sorted(
-                    (os.path.relpath(os.path.join(d, f), path), os.path.join(d, f))
-                    for d, _, fs_ in os.walk(path)
-                    for f in fs_
-                )
-            elif os.path.exists(path):
-                files = [(".", path)]
-            else:
-                files = None
-
-            def opener(full: str) -> Any:
-                return open(full, "rb")  # noqa: SIM115 - closed by the with below
-
+        files, opener = _uri_files(path) if "://" in path else _local_files(path)
         if files is None:
             for h in hs:
                 h.update(b"missing\n")
