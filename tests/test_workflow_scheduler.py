@@ -120,6 +120,67 @@ def test_launch_ready_fills_the_slots_in_priority_order(tmp_path):
     assert len(sched.submitted) == 1 and len(sched.state.running) == 1
 
 
+class _Cpus:
+    """An execute that declares the CPUs each stage holds (as StageExecutor.cpus does)."""
+
+    def __init__(self, cpus: dict[str, float]) -> None:
+        self.table = cpus
+
+    def __call__(self, *args):
+        raise AssertionError("never executed here")
+
+    def cpus(self, node):
+        return self.table.get(node.name, 0.0)
+
+
+def test_the_cpu_budget_gives_the_critical_path_the_cpus_first(tmp_path, monkeypatch):
+    """On 2 CPUs, pretraining (2) goes before two baselines (1 each) that are ready with it; once
+    it ends, both baselines run side by side."""
+    import workflows.runner as runner
+
+    graph = Graph(
+        [
+            StageNode("baseline@1", "baseline"),
+            StageNode("baseline@10", "baseline", params={"fraction": 10.0}),
+            StageNode("pretrain", "pretrain"),
+            StageNode("finetune", "finetune", deps={"pretrain": "pretrain"}),
+        ]
+    )
+    sched = _scheduler(tmp_path, graph)
+    sched.ctx.execute = _Cpus({"pretrain": 2.0, "baseline@1": 1.0, "baseline@10": 1.0})
+    monkeypatch.setattr(runner, "cluster_cpus", lambda: 2.0)
+    sched.settle()
+    sched.launch_ready()
+    assert [name for name, _ in sched.submitted] == ["pretrain"]
+    (ref,) = sched.state.running
+    del sched.state.running[ref]
+    sched.record_success(graph["pretrain"], TaskResult(ok=True, duration_s=1.0))
+    sched.settle()
+    sched.launch_ready()  # both baselines and finetune (no CPUs declared); equal costs
+    assert [name for name, _ in sched.submitted][1:] == ["baseline@1", "baseline@10", "finetune"]
+
+
+def test_a_stage_larger_than_the_cluster_starts_alone(tmp_path):
+    sched = _scheduler(tmp_path, _chain_graph())
+    sched.ctx.execute = _Cpus({"a": 8.0, "lone": 1.0})
+    assert sched.fits(sched.ctx.graph["a"], 2.0)  # nothing runs: Ray decides
+    sched.launch(sched.ctx.graph["lone"])
+    assert not sched.fits(sched.ctx.graph["a"], 2.0)
+    assert sched.fits(sched.ctx.graph["a"], None)  # capacity unknown: no budget
+
+
+def test_the_stage_executor_declares_its_workers_cpus():
+    from pipeline.config import load_config
+    from workflows.stages import StageExecutor
+
+    cfg = load_config("demo")  # cpus_per_worker 2; finetune, baseline, distill 1 each
+    ex = StageExecutor(cfg)
+    cpus = {n.name: ex.cpus(n) for n in build_graph(cfg)}
+    assert cpus["shard"] == 0.0
+    assert cpus["pretrain"] == 2.0 and cpus["evaluate"] == 2.0
+    assert {cpus[n] for n in cpus if n.startswith(("finetune@", "baseline@", "distill@"))} == {1.0}
+
+
 # -- skip ----------------------------------------------------------------------------------------
 
 

@@ -24,10 +24,14 @@ record it (:meth:`~Scheduler.record_success`, :meth:`~Scheduler.record_failure`,
 dependants: :meth:`~Scheduler.block_dependants`), until nothing runs. Ready stages are launched
 longest remaining path first (the critical path, :func:`launch_priorities`): a stage's priority is
 its own estimated cost plus the costliest chain of stages after it, with the per-kind estimates of
-:data:`STAGE_COST`. Stage coordinators take no CPUs; each asks Ray for its workers' CPUs
-(``resources.cpus_per_worker``, per kind in ``resources.stages``) when it starts, so the order of
-launch is the order in which stages queue for CPUs, and with ``max_concurrency`` it decides which
-stages hold the slots.
+:data:`STAGE_COST`. Stage coordinators take no CPUs: each asks Ray for its workers' CPUs
+(``resources.cpus_per_worker``, per kind in ``resources.stages``) once it runs, and Ray would hand
+them out in no set order. So the runner keeps a CPU budget: an ``execute`` with a ``cpus(node)``
+method (:class:`workflows.stages.StageExecutor`) declares what each stage will hold, and a stage
+is launched only when that fits in the cluster's CPUs next to the stages running (a stage larger
+than the cluster starts when nothing else runs). Ready stages are considered in priority order, so
+the critical path takes the CPUs first and smaller stages fill what is left; ``max_concurrency``
+caps the number of stages on top.
 
 Object-store storage: the coordinator passes the upstream outputs on as URIs, and whoever uses an
 input resolves it on its own node (:func:`workflows.stageio.materialize_input`; the training
@@ -86,6 +90,7 @@ __all__ = [
     "output_digest",
     "run_graph",
     "stage_cost",
+    "stage_cpus",
 ]
 
 log = logging.getLogger(__name__)
@@ -565,6 +570,22 @@ class RunContext:
 class Running(NamedTuple):
     node: StageNode
     started: float  # time.time() at launch
+    cpus: float = 0.0  # what it holds of the CPU budget
+
+
+def stage_cpus(execute: object, node: StageNode) -> float:
+    """The CPUs ``node`` will hold while it runs, as ``execute.cpus(node)`` declares them (0 for
+    an ``execute`` without that method: such stages are never held back for CPUs)."""
+    cpus = getattr(execute, "cpus", None)
+    return max(0.0, float(cpus(node))) if callable(cpus) else 0.0
+
+
+def cluster_cpus() -> float | None:
+    """The Ray cluster's CPUs (None before Ray is initialised, or when it has none listed)."""
+    if not ray.is_initialized():
+        return None
+    total = ray.cluster_resources().get("CPU")
+    return float(total) if total else None
 
 
 @dataclass
@@ -660,18 +681,30 @@ class Scheduler:
         limit = self.ctx.max_concurrency
         return limit is None or len(self.state.running) < limit
 
+    def fits(self, node: StageNode, capacity: float | None) -> bool:
+        """Whether ``node``'s CPUs (:func:`stage_cpus`) fit in ``capacity`` next to the running
+        stages' (always, with nothing running: Ray or its autoscaler then decides)."""
+        need = stage_cpus(self.ctx.execute, node)
+        held = sum(r.cpus for r in self.state.running.values())
+        if need <= 0 or capacity is None or held <= 0:
+            return True
+        return held + need <= capacity + 1e-9
+
     def launch_ready(self) -> None:
-        """Launch waiting stages, highest priority first, while :meth:`may_launch`."""
+        """Launch waiting stages, highest priority first, while :meth:`may_launch`; a stage whose
+        CPUs do not fit now waits, and a lower one that fits may go."""
+        capacity = cluster_cpus()
         for node in self.waiting():
             if not self.may_launch():
                 return
-            self.launch(node)
+            if self.fits(node, capacity):
+                self.launch(node)
 
     def collect(self) -> None:
         """Wait for a running stage to end and record how it ended."""
         finished, _ = ray.wait(list(self.state.running), num_returns=1)
         for ref in finished:
-            node, t0 = self.state.running.pop(ref)
+            node, t0, _ = self.state.running.pop(ref)
             try:
                 res: TaskResult = ray.get(ref)
             except Exception as err:  # the task itself died (worker crash, OOM kill, ...)
@@ -684,7 +717,7 @@ class Scheduler:
 
     def stop_running(self, err: BaseException) -> None:
         """Cancel the running stages and record them failed, interrupted by ``err``."""
-        for ref, (node, t0) in list(self.state.running.items()):
+        for ref, (node, t0, _) in list(self.state.running.items()):
             _safe(f"cancel {node.name}", ray.cancel, ref, force=False, recursive=True)
             self.record_failure(
                 node,
@@ -794,7 +827,7 @@ class Scheduler:
             os.makedirs(out_dir, exist_ok=True)
         log.info("stage %s started (attempt %d)", node.name, st.attempts)
         ref = self.submit(node, inputs, out_dir, tracking_info)
-        self.state.running[ref] = Running(node, time.time())
+        self.state.running[ref] = Running(node, time.time(), stage_cpus(ctx.execute, node))
 
     def submit(
         self, node: StageNode, inputs: Inputs, out_dir: str, tracking_info: TrackingInfo | None
