@@ -480,7 +480,11 @@ class RunStore:
         except StateError:
             return None
         mine = (info.job or {}).get("submission_id") == job["submission_id"]
-        return info if mine and info.status == RunStatus.CREATED and not self.stage_names(run_id) else None
+        return (
+            info
+            if mine and info.status == RunStatus.CREATED and not self.stage_names(run_id)
+            else None
+        )
 
     def load_run(self, run_id: str) -> RunInfo:
         """The run's record; an unknown id is a one-line error naming the storage root."""
