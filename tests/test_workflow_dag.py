@@ -94,6 +94,29 @@ def test_ready_and_dependants():
     assert g.dependants("pretrain") == ["finetune@1", "finetune@10", "evaluate"]
 
 
+def test_remaining_cost_is_the_costliest_path_to_a_sink():
+    g = Graph(
+        [
+            StageNode("lone", "x"),
+            StageNode("a", "x"),
+            StageNode("b", "y", deps={"in": "a"}),
+            StageNode("c", "x", deps={"in": "b"}),
+            StageNode("d", "x", deps={"in": "a"}),
+        ]
+    )
+    cost = {"x": 1.0, "y": 5.0}
+    assert g.remaining_cost(lambda n: cost[n.kind]) == {
+        "lone": 1.0,
+        "a": 7.0,  # a -> b -> c, not a -> d
+        "b": 6.0,
+        "c": 1.0,
+        "d": 1.0,
+    }
+    full = build_graph(cfg_with()).remaining_cost(lambda n: 1.0)
+    assert full["shard"] == 5.0  # shard -> pretrain -> finetune -> distill -> evaluate
+    assert full["evaluate"] == 1.0 and full["baseline@1"] == 2.0
+
+
 def test_cycle_detected():
     g = Graph(
         [

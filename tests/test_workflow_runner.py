@@ -217,3 +217,28 @@ def test_max_concurrency_one_serialises(ray_local, tmp_path, cfg):
         key=lambda r: r["start"],
     )
     assert recs[0]["end"] <= recs[1]["start"]
+
+
+def test_the_critical_path_is_launched_first(ray_local, tmp_path, cfg):
+    """With one slot, the head of the long chain goes before a short stage declared earlier;
+    equal remaining paths keep declaration order."""
+    store = RunStore(tmp_path / "store")
+    rid = store.create_run(cfg)
+    graph = Graph(
+        [
+            StageNode("lone", "x"),
+            StageNode("a", "x"),
+            StageNode("b", "x", deps={"in": "a"}),
+            StageNode("c", "x", deps={"in": "b"}),
+        ]
+    )
+    summary = run_graph(
+        graph, cfg, store, rid, FakeExecute(tmp_path / "log", 0.05), max_concurrency=1
+    )
+    assert summary.status == "succeeded", summary.message()
+    recs = sorted(
+        (json.loads(p.read_text()) for p in (tmp_path / "log").glob("*.json")),
+        key=lambda r: r["start"],
+    )
+    assert [r["stage"] for r in recs] == ["a", "b", "lone", "c"]
+    assert all(x["end"] <= y["start"] for x, y in zip(recs, recs[1:], strict=False))

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -176,6 +176,19 @@ class Graph:
             out |= nxt
             frontier = nxt
         return [n for n in self.names if n in out]
+
+    def remaining_cost(self, cost: Callable[[StageNode], float]) -> dict[str, float]:
+        """For each stage, the cost of the costliest path from it to a sink (a stage nothing
+        depends on), itself included: ``cost(stage)`` plus the largest remaining cost among the
+        stages that read it directly. The stage with the largest value heads the critical path."""
+        readers: dict[str, set[str]] = {n.name: set() for n in self.nodes}
+        for n in self.nodes:
+            for up in n.deps.values():
+                readers.setdefault(up, set()).add(n.name)
+        out: dict[str, float] = {}
+        for n in reversed(self._order()):  # every reader before the stage it reads
+            out[n.name] = cost(n) + max((out[r] for r in readers[n.name]), default=0.0)
+        return out
 
 
 def build_graph(cfg: Config) -> Graph:

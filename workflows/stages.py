@@ -189,6 +189,17 @@ class StageExecutor:
         store = RunStore(self.cfg.storage.root)
         return store.uri(store.stage_dir(self.run_id, node.name))
 
+    def cpus(self, node: StageNode) -> float:
+        """The CPUs the stage's work holds while it runs (its training task, or its Ray Train
+        workers: ``num_workers`` x ``cpus_per_worker`` after ``resources.stages``; evaluation
+        runs one worker), for the runner's CPU budget. 0 for sharding and the search, whose many
+        short tasks come and go (each is alone on its level of the graph)."""
+        if node.kind in ("shard", "tune"):
+            return 0.0
+        res = self.cfg.resources.for_stage(node.kind)
+        workers = 1 if node.kind == "evaluate" else res.num_workers
+        return float(workers * res.cpus_per_worker)
+
     def cache_key(self, node: StageNode) -> str:
         if self._keys is None:
             self._keys = compute_keys(build_graph(self.cfg), self.cfg)

@@ -33,6 +33,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +43,15 @@ import yaml
 from pipeline.config import Config, parse_config
 
 __all__ = [
+    "RUN_STATES",
     "STAGE_STATES",
     "Lease",
     "LeaseHeld",
     "RunInfo",
+    "RunStatus",
     "RunStore",
     "StageState",
+    "StageStatus",
     "StateError",
     "new_run_id",
     "now_iso",
@@ -57,11 +61,40 @@ __all__ = [
 #: runtime environment: the packages arrive without their ``.git``.
 CODE_ENV = "CONTRASTIVE_CODE_VERSION"
 
-STAGE_STATES = ("pending", "running", "succeeded", "failed", "skipped")
+
+class TextEnum(str, Enum):
+    """An enum whose members are their string values: they compare, hash, format and serialise
+    (JSON) as those strings, so records on disk and string comparisons read the same."""
+
+    def __str__(self) -> str:
+        return str.__str__(self)
+
+
+class StageStatus(TextEnum):
+    """The durable state of a stage (``state.json``'s ``state``); ``skipped`` covers a stage
+    finished earlier and one linked from an earlier run (``reused_from`` set)."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+class RunStatus(TextEnum):
+    """The recorded status of a run (``run.json``'s ``status``)."""
+
+    CREATED = "created"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+STAGE_STATES: tuple[str, ...] = tuple(s.value for s in StageStatus)
 #: A driver renews its lease every LEASE_RENEW_S; a lease not renewed for LEASE_TTL_S is dead.
 LEASE_RENEW_S = 5.0
 LEASE_TTL_S = 30.0
-RUN_STATES = ("created", "running", "succeeded", "failed")
+RUN_STATES: tuple[str, ...] = tuple(s.value for s in RunStatus)
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 #: Folder of the older layout (``<root>/runs/<run_id>``), still read.
 LEGACY_RUNS = "runs"
@@ -185,7 +218,7 @@ class StageState:
     """The durable state of one stage (``state.json``)."""
 
     name: str
-    state: str = "pending"
+    state: StageStatus = StageStatus.PENDING
     attempts: int = 0
     started: str | None = None
     ended: str | None = None
@@ -197,6 +230,14 @@ class StageState:
     metrics: dict[str, float] = field(default_factory=dict)
     key_metric: str | None = None
     reused_from: dict[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        # a plain string (a record on disk, a caller) becomes the member; a value that is no
+        # stage state is kept as given, for write_state to name it
+        try:
+            self.state = StageStatus(self.state)
+        except ValueError:
+            pass
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -213,7 +254,7 @@ class RunInfo:
 
     run_id: str
     created: str
-    status: str = "created"
+    status: RunStatus = RunStatus.CREATED
     name: str = "run"
     mlflow_run_id: str | None = None
     tracking_uri: str | None = None
@@ -224,6 +265,12 @@ class RunInfo:
     job: dict[str, str] | None = None  # a submitted run's Ray Job: submission_id, address
     tracking_gap: str | None = None  # what MLflow missed while it was unreachable (one line)
     path: str = ""
+
+    def __post_init__(self) -> None:
+        try:  # as StageState.state: a value from disk becomes the member when it is one
+            self.status = RunStatus(self.status)
+        except ValueError:
+            pass
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -414,7 +461,7 @@ class RunStore:
         info = RunInfo(
             run_id=run_id,
             created=created,
-            status="created",
+            status=RunStatus.CREATED,
             name=cfg.name,
             tracking_uri=tracking_uri,
             address=address,
@@ -433,7 +480,11 @@ class RunStore:
         except StateError:
             return None
         mine = (info.job or {}).get("submission_id") == job["submission_id"]
-        return info if mine and info.status == "created" and not self.stage_names(run_id) else None
+        return (
+            info
+            if mine and info.status == RunStatus.CREATED and not self.stage_names(run_id)
+            else None
+        )
 
     def load_run(self, run_id: str) -> RunInfo:
         """The run's record; an unknown id is a one-line error naming the storage root."""
@@ -456,10 +507,12 @@ class RunStore:
         for k, v in fields.items():
             if k not in RunInfo.__dataclass_fields__ or k in ("run_id", "path"):
                 raise StateError(f"state error: run.json has no field {k!r}")
-            if k == "status" and v not in RUN_STATES:
-                raise StateError(
-                    f"state error: run status {v!r} is not one of {', '.join(RUN_STATES)}"
-                )
+            if k == "status":
+                if v not in RUN_STATES:
+                    raise StateError(
+                        f"state error: run status {v!r} is not one of {', '.join(RUN_STATES)}"
+                    )
+                v = RunStatus(v)
             setattr(info, k, v)
         info.updated = now_iso()
         self._write_json(self.run_dir(run_id) + "/run.json", info.to_dict())
@@ -560,13 +613,13 @@ class RunStore:
     def run_liveness(self, info: RunInfo) -> str:
         """``info.status``, except that a run recorded ``running`` (or ``created``, once a driver
         held it) whose driver is gone reads ``interrupted``."""
-        if info.status not in ("running", "created"):
+        if info.status not in (RunStatus.RUNNING, RunStatus.CREATED):
             return info.status
         lease = self.read_lease(info.run_id)
         if lease is not None and lease.alive():
-            return "running" if info.status == "running" else info.status
-        if lease is None and info.status == "created":
-            return "created"  # e.g. a submitted job whose driver has not started yet
+            return info.status
+        if lease is None and info.status == RunStatus.CREATED:
+            return info.status  # e.g. a submitted job whose driver has not started yet
         return "interrupted"
 
     # -- stages ----------------------------------------------------------------------------
@@ -660,9 +713,12 @@ class LeaseKeeper:
         import logging
 
         log = logging.getLogger(__name__)
+        lease = self.lease
+        if lease is None:  # started only once the lease is held
+            return
         while not self._stop.wait(LEASE_RENEW_S):
             try:
-                if not self.store.renew_lease(self.run_id, self.lease):
+                if not self.store.renew_lease(self.run_id, lease):
                     self.lost = True
                     log.warning("run %s: another driver took over its lease", self.run_id)
                     return
