@@ -22,6 +22,7 @@ from pipeline.config import Config
 from pipeline.data import dataset_info, load_split, load_subset, make_loader
 from pipeline.data.loader import ShardDataset, decoded_bytes
 from pipeline.data.transforms import BatchTwoViewAugment, normalize_batch
+from pipeline.models import ContrastiveModel, load_model
 from pipeline.runtime import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ __all__ = [
     "batches",
     "encode",
     "knn_predict",
+    "load_contrastive",
     "load_data",
     "read_info",
     "rng_state",
@@ -66,6 +68,14 @@ class DatasetInfo(_InfoRequired, total=False):
 def read_info(dataset_dir: str) -> DatasetInfo:
     """``dataset.json`` of ``dataset_dir``."""
     return dataset_info(dataset_dir)  # type: ignore[return-value]
+
+
+def load_contrastive(path: str, map_location: str | torch.device = "cpu") -> ContrastiveModel:
+    """The encoder + projection head saved at ``path`` (a model file of kind 'contrastive')."""
+    model = load_model(path, map_location=map_location)
+    if not isinstance(model, ContrastiveModel):
+        raise TypeError(f"{path}: expected a contrastive model, got {type(model).__name__}")
+    return model
 
 
 def view_size(cfg: Config, info: DatasetInfo) -> int:

@@ -25,11 +25,16 @@ from pipeline.models import (
     backbone_from,
     build_contrastive_model,
     count_params,
-    load_model,
 )
 from pipeline.runtime import StageResult, TrainContext
 from pipeline.stages.classifier import ClassifierStage
-from pipeline.stages.common import SplitData, load_data, single_view_augment, subset_keys
+from pipeline.stages.common import (
+    SplitData,
+    load_contrastive,
+    load_data,
+    single_view_augment,
+    subset_keys,
+)
 from pipeline.stages.consistency import (
     Augment,
     ConsistencyPlan,
@@ -68,10 +73,10 @@ def build_network(cfg: Config, channels: int, n_classes: int, pretrained: str | 
     model file) or randomly initialised (the baseline)."""
     j = cfg.finetune.from_head_layer
     if pretrained is not None:
-        source = load_model(pretrained)
+        source = load_contrastive(pretrained)
     else:
         source = build_contrastive_model(cfg.model, in_channels=channels)
-    backbone, feat_dim = backbone_from(source, j)  # type: ignore[arg-type]
+    backbone, feat_dim = backbone_from(source, j)
     return Classifier(backbone, feat_dim, n_classes)
 
 
