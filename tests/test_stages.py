@@ -444,3 +444,10 @@ def test_baseline_lr_per_label_fraction() -> None:
     assert plan_for(one, "b", 0.1, baseline=True).lr == 0.1
     extra = load_config("smoke", [fr, "finetune.baseline_lr={0.1: 0.1, 1: 0.03, 10: 0.01}"])
     assert plan_for(extra, "b", 1.0, baseline=True).lr == 0.03
+
+
+def test_distill_hard_labels_are_int64_with_minus_one_for_unlabeled() -> None:
+    from pipeline.stages.distill import _hard_labels
+
+    got = _hard_labels(["a", "b", "c", "d"], {"b": 3, "d": 0})
+    assert got.dtype == torch.int64 and got.tolist() == [-1, 3, -1, 0]

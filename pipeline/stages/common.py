@@ -166,7 +166,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def training_state(
-    model: nn.Module, opt: Any, sched: Any, epoch: int, history: list[dict[str, Any]], **extra: Any
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    epoch: int,
+    history: list[dict[str, Any]],
+    **extra: Any,
 ) -> dict[str, Any]:
     """The checkpoint of a training loop after ``epoch``: model, optimiser, scheduler, RNG state
     and history (plus ``extra`` entries)."""
@@ -182,7 +187,10 @@ def training_state(
 
 
 def restore_training_state(
-    ckpt: dict[str, Any], model: nn.Module, opt: Any, sched: Any
+    ckpt: dict[str, Any],
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
 ) -> tuple[int, list[dict[str, Any]]]:
     """Load a :func:`training_state` checkpoint; returns (first epoch to run, history so far)."""
     model.load_state_dict(ckpt["model"])
