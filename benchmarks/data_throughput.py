@@ -32,7 +32,52 @@ from pipeline.config import parse_config
 from pipeline.data.loader import load_split, make_loader
 from pipeline.data.shards import build_dataset
 from pipeline.data.sources import Record, SourceData, prepare_splits
-from pipeline.data.transforms import BatchTwoViewAugment, TwoViewTransform
+from pipeline.data.transforms import MEAN, STD, BatchTwoViewAugment
+
+
+class TorchvisionTwoView:
+    """The baseline: the SimCLR distribution per sample with torchvision v2, uint8 ``(C, H, W)`` ->
+    two float views (what ``BatchTwoViewAugment`` does for a whole batch)."""
+
+    def __init__(
+        self,
+        size: int,
+        channels: int,
+        strength: float = 0.5,
+        crop_min_scale: float = 0.2,
+        mean: float = MEAN,
+        std: float = STD,
+    ) -> None:
+        from torchvision.transforms import v2
+
+        self.size, self.channels = size, channels
+        s = float(strength)
+        if channels == 3:
+            jitter = v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, min(0.2 * s, 0.5))
+        else:  # one channel: no saturation / hue (pipeline.data.transforms)
+            jitter = v2.ColorJitter(0.8 * s, 0.8 * s)
+        ops: list[torch.nn.Module] = [
+            v2.RandomResizedCrop(size, scale=(crop_min_scale, 1.0), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.RandomApply([jitter], p=0.8),
+        ]
+        if channels == 3:
+            ops.append(v2.RandomGrayscale(p=0.2))
+        if size >= 64:
+            k = max(3, int(0.1 * size) // 2 * 2 + 1)
+            ops.append(v2.RandomApply([v2.GaussianBlur(k, sigma=(0.1, 2.0))], p=0.5))
+        ops += [
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize([mean] * channels, [std] * channels),
+        ]
+        self.pipeline = v2.Compose(ops)
+
+    def __call__(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if image.ndim != 3 or image.shape[0] != self.channels:
+            raise ValueError(
+                f"image: expected ({self.channels}, H, W), got shape {tuple(image.shape)}"
+            )
+        return self.pipeline(image), self.pipeline(image)
 
 
 def _machine() -> dict[str, Any]:
@@ -119,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
         c, size = images.shape[1], images.shape[-1]
         m = min(args.aug_images, n)
         sub = images[:m]
-        tv = TwoViewTransform(size, c, 0.5, 0.2)
+        tv = TorchvisionTwoView(size, c, 0.5, 0.2)
 
         def tv_memory() -> None:
             for i in range(m):

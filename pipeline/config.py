@@ -353,11 +353,6 @@ class FinetuneConfig(_Section):
     weight_decay: float = Field(1e-4, ge=0.0)
     min_steps: int = Field(200, ge=1, description="lower bound on steps for tiny subsets")
     crop_min_scale: float = Field(0.5, gt=0.0, le=1.0, description="crop+flip augmentation")
-    classifier_init: Literal["random", "probe"] = Field(
-        "random",
-        description="the linear classifier's start: random, or a logistic-regression probe fit on "
-        "the starting network's features of the labeled subset (LP-FT; baseline alike)",
-    )
     baseline: bool = True
     consistency: ConsistencyConfig = Field(default_factory=ConsistencyConfig)
     seed: int | None = Field(
@@ -721,6 +716,8 @@ _RENAMED = {
 _REMOVED = {
     "augment.backend": "every stage augments whole batches with tensor ops "
     "(pipeline.data.transforms.BatchTwoViewAugment); delete the key",
+    "finetune.classifier_init": "the classifier always starts from random initialisation "
+    "(a linear-probe start did not help, docs/recipe.md); delete the key",
 }
 
 

@@ -186,3 +186,11 @@ def test_worker_threads_default_to_one_per_whole_cpu() -> None:
     assert load_config("smoke", [unset, "resources.cpus_per_worker=0.5"]).resources.threads == 1
     cfg = load_config("smoke", ["resources.cpus_per_worker=2", "resources.torch_threads=3"])
     assert cfg.resources.threads == 3
+
+
+@pytest.mark.parametrize("value", ["probe", "random"])
+def test_finetune_classifier_init_is_removed(value: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_config({"finetune": {"classifier_init": value}})
+    msg = str(e.value)
+    assert msg.startswith("config error: finetune.classifier_init: removed;") and "\n" not in msg

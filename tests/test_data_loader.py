@@ -12,7 +12,7 @@ import torch
 from pipeline.config import parse_config
 from pipeline.data import dataset_info, iter_samples, load_split, make_loader, shard_paths
 from pipeline.data.sources import DataError
-from pipeline.data.transforms import TwoViewTransform
+from pipeline.data.transforms import EvalTransform
 from pipeline.stages import shard as shard_stage
 
 
@@ -100,8 +100,13 @@ def test_shuffle_is_a_seeded_permutation(many_shards):
     )
 
 
+def _two_views(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    view = EvalTransform(8)(image)
+    return view, view.flip(-1)
+
+
 def test_loader_with_two_view_transform(few_shards):
-    loader = make_loader(few_shards, "test", TwoViewTransform(8, 1, 0.5, 0.2), batch_size=10)
+    loader = make_loader(few_shards, "test", _two_views, batch_size=10)
     (v1, v2), y = next(iter(loader))
     assert v1.shape == v2.shape == (10, 1, 8, 8) and v1.dtype == torch.float32 and y.shape == (10,)
 

@@ -10,7 +10,6 @@ from pipeline.data.transforms import (
     STD,
     BatchTwoViewAugment,
     EvalTransform,
-    TwoViewTransform,
     crop_resize,
     normalize_batch,
 )
@@ -113,22 +112,6 @@ def test_rgb_greyscale_applied_to_about_a_fifth():
         (v[:, 1] - v[:, 2]).abs().amax(dim=(1, 2)) < 1e-6
     )
     assert 0.12 < grey.float().mean() < 0.28
-
-
-def test_torchvision_two_view():
-    x = _batch(b=1, c=1)[0]
-    tf = TwoViewTransform(24, 1, 0.5, 0.3)
-    torch.manual_seed(0)
-    a1, a2 = tf(x)
-    torch.manual_seed(0)
-    b1, b2 = tf(x)
-    assert a1.shape == (1, 24, 24) and a1.dtype == torch.float32
-    assert torch.equal(a1, b1) and torch.equal(a2, b2) and not torch.equal(a1, a2)
-    assert a1.min() >= LO - 1e-5 and a1.max() <= HI + 1e-5
-    rgb = TwoViewTransform(64, 3, 1.0, 0.2)(_batch(b=1, c=3, h=70, w=70)[0])
-    assert rgb[0].shape == (3, 64, 64)
-    with pytest.raises(ValueError, match=r"expected \(3, H, W\)"):
-        TwoViewTransform(32, 3)(x)
 
 
 def test_eval_transform_and_normalize_batch():

@@ -247,7 +247,8 @@ class _DDPContext:
 def _consistency_worker(rank: int, out_dir: str) -> None:
     from pipeline.config import ConsistencyConfig
     from pipeline.data.transforms import BatchTwoViewAugment
-    from pipeline.stages.consistency import fit_consistency
+    from pipeline.stages.consistency import ConsistencyPlan, UnlabeledMemory, fit_consistency
+    from pipeline.stages.supervised import InMemory
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
@@ -269,13 +270,10 @@ def _consistency_worker(rank: int, out_dir: str) -> None:
         cfg = ConsistencyConfig(epochs=1, batch_size=8, labeled_batch_size=4, threshold=0.34)
         hist = fit_consistency(
             model,
-            labeled,
-            torch.tensor([0, 1, 2, 0, 1]),
-            unlabeled,
-            cfg=cfg,
-            weak=aug.single,
-            strong=aug.single,
-            ctx=ctx,
+            InMemory(labeled, (torch.tensor([0, 1, 2, 0, 1]),), aug.single),
+            UnlabeledMemory(unlabeled, None, aug.single, aug.single),
+            ConsistencyPlan.from_config(cfg),
+            ctx,
             history=[],
         )
         torch.save(

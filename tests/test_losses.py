@@ -237,6 +237,24 @@ def test_distillation_label_weight_mixing(gen: torch.Generator) -> None:
     torch.testing.assert_close(DistillationLoss(2.0, label_weight=0.3)(s, t, unlabeled), 0.7 * kd)
 
 
+def test_distillation_labels_as_their_own_tensor_match_the_packed_column(
+    gen: torch.Generator,
+) -> None:
+    """The distillation stage passes the hard labels as their own int64 tensor (-1: unlabeled);
+    the loss is the very one of the labels packed as a float column beside the teacher's logits
+    and read back with ``.long()``, and matches the formula."""
+    s, t = torch.randn(8, 5, generator=gen), torch.randn(8, 5, generator=gen)
+    labels = torch.tensor([0, -1, 4, 2, -1, 1, 3, -1])
+    packed = torch.cat([t, labels[:, None].float()], dim=1)  # (B, K + 1)
+    loss = DistillationLoss(1.5, label_weight=0.25)
+    new = loss(s, t, labels)
+    assert torch.equal(new, loss(s, packed[:, :-1], packed[:, -1].long()))
+    keep = labels >= 0
+    ce = -F.log_softmax(s[keep].double(), dim=1)[torch.arange(int(keep.sum())), labels[keep]]
+    expected = 0.75 * naive_distillation(s, t, 1.5) + 0.25 * float(ce.mean())
+    assert new.item() == pytest.approx(expected, rel=1e-5)
+
+
 @pytest.mark.parametrize("tau", [1.0, 3.0])
 def test_distillation_gradient_is_softmax_difference(gen: torch.Generator, tau: float) -> None:
     s = torch.randn(3, 4, generator=gen, requires_grad=True)

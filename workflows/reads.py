@@ -81,7 +81,6 @@ _SUPERVISED = (
     "finetune.weight_decay",
     "finetune.min_steps",
     "finetune.crop_min_scale",
-    "finetune.classifier_init",
     *_TRAIN_RESOURCES,
     *_DATA_READ,
 )

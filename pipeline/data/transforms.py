@@ -13,20 +13,16 @@ One-channel images: saturation, hue and greyscale do not exist for them and are 
 brightness and contrast still apply, so a greyscale image stays one-channel (the encoder is built
 with ``in_channels=1``) rather than being replicated to RGB.
 
-Two implementations of that distribution:
+:class:`BatchTwoViewAugment` draws it for a whole uint8 batch at once with tensor ops: the crop
+and flip are one separable bilinear resample (:func:`crop_resize`, two batched matrix products per
+view), the jitter factors are per-sample vectors, greyscale is a mask, blur a grouped convolution.
+Every stage uses it. Differences from ``torchvision.transforms.v2``, all small: a crop whose side
+would exceed the image is clamped to the image instead of re-drawn (torchvision retries 10 times),
+the jitter operations run in the fixed order brightness, contrast, saturation, hue (torchvision
+permutes them), and hue is a rotation of the chroma plane in YIQ space (linear, vectorised)
+rather than an HSV round trip.
 
-* :class:`TwoViewTransform` - per sample with ``torchvision.transforms.v2`` (a DataLoader
-  ``transform``);
-* :class:`BatchTwoViewAugment` - a whole uint8 batch at once with tensor ops: the crop and flip are
-  one separable bilinear resample (:func:`crop_resize`, two batched matrix products per view), the
-  jitter factors are per-sample vectors, greyscale is a mask, blur a grouped convolution. What every
-  stage uses. Differences from torchvision, all small: a crop whose
-  side would exceed the image is clamped to the image instead of re-drawn (torchvision retries 10
-  times), the jitter operations run in the fixed order brightness, contrast, saturation, hue
-  (torchvision permutes them), and hue is a rotation of the chroma plane in YIQ space (linear,
-  vectorised) rather than an HSV round trip.
-
-Both return float views normalised as ``(x / 255 - mean) / std`` (default mean 0.5, std 0.25:
+It returns float views normalised as ``(x / 255 - mean) / std`` (default mean 0.5, std 0.25:
 roughly zero-mean, unit-scale); :func:`normalize_batch` / :class:`EvalTransform` do the same
 deterministically for evaluation.
 """
@@ -43,7 +39,6 @@ __all__ = [
     "STD",
     "BatchTwoViewAugment",
     "EvalTransform",
-    "TwoViewTransform",
     "crop_resize",
     "normalize_batch",
 ]
@@ -99,51 +94,6 @@ class EvalTransform:
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         return normalize_batch(image.unsqueeze(0), self.size, self.mean, self.std)[0]
-
-
-class TwoViewTransform:
-    """Per-sample SimCLR transform (torchvision v2): uint8 ``(C, H, W)`` -> two float views."""
-
-    def __init__(
-        self,
-        size: int,
-        channels: int,
-        strength: float = 0.5,
-        crop_min_scale: float = 0.2,
-        mean: float = MEAN,
-        std: float = STD,
-    ) -> None:
-        from torchvision.transforms import v2
-
-        _check(size, channels, strength, crop_min_scale)
-        self.size, self.channels = size, channels
-        s = float(strength)
-        if channels == 3:
-            jitter = v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, min(0.2 * s, 0.5))
-        else:  # one channel: no saturation / hue (see module docstring)
-            jitter = v2.ColorJitter(0.8 * s, 0.8 * s)
-        ops: list[torch.nn.Module] = [
-            v2.RandomResizedCrop(size, scale=(crop_min_scale, 1.0), antialias=True),
-            v2.RandomHorizontalFlip(),
-            v2.RandomApply([jitter], p=0.8),
-        ]
-        if channels == 3:
-            ops.append(v2.RandomGrayscale(p=0.2))
-        if size >= 64:
-            k = max(3, int(0.1 * size) // 2 * 2 + 1)
-            ops.append(v2.RandomApply([v2.GaussianBlur(k, sigma=(0.1, 2.0))], p=0.5))
-        ops += [
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize([mean] * channels, [std] * channels),
-        ]
-        self.pipeline = v2.Compose(ops)
-
-    def __call__(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if image.ndim != 3 or image.shape[0] != self.channels:
-            raise ValueError(
-                f"image: expected ({self.channels}, H, W), got shape {tuple(image.shape)}"
-            )
-        return self.pipeline(image), self.pipeline(image)
 
 
 class BatchTwoViewAugment:

@@ -8,10 +8,10 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -20,28 +20,67 @@ from torch import nn
 
 from pipeline.config import Config
 from pipeline.data import dataset_info, load_split, load_subset, make_loader
-from pipeline.data.loader import decoded_bytes
+from pipeline.data.loader import ShardDataset, decoded_bytes
 from pipeline.data.transforms import BatchTwoViewAugment, normalize_batch
+from pipeline.models import ContrastiveModel, load_model
 from pipeline.runtime import atomic_write_text
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "DatasetInfo",
     "SplitData",
     "StreamSplit",
     "accuracy",
     "batches",
     "encode",
     "knn_predict",
+    "load_contrastive",
     "load_data",
-    "predict_logits",
+    "read_info",
     "rng_state",
     "seed_everything",
     "set_rng_state",
     "single_view_augment",
     "use_memory",
+    "view_size",
     "write_json",
 ]
+
+
+class _InfoRequired(TypedDict):
+    name: str
+    classes: list[str]
+    channels: int
+    height: int
+    width: int
+    counts: dict[str, int]
+
+
+class DatasetInfo(_InfoRequired, total=False):
+    """What the stages read from a dataset folder's ``dataset.json`` (the shard stage writes more:
+    shard lists, hashes, subsets)."""
+
+    digest: str
+    decoded_bytes: dict[str, int]
+
+
+def read_info(dataset_dir: str) -> DatasetInfo:
+    """``dataset.json`` of ``dataset_dir``."""
+    return dataset_info(dataset_dir)  # type: ignore[return-value]
+
+
+def load_contrastive(path: str, map_location: str | torch.device = "cpu") -> ContrastiveModel:
+    """The encoder + projection head saved at ``path`` (a model file of kind 'contrastive')."""
+    model = load_model(path, map_location=map_location)
+    if not isinstance(model, ContrastiveModel):
+        raise TypeError(f"{path}: expected a contrastive model, got {type(model).__name__}")
+    return model
+
+
+def view_size(cfg: Config, info: DatasetInfo) -> int:
+    """The side of the views the networks see: ``augment.image_size``, else the images' height."""
+    return int(cfg.augment.image_size or info["height"])
 
 
 @dataclass
@@ -90,10 +129,6 @@ def subset_keys(dataset_dir: str, fraction: float) -> list[str]:
     return list(keys)
 
 
-def num_classes(dataset_dir: str) -> int:
-    return len(dataset_info(dataset_dir)["classes"])
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
@@ -131,7 +166,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def training_state(
-    model: nn.Module, opt: Any, sched: Any, epoch: int, history: list[dict[str, Any]], **extra: Any
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    epoch: int,
+    history: list[dict[str, Any]],
+    **extra: Any,
 ) -> dict[str, Any]:
     """The checkpoint of a training loop after ``epoch``: model, optimiser, scheduler, RNG state
     and history (plus ``extra`` entries)."""
@@ -147,7 +187,10 @@ def training_state(
 
 
 def restore_training_state(
-    ckpt: dict[str, Any], model: nn.Module, opt: Any, sched: Any
+    ckpt: dict[str, Any],
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
 ) -> tuple[int, list[dict[str, Any]]]:
     """Load a :func:`training_state` checkpoint; returns (first epoch to run, history so far)."""
     model.load_state_dict(ckpt["model"])
@@ -180,13 +223,14 @@ def batches(
         yield perm[s * batch_size : (s + 1) * batch_size]
 
 
-def single_view_augment(cfg: Config, channels: int, size: int, crop_min_scale: float = 0.5):
+def single_view_augment(
+    channels: int, size: int, crop_min_scale: float = 0.5
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """Crop + flip only (no colour jitter), the supervised recipe shared by fine-tuning, the
     baseline and the student, so the comparison is between initialisations, not recipes."""
     aug = BatchTwoViewAugment(
         size=size, channels=channels, strength=0.0, crop_min_scale=crop_min_scale
     )
-
     return aug.single
 
 
@@ -217,10 +261,6 @@ def encode(
         out.append(y.float().cpu())
     module.train(was_training)
     return torch.cat(out) if out else torch.empty(0)
-
-
-def predict_logits(model: nn.Module, images: torch.Tensor, size: int | None = None) -> torch.Tensor:
-    return encode(model, images, size=size)
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor, topk: int = 1) -> float:
@@ -268,7 +308,7 @@ def fit_linear_probe(
     weight_decay: float = 1e-4,
     batch_size: int = 1024,
     seed: int = 0,
-) -> nn.Module:
+) -> LinearProbe:
     """A linear classifier on frozen, standardised features (SGD + cosine schedule)."""
     g = torch.Generator().manual_seed(seed)
     mean = train_feats.mean(0, keepdim=True)
@@ -288,17 +328,23 @@ def fit_linear_probe(
             opt.step()
             sched.step()
 
-    class _Probe(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.register_buffer("mean", mean)
-            self.register_buffer("std", std if isinstance(std, torch.Tensor) else torch.ones(1))
-            self.linear = lin
+    return LinearProbe(lin, mean, std if isinstance(std, torch.Tensor) else torch.ones(1)).eval()
 
-        def forward(self, f: torch.Tensor) -> torch.Tensor:
-            return self.linear((f - self.mean) / self.std)
 
-    return _Probe().eval()
+class LinearProbe(nn.Module):
+    """A linear classifier on standardised features: ``linear((f - mean) / std)``."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, linear: nn.Linear, mean: torch.Tensor, std: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+        self.linear = linear
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return self.linear((f - self.mean) / self.std)
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
@@ -335,27 +381,45 @@ def out_path(out_dir: str | os.PathLike[str], name: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def use_memory(cfg: Config, info: dict[str, Any]) -> bool:
+def use_memory(cfg: Config, info: DatasetInfo) -> bool:
     """Whether the stages hold the decoded splits in memory (``data.in_memory``; ``auto``: when
     all splits' decoded bytes fit in ``data.memory_budget_mb``) or stream the shards."""
     mode = cfg.data.in_memory
     if isinstance(mode, bool):
         return mode
-    return decoded_bytes(info) <= cfg.data.memory_budget_mb * 2**20
+    return decoded_bytes(dict(info)) <= cfg.data.memory_budget_mb * 2**20
 
 
-def _cat(parts: list[Any]) -> Any:
-    if isinstance(parts[0], torch.Tensor):
-        return torch.cat(parts)
-    if isinstance(parts[0], (list, tuple)) and parts[0] and isinstance(parts[0][0], str):
-        return [k for p in parts for k in p]
-    return type(parts[0])(_cat([p[i] for p in parts]) for i in range(len(parts[0])))
+#: A batch of views: one tensor, or several (a decoder's tuple of views, collated as a list).
+Views = torch.Tensor | Sequence[torch.Tensor]
+#: What a stream batch holds: ``(views, labels, keys)``.
+StreamBatch = tuple[Views, torch.Tensor, list[str]]
+#: Decodes one sample's image bytes (``where`` names it in errors) into its views.
+Decoder = Callable[[bytes, str], torch.Tensor | tuple[torch.Tensor, ...]]
 
 
-def _take(x: Any, a: int, b: int) -> Any:
-    if isinstance(x, torch.Tensor) or (isinstance(x, list) and (not x or isinstance(x[0], str))):
-        return x[a:b]
-    return type(x)(_take(v, a, b) for v in x)
+def _cat_views(parts: list[Views]) -> Views:
+    tensors = [p for p in parts if isinstance(p, torch.Tensor)]
+    if len(tensors) == len(parts):
+        return torch.cat(tensors)
+    seqs = [p for p in parts if not isinstance(p, torch.Tensor)]
+    return [torch.cat([p[i] for p in seqs]) for i in range(len(seqs[0]))]
+
+
+def _take_views(v: Views, a: int, b: int) -> Views:
+    return v[a:b] if isinstance(v, torch.Tensor) else [t[a:b] for t in v]
+
+
+def _join(buf: list[StreamBatch]) -> StreamBatch:
+    if len(buf) == 1:
+        return buf[0]
+    views = _cat_views([x for x, _, _ in buf])
+    return views, torch.cat([y for _, y, _ in buf]), [k for _, _, keys in buf for k in keys]
+
+
+def _slice(batch: StreamBatch, a: int, b: int) -> StreamBatch:
+    x, y, keys = batch
+    return _take_views(x, a, b), y[a:b], keys[a:b]
 
 
 class StreamSplit:
@@ -378,23 +442,22 @@ class StreamSplit:
     ) -> None:
         self.cfg, self.dataset_dir, self.split = cfg, dataset_dir, split
         self.rank, self.world = rank, world
-        self.info = dataset_info(dataset_dir)
+        self.info = read_info(dataset_dir)
         self.count = int(self.info["counts"].get(split, 0))
         self.channels = int(self.info["channels"])
 
     def loader(
         self,
-        decoder: Any,
+        decoder: Decoder,
         batch: int,
         *,
         epoch: int = 0,
         shuffle: bool = True,
-        exclude: Any = None,
+        exclude: Collection[str] = (),
         min_per_rank: int = 0,
         rank: int | None = None,
         world: int | None = None,
-        workers: int | None = None,
-    ) -> torch.utils.data.DataLoader:
+    ) -> torch.utils.data.DataLoader[StreamBatch]:
         d = self.cfg.data
         loader = make_loader(
             self.dataset_dir,
@@ -403,30 +466,31 @@ class StreamSplit:
             batch_size=batch,
             rank=self.rank if rank is None else rank,
             world_size=self.world if world is None else world,
-            num_workers=d.loader_workers if workers is None else workers,
+            num_workers=d.loader_workers,
             shuffle=shuffle,
             seed=self.cfg.seed * 1_000_003 + 17,
             with_keys=True,
             decoder=decoder,
             buffer_size=d.shuffle_buffer,
-            exclude=frozenset(exclude or ()),
+            exclude=frozenset(exclude),
             min_per_rank=min_per_rank,
         )
-        loader.dataset.set_epoch(epoch)
+        dataset: ShardDataset = loader.dataset  # type: ignore[assignment]
+        dataset.set_epoch(epoch)
         return loader
 
     def batches(
         self,
-        decoder: Any,
+        decoder: Decoder,
         batch: int,
         steps: int,
         *,
         epoch: int,
-        exclude: Any = None,
-    ) -> Iterator[tuple[Any, torch.Tensor, list[str]]]:
+        exclude: Collection[str] = (),
+    ) -> Iterator[StreamBatch]:
         """Exactly ``steps`` batches ``(views, labels, keys)`` of ``batch`` samples each."""
         passes = 0
-        buf: list[Any] = []
+        buf: list[StreamBatch] = []
         have = 0
         made = 0
         while made < steps:
@@ -443,12 +507,11 @@ class StreamSplit:
                 buf.append((x, y, list(keys)))
                 have += len(keys)
                 while have >= batch and made < steps:
-                    joined = _cat(buf) if len(buf) > 1 else buf[0]
-                    yield tuple(_take(v, 0, batch) for v in joined)  # type: ignore[misc]
+                    joined = _join(buf)
+                    yield _slice(joined, 0, batch)
                     made += 1
-                    rest = tuple(_take(v, batch, have) for v in joined)
                     have -= batch
-                    buf = [rest] if have else []
+                    buf = [_slice(joined, batch, batch + have)] if have else []
                 if made >= steps:
                     break
             del loader

@@ -10,13 +10,17 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from torch import nn
 
 from pipeline.config import Config
-from pipeline.data import dataset_info, format_fraction
+from pipeline.data import format_fraction
 from pipeline.models import count_params, load_model
 from pipeline.runtime import StageResult, TrainContext, atomic_write_text
 from pipeline.stages.common import (
@@ -25,13 +29,15 @@ from pipeline.stages.common import (
     encode,
     fit_linear_probe,
     knn_predict,
+    load_contrastive,
     load_data,
+    read_info,
     seed_everything,
     subset_keys,
     use_memory,
+    view_size,
     write_json,
 )
-from pipeline.stages.pretrain import view_size
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +46,81 @@ __all__ = ["render_markdown", "run"]
 
 def _top(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     return {"top1": accuracy(logits, labels, 1), "top5": accuracy(logits, labels, 5)}
+
+
+@dataclass
+class _Features:
+    """The frozen encoder's features of train and test, and how to run another model on test."""
+
+    train: torch.Tensor  # (N, D)
+    train_labels: torch.Tensor
+    train_keys: list[str]
+    test: torch.Tensor  # (M, D)
+    test_labels: torch.Tensor
+    outputs_on_test: Callable[[nn.Module], torch.Tensor]
+
+
+def _features(cfg: Config, ds: str, encoder: nn.Module, size: int, streaming: bool) -> _Features:
+    if streaming:  # features batch by batch; no image is held
+        train_s, test_s = StreamSplit(cfg, ds, "train"), StreamSplit(cfg, ds, "test")
+        f_train, train_labels, train_keys = train_s.features(encoder, size)
+        f_test, test_labels, _ = test_s.features(encoder, size)
+        return _Features(
+            f_train, train_labels, train_keys, f_test, test_labels,
+            lambda m: test_s.features(m, size)[0],
+        )  # fmt: skip
+    train, test = load_data(ds, "train"), load_data(ds, "test")
+    return _Features(
+        encode(encoder, train.images, size=size),
+        train.labels,
+        train.keys,
+        encode(encoder, test.images, size=size),
+        test.labels,
+        lambda m: encode(m, test.images, size=size),
+    )
+
+
+def _probe_top1(cfg: Config, feats: _Features, idx: torch.Tensor | None, k: int) -> float:
+    """Top-1 (%) on test of a linear probe fit on the train rows ``idx`` (all when None)."""
+    e = cfg.evaluate
+    x = feats.train if idx is None else feats.train[idx]
+    y = feats.train_labels if idx is None else feats.train_labels[idx]
+    probe = fit_linear_probe(x, y, k, epochs=e.linear_epochs, lr=e.linear_lr, seed=cfg.seed)
+    with torch.no_grad():
+        return accuracy(probe(feats.test), feats.test_labels)
+
+
+def _fraction_row(
+    cfg: Config,
+    inputs: dict[str, str],
+    feats: _Features,
+    p: float,
+    k: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    """One label fraction's row: the linear probe on its labels and every model trained on them."""
+    name = format_fraction(p)
+    keys = subset_keys(inputs["dataset"], p)
+    pos = {key: i for i, key in enumerate(feats.train_keys)}
+    idx = torch.tensor([pos[x] for x in keys])
+    row: dict[str, Any] = {
+        "labeled_images": len(keys),
+        "linear_top1": _probe_top1(cfg, feats, idx, k),
+    }
+    for role, key in (
+        ("finetune", f"finetune@{name}"),
+        ("baseline", f"baseline@{name}"),
+        ("student", f"distill@{name}"),
+    ):
+        if key not in inputs:
+            continue
+        model = load_model(inputs[key], map_location=device)
+        top = _top(feats.outputs_on_test(model), feats.test_labels)
+        row[f"{role}_top1"], row[f"{role}_top5"] = top["top1"], top["top5"]
+        row[f"{role}_params"] = count_params(model)
+    if "finetune_params" in row:
+        row["teacher_params"] = row["finetune_params"]
+    return row
 
 
 def run(
@@ -58,7 +139,7 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     e = cfg.evaluate
-    info = dataset_info(ds)
+    info = read_info(ds)
     size, classes = view_size(cfg, info), list(info["classes"])
     k = len(classes)
     streaming = not use_memory(cfg, info)
@@ -66,83 +147,25 @@ def run(
         "dataset": info.get("name", cfg.data.source),
         "digest": info.get("digest"),
     }
-
     device = ctx.device if ctx is not None else torch.device("cpu")  # where the models run
-    encoder = load_model(inputs["pretrain"], map_location=device).encoder
-    if streaming:  # features batch by batch; no image is held
-        train_s, test_s = StreamSplit(cfg, ds, "train"), StreamSplit(cfg, ds, "test")
-        f_train, train_labels, train_keys = train_s.features(encoder, size)
-        f_test, test_labels, _ = test_s.features(encoder, size)
-
-        def outputs_on_test(m: torch.nn.Module) -> torch.Tensor:
-            return test_s.features(m, size)[0]
-    else:
-        train, test = load_data(ds, "train"), load_data(ds, "test")
-        train_labels, train_keys, test_labels = train.labels, train.keys, test.labels
-        f_train = encode(encoder, train.images, size=size)  # (N, D)
-        f_test = encode(encoder, test.images, size=size)  # (M, D)
-
-        def outputs_on_test(m: torch.nn.Module) -> torch.Tensor:
-            return encode(m, test.images, size=size)
-
-    knn = knn_predict(f_train, train_labels, f_test, k, k=e.knn_k, temperature=e.knn_temperature)
-    report["knn_top1"] = accuracy(knn, test_labels)
-    probe = fit_linear_probe(
-        f_train, train_labels, k, epochs=e.linear_epochs, lr=e.linear_lr, seed=cfg.seed
+    encoder = load_contrastive(inputs["pretrain"], map_location=device).encoder
+    feats = _features(cfg, ds, encoder, size, streaming)
+    knn = knn_predict(
+        feats.train, feats.train_labels, feats.test, k, k=e.knn_k, temperature=e.knn_temperature
     )
-    with torch.no_grad():
-        report["linear_full_top1"] = accuracy(probe(f_test), test_labels)
+    report["knn_top1"] = accuracy(knn, feats.test_labels)
+    report["linear_full_top1"] = _probe_top1(cfg, feats, None, k)
     report["encoder_params"] = count_params(encoder)
-
-    fractions: dict[str, dict[str, Any]] = {}
-    pos = {key: i for i, key in enumerate(train_keys)}
-    for p in cfg.finetune.label_fractions:
-        name = format_fraction(p)
-        row: dict[str, Any] = {"labeled_images": 0}
-        keys = subset_keys(ds, p)
-        row["labeled_images"] = len(keys)
-        idx = torch.tensor([pos[x] for x in keys])
-        probe_p = fit_linear_probe(
-            f_train[idx],
-            train_labels[idx],
-            k,
-            epochs=e.linear_epochs,
-            lr=e.linear_lr,
-            seed=cfg.seed,
-        )
-        with torch.no_grad():
-            row["linear_top1"] = accuracy(probe_p(f_test), test_labels)
-        for role, key in (
-            ("finetune", f"finetune@{name}"),
-            ("baseline", f"baseline@{name}"),
-            ("student", f"distill@{name}"),
-        ):
-            if key not in inputs:
-                continue
-            model = load_model(inputs[key], map_location=device)
-            top = _top(outputs_on_test(model), test_labels)
-            row[f"{role}_top1"], row[f"{role}_top5"] = top["top1"], top["top5"]
-            row[f"{role}_params"] = count_params(model)
-        if "finetune_params" in row:
-            row["teacher_params"] = row["finetune_params"]
-        fractions[name] = row
+    fractions = {
+        format_fraction(p): _fraction_row(cfg, inputs, feats, p, k, device)
+        for p in cfg.finetune.label_fractions
+    }
     report["fractions"] = fractions
-    report["test_images"] = len(test_labels)
-    report["train_images"] = len(train_labels)
+    report["test_images"] = len(feats.test_labels)
+    report["train_images"] = len(feats.train_labels)
     report["eval_seconds"] = time.perf_counter() - t0
     report["wall_seconds"] = (time.time() - started_at) if started_at else report["eval_seconds"]
-
-    outputs = {
-        "report_json": str(out / "report.json"),
-        "report_md": str(out / "report.md"),
-        "report_html": str(out / "report.html"),
-    }
-    plots = _plots(cfg, inputs, report, f_test, test_labels, classes, out)
-    outputs.update(plots)
-    report["plots"] = {k_: Path(v).name for k_, v in plots.items()}
-    write_json(outputs["report_json"], report)
-    atomic_write_text(outputs["report_md"], render_markdown(report, cfg))
-    atomic_write_text(outputs["report_html"], render_html(report, cfg, out))
+    outputs = _write(cfg, inputs, report, feats, classes, out)
     metrics = {"knn_top1": report["knn_top1"], "linear_full_top1": report["linear_full_top1"]}
     metrics["data_streaming"] = float(streaming)
     for name, row in fractions.items():
@@ -150,6 +173,29 @@ def run(
             if key_.endswith("top1"):
                 metrics[f"{key_}@{name}"] = v
     return StageResult(outputs=outputs, metrics=metrics, history=[])
+
+
+def _write(
+    cfg: Config,
+    inputs: dict[str, str],
+    report: dict[str, Any],
+    feats: _Features,
+    classes: list[str],
+    out: Path,
+) -> dict[str, str]:
+    """Plots, ``report.json``, ``report.md`` and ``report.html``; returns their paths."""
+    outputs = {
+        "report_json": str(out / "report.json"),
+        "report_md": str(out / "report.md"),
+        "report_html": str(out / "report.html"),
+    }
+    plots = _plots(cfg, inputs, report, feats.test, feats.test_labels, classes, out)
+    outputs.update(plots)
+    report["plots"] = {k_: Path(v).name for k_, v in plots.items()}
+    write_json(outputs["report_json"], report)
+    atomic_write_text(outputs["report_md"], render_markdown(report, cfg))
+    atomic_write_text(outputs["report_html"], render_html(report, cfg, out))
+    return outputs
 
 
 def _fmt(v: Any) -> str:
@@ -356,7 +402,7 @@ def _plots(
     return paths
 
 
-def _embed_2d(x, seed: int):
+def _embed_2d(x: np.ndarray, seed: int) -> np.ndarray:
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
 

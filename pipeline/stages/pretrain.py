@@ -12,24 +12,26 @@ BatchNorm is synchronised and the loss gathers every rank's views with gradients
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
 
-from pipeline.config import Config
-from pipeline.data import dataset_info, load_split, load_subset
+from pipeline.config import Config, PretrainConfig
+from pipeline.data import load_split, load_subset
 from pipeline.data.transforms import BatchTwoViewAugment
 from pipeline.distributed import convert_sync_batchnorm
 from pipeline.losses import SupConLoss
-from pipeline.models import build_contrastive_model, count_params, save_model
+from pipeline.models import ContrastiveModel, build_contrastive_model, count_params, save_model
 from pipeline.optim import build_optimizer, scale_lr, warmup_cosine
 from pipeline.runtime import LocalContext, StageResult, TrainContext
 from pipeline.stages.common import (
+    DatasetInfo,
     SplitData,
     StreamSplit,
     Throughput,
@@ -38,21 +40,26 @@ from pipeline.stages.common import (
     encode,
     knn_predict,
     load_data,
+    read_info,
     restore_training_state,
     seed_everything,
     subset_keys,
     training_state,
     use_memory,
+    view_size,
     write_json,
 )
+from pipeline.stages.supervised import History, autocast_for, step
+
+if TYPE_CHECKING:
+    from pipeline.data.decode import CropViews
 
 log = logging.getLogger(__name__)
 
 __all__ = ["pretrain_labels", "pseudo_labels", "run", "view_size"]
 
-
-def view_size(cfg: Config, info: dict[str, Any]) -> int:
-    return int(cfg.augment.image_size or info["height"])
+#: Two views of a batch, float ``(b, C, S, S)`` on the device, and the labels the loss sees.
+ViewBatch = tuple[Tensor, Tensor, Tensor | None]
 
 
 def pretrain_labels(cfg: Config, dataset_dir: str, train: SplitData) -> torch.Tensor | None:
@@ -69,24 +76,6 @@ def pretrain_labels(cfg: Config, dataset_dir: str, train: SplitData) -> torch.Te
     labels = torch.full_like(train.labels, -1)
     labels[mask] = train.labels[mask]
     return labels
-
-
-def _labeled_pool(cfg: Config, labels: torch.Tensor | None, world: int) -> torch.Tensor | None:
-    """Rows of the labeled subset when ``pretrain.labeled_per_batch`` asks to oversample them
-    (semisup only; with 60 labels among 57k images a batch of 256 holds 0.3 of them on average,
-    too few for the class positives to matter)."""
-    k = cfg.pretrain.labeled_per_batch // world
-    if k <= 0 or labels is None or cfg.pretrain.method != "semisup":
-        return None
-    pool = (labels >= 0).nonzero().flatten()
-    if len(pool) == 0:
-        return None
-    if k >= cfg.pretrain.batch_size // world:
-        raise ValueError(
-            f"pretrain.labeled_per_batch {cfg.pretrain.labeled_per_batch} leaves no unlabeled "
-            f"images in a batch of {cfg.pretrain.batch_size}"
-        )
-    return pool
 
 
 def _mix_labeled(
@@ -148,36 +137,314 @@ def _lr(cfg: Config) -> float:
     return scale_lr(p.base_lr, p.batch_size, p.lr_scaling)
 
 
-def _step(
-    cfg: Config,
-    net: torch.nn.Module,
-    loss_fn: Any,
-    opt: Any,
-    sched: Any,
-    autocast: Any,
-    v1: torch.Tensor,
-    v2: torch.Tensor,
-    y: torch.Tensor | None,
-    epoch: int,
-    step: int,
-) -> float:
-    """One optimisation step on two views ``(b, C, S, S)`` of a batch (labels ``y`` or None);
-    the same for the in-memory and the streaming path. Returns the loss."""
-    x = torch.cat([v1, v2])
+def _pseudo_epoch(p: PretrainConfig, epoch: int) -> bool:
+    return bool(p.pseudo_label_from_epoch) and epoch + 1 >= p.pseudo_label_from_epoch
+
+
+def _pseudo_metrics(assigned: Tensor, base: Tensor, truth: Tensor) -> dict[str, float]:
+    """Monitoring only: how many unlabeled images took a class, and how often it is right."""
+    pseudo = (assigned >= 0) & (base < 0)
+    n_pseudo = int(pseudo.sum())
+    acc = 100.0 * float((assigned[pseudo] == truth[pseudo]).float().mean()) if n_pseudo else 0.0
+    return {"pseudo_labels": n_pseudo, "pseudo_label_acc": acc}
+
+
+def _check_batch(p: PretrainConfig, count: int) -> None:
+    if count < p.batch_size:
+        raise ValueError(f"pretrain.batch_size {p.batch_size} exceeds the {count} train images")
+
+
+def _mix_count(cfg: Config, world: int) -> int:
+    """Labeled images drawn into every batch of a rank (``pretrain.labeled_per_batch``, semisup
+    only; with 60 labels among 57k images a batch of 256 holds 0.3 of them on average, too few
+    for the class positives to matter)."""
+    p = cfg.pretrain
+    return max(0, p.labeled_per_batch // world) if p.method == "semisup" else 0
+
+
+def _check_mix(cfg: Config, world: int) -> None:
+    p = cfg.pretrain
+    if _mix_count(cfg, world) >= p.batch_size // world:
+        raise ValueError(
+            f"pretrain.labeled_per_batch {p.labeled_per_batch} leaves no unlabeled "
+            f"images in a batch of {p.batch_size}"
+        )
+
+
+@dataclass
+class _Setting:
+    """What both data paths need: the config, this rank, the view size and the augmentation."""
+
+    cfg: Config
+    dataset: str
+    rank: int
+    world: int
+    size: int
+    n_classes: int
+    aug: BatchTwoViewAugment
+
+    @property
+    def local_batch(self) -> int:
+        return self.cfg.pretrain.batch_size // self.world
+
+
+@dataclass
+class _InMemory:
+    """The decoded train split (on the training device) and, for the kNN monitor, val."""
+
+    s: _Setting
+    train: SplitData
+    images: Tensor
+    labels: Tensor | None  # (N,) what the loss sees; -1: unlabeled (semisup)
+    pool: Tensor | None  # rows of the labeled subset drawn into every batch
+    val: SplitData | None
+    step_labels: Tensor | None = None
+
+    @classmethod
+    def load(cls, s: _Setting) -> _InMemory:
+        cfg = s.cfg
+        train = load_data(s.dataset, "train")
+        _check_batch(cfg.pretrain, len(train))
+        labels = pretrain_labels(cfg, s.dataset, train)
+        pool = None
+        if _mix_count(cfg, s.world) and labels is not None:
+            rows = (labels >= 0).nonzero().flatten()
+            if len(rows):
+                _check_mix(cfg, s.world)
+                pool = rows
+        val = load_data(s.dataset, "val") if cfg.pretrain.knn_every else None
+        return cls(s, train, train.images, labels, pool, val)
+
+    @property
+    def count(self) -> int:
+        return len(self.train)
+
+    def to(self, device: torch.device) -> None:
+        # The decoded split goes to the training device once (uint8; a no-op on the CPU), so the
+        # batched augmentation runs where the model does.
+        self.images = self.images.to(device)
+        self.labels = self.labels.to(device) if self.labels is not None else None
+
+    def relabel(self, encoder: nn.Module, epoch: int) -> dict[str, float]:
+        """This epoch's labels: pseudo-labels from their epoch on (semisup; config validation
+        allows them with semisup only, so ``labels`` is set), else the subset's."""
+        p = self.s.cfg.pretrain
+        self.step_labels = self.labels
+        if not _pseudo_epoch(p, epoch) or self.labels is None:
+            return {}
+        feats = encode(encoder, self.images, size=self.s.size).to(self.images.device)  # (N, D)
+        self.step_labels = pseudo_labels(feats, self.labels, p.pseudo_label_fraction)
+        truth = self.train.labels.to(self.images.device)
+        return _pseudo_metrics(self.step_labels, self.labels, truth)
+
+    def batches(self, epoch: int, steps: int, mix_gen: torch.Generator) -> Iterator[ViewBatch]:
+        s, k = self.s, _mix_count(self.s.cfg, self.s.world)
+        order = batches(
+            self.count, s.local_batch, epoch=epoch, seed=s.cfg.seed, rank=s.rank, world_size=s.world
+        )
+        for i, idx in enumerate(order):
+            if i >= steps:
+                break
+            if self.pool is not None:
+                idx = _mix_labeled(idx, self.pool, k, mix_gen)
+            v1, v2 = s.aug(self.images[idx])  # 2 x (b, C, S, S) float, on the device
+            yield v1, v2, self.step_labels[idx] if self.step_labels is not None else None
+
+    def knn(self, encoder: nn.Module) -> float | None:
+        if self.val is None:
+            return None
+        return knn_accuracy(
+            self.s.cfg, encoder, self.train, self.val, self.s.size, self.s.n_classes
+        )
+
+
+@dataclass
+class _Streamed:
+    """The train split read as a stream: each sample's two random resized crops are made from the
+    original image in the loader workers (:class:`pipeline.data.decode.CropViews`), the colour
+    half of the augmentation per batch on the device. The labeled subset (semisup) is small and
+    held in memory for ``labeled_per_batch``; pseudo-labels are a key -> label map built from the
+    streamed features of every train image. An interrupted epoch restarts from its beginning."""
+
+    s: _Setting
+    train: StreamSplit
+    crops: CropViews
+    known: dict[str, int]  # semisup: key -> label of the labeled subset
+    pool: SplitData | None
+    val: StreamSplit | None
+    device: torch.device = torch.device("cpu")
+    step_known: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, s: _Setting) -> _Streamed:
+        from pipeline.data.decode import CropViews
+
+        cfg, p = s.cfg, s.cfg.pretrain
+        train = StreamSplit(cfg, s.dataset, "train", s.rank, s.world)
+        _check_batch(p, train.count)
+        known: dict[str, int] = {}
+        pool: SplitData | None = None
+        if p.method == "semisup":
+            keys, sub_labels = load_subset(s.dataset, cfg.pretrain_label_fraction)
+            known = dict(zip(keys, sub_labels.tolist(), strict=True))
+            if _mix_count(cfg, s.world) and keys:
+                _check_mix(cfg, s.world)
+                images, labels_l, keys_l = load_split(s.dataset, "train", keys=keys)
+                pool = SplitData(images, labels_l, keys_l)
+        val = StreamSplit(cfg, s.dataset, "val") if p.knn_every else None
+        crops = CropViews(s.size, s.aug.channels, (cfg.augment.crop_min_scale,) * 2)
+        return cls(s, train, crops, known, pool, val)
+
+    @property
+    def count(self) -> int:
+        return self.train.count
+
+    def to(self, device: torch.device) -> None:
+        self.device = device
+
+    def relabel(self, encoder: nn.Module, epoch: int) -> dict[str, float]:
+        p = self.s.cfg.pretrain
+        self.step_known = self.known
+        if not _pseudo_epoch(p, epoch):
+            return {}
+        feats, truth, keys_all = self.train.features(encoder, self.s.size)
+        base = torch.tensor([self.known.get(k, -1) for k in keys_all], dtype=torch.long)
+        assigned = pseudo_labels(feats, base, p.pseudo_label_fraction)
+        self.step_known = {
+            k: int(y) for k, y in zip(keys_all, assigned.tolist(), strict=True) if y >= 0
+        }
+        return _pseudo_metrics(assigned, base, truth)
+
+    def _labels(self, truth: Tensor, keys: list[str]) -> Tensor | None:
+        method = self.s.cfg.pretrain.method
+        if method == "simclr":
+            return None
+        if method == "supcon":
+            return truth
+        return torch.tensor([self.step_known.get(k, -1) for k in keys], dtype=torch.long)
+
+    def _mix(
+        self, c1: Tensor, c2: Tensor, y: Tensor, keys: list[str], gen: torch.Generator
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The batch with labeled images of the pool in front (drawn without replacement, none
+        twice), the rest of the streamed batch after them."""
+        assert self.pool is not None
+        pool, aug, device = self.pool, self.s.aug, self.device
+        pick = torch.randperm(len(pool), generator=gen)[: _mix_count(self.s.cfg, self.s.world)]
+        picked = {pool.keys[i] for i in pick.tolist()}
+        rest = [i for i, k in enumerate(keys) if k not in picked][: self.s.local_batch - len(pick)]
+        rest_t = torch.tensor(rest, dtype=torch.long)
+        imgs = pool.images[pick].to(device)
+        c1 = torch.cat([aug.crop(imgs), _to_unit_views(c1[rest_t.to(device)])])
+        c2 = torch.cat([aug.crop(imgs), _to_unit_views(c2[rest_t.to(device)])])
+        return c1, c2, torch.cat([pool.labels[pick], y[rest_t]])
+
+    def batches(self, epoch: int, steps: int, mix_gen: torch.Generator) -> Iterator[ViewBatch]:
+        s, device = self.s, self.device
+        batches = self.train.batches(self.crops, s.local_batch, steps, epoch=epoch)
+        for (c1, c2), truth, keys in batches:
+            c1, c2 = c1.to(device, non_blocking=True), c2.to(device, non_blocking=True)
+            y = self._labels(truth, keys)
+            if self.pool is not None and y is not None:
+                c1, c2, y = self._mix(c1, c2, y, keys, mix_gen)
+            yield s.aug.colour(c1), s.aug.colour(c2), y.to(device) if y is not None else None
+
+    def knn(self, encoder: nn.Module) -> float | None:
+        if self.val is None:
+            return None
+        p, e = self.s.cfg.pretrain, self.s.cfg.evaluate
+        f_bank, y_bank, _ = self.train.features(encoder, self.s.size, limit=p.knn_bank)
+        f_q, y_q, _ = self.val.features(encoder, self.s.size, limit=p.knn_queries)
+        scores = knn_predict(
+            f_bank, y_bank, f_q, self.s.n_classes, k=e.knn_k, temperature=e.knn_temperature
+        )
+        return accuracy(scores, y_q)
+
+
+@dataclass
+class _Loop:
+    """The model, its optimiser and schedule, and the loss: what every epoch steps."""
+
+    cfg: Config
+    model: ContrastiveModel
+    net: nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    loss_fn: SupConLoss
+    device: torch.device
+    steps: int
+
+    def train_step(self, v1: Tensor, v2: Tensor, y: Tensor | None, where: str) -> float:
+        """One optimisation step on two views ``(b, C, S, S)`` of a batch (labels ``y`` or None).
+        Returns the loss."""
+        x = torch.cat([v1, v2])
+        if self.cfg.model.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast_for(self.device, self.cfg.pretrain.bf16):
+            _, z = self.net(x)  # (2b, D)
+        z = z.float().view(2, -1, z.shape[-1]).transpose(0, 1)  # (b, 2, D)
+        return step(self.loss_fn(z, y), self.opt, self.sched, "pretrain", where)
+
+    def epoch(
+        self, data: _InMemory | _Streamed, epoch: int, rank: int, world: int, resumed_from: int
+    ) -> dict[str, Any]:
+        """Train one epoch; returns its history row (without the kNN monitor)."""
+        self.net.train()
+        meter = Throughput()
+        loss_sum, n_steps = 0.0, 0
+        mix_gen = torch.Generator().manual_seed((self.cfg.seed * 7919 + epoch) * 131 + rank)
+        pseudo_metrics = data.relabel(self.model.encoder, epoch)
+        for i, (v1, v2, y) in enumerate(data.batches(epoch, self.steps, mix_gen)):
+            loss_sum += self.train_step(v1, v2, y, f" at epoch {epoch} step {i}")
+            n_steps += 1
+            meter.add(2 * len(v1) * world)
+        return {
+            "epoch": epoch + 1,
+            "loss": loss_sum / max(n_steps, 1),
+            "lr": self.opt.param_groups[0]["lr"],
+            "views_per_s": meter.rate,
+            "images_per_s": meter.rate / 2,
+            "epoch_seconds": meter.seconds,
+            "resumed_from_epoch": resumed_from,  # > 0: this attempt continued from a checkpoint
+            "world_size": world,
+            **pseudo_metrics,
+        }
+
+
+def _build(cfg: Config, channels: int, world: int) -> ContrastiveModel:
+    model = build_contrastive_model(cfg.model, in_channels=channels)
     if cfg.model.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    with autocast:
-        _, z = net(x)  # (2b, D)
-    z = z.float().view(2, -1, z.shape[-1]).transpose(0, 1)  # (b, 2, D)
-    loss = loss_fn(z, y)
-    value = loss.item()  # the step's one wait for the device
-    if not math.isfinite(value):
-        raise FloatingPointError(f"pretrain: loss is {value} at epoch {epoch} step {step}")
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    sched.step()
-    return value
+        model = model.to(memory_format=torch.channels_last)
+    if world > 1:
+        model = convert_sync_batchnorm(model)  # type: ignore[assignment]
+    return model
+
+
+def _loop(cfg: Config, model: ContrastiveModel, ctx: TrainContext, count: int) -> _Loop:
+    p, world = cfg.pretrain, ctx.world_size
+    steps = count // world // (p.batch_size // world)
+    if p.max_steps_per_epoch:
+        steps = min(steps, p.max_steps_per_epoch)
+    net = ctx.prepare_model(model)
+    opt = build_optimizer(
+        p.optimizer, model, lr=_lr(cfg), weight_decay=p.weight_decay, momentum=p.momentum
+    )
+    sched = warmup_cosine(
+        opt, warmup_steps=int(p.warmup_epochs * steps), total_steps=steps * p.epochs
+    )
+    loss_fn = SupConLoss(temperature=p.temperature, gather_distributed=world > 1)
+    return _Loop(cfg, model, net, opt, sched, loss_fn, ctx.device, steps)
+
+
+def _setting(cfg: Config, dataset: str, ctx: TrainContext, info: DatasetInfo) -> _Setting:
+    size, channels = view_size(cfg, info), int(info["channels"])
+    aug = BatchTwoViewAugment(
+        size=size,
+        channels=channels,
+        strength=cfg.augment.strength,
+        crop_min_scale=cfg.augment.crop_min_scale,
+    )
+    return _Setting(cfg, dataset, ctx.rank, ctx.world_size, size, len(info["classes"]), aug)
 
 
 def run(
@@ -186,150 +453,66 @@ def run(
     out_dir: str,
     ctx: TrainContext | None = None,
 ) -> StageResult:
-    """Pretrain the encoder + projection head on the train split of ``inputs['dataset']``.
+    """Pretrain the encoder + projection head on the train split of ``inputs['dataset']``, held
+    in memory or streamed (:func:`pipeline.stages.common.use_memory`): the same loss, schedule,
+    step count and semantics either way.
 
     Writes ``model.pt`` (kind 'contrastive') and ``history.json`` into ``out_dir`` (rank 0).
     """
-    ds = inputs["dataset"]
     out = Path(out_dir)
     ctx = ctx or LocalContext(out / "checkpoints")
-    p = cfg.pretrain
-    rank, world = ctx.rank, ctx.world_size
+    p, world = cfg.pretrain, ctx.world_size
     if p.batch_size % world:
         raise ValueError(f"pretrain.batch_size {p.batch_size} is not divisible by {world} workers")
-    local_bs = p.batch_size // world
-    seed_everything(cfg.seed * 100 + rank)
-
-    info = dataset_info(ds)
-    channels, size = int(info["channels"]), view_size(cfg, info)
-    in_memory = use_memory(cfg, info)
-    if not in_memory:
-        return _run_streaming(cfg, ds, out, ctx, info)
-    train = load_data(ds, "train")
-    if len(train) < p.batch_size:
-        raise ValueError(
-            f"pretrain.batch_size {p.batch_size} exceeds the {len(train)} train images"
-        )
-    labels = pretrain_labels(cfg, ds, train)
-    labeled_pool = _labeled_pool(cfg, labels, world)
-    val = load_data(ds, "val") if p.knn_every else None
-
-    model = build_contrastive_model(cfg.model, in_channels=channels)
+    seed_everything(cfg.seed * 100 + ctx.rank)
+    info = read_info(inputs["dataset"])
+    s = _setting(cfg, inputs["dataset"], ctx, info)
+    streaming = not use_memory(cfg, info)
+    data = _Streamed.load(s) if streaming else _InMemory.load(s)
+    model = _build(cfg, int(info["channels"]), world)
     n_params = count_params(model)
-    if cfg.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if world > 1:
-        model = convert_sync_batchnorm(model)
-    net = ctx.prepare_model(model)
-    device = ctx.device
-    # The decoded split goes to the training device once (uint8; a no-op on the CPU), so the
-    # batched augmentation runs where the model does instead of copying each batch's views there.
-    images = train.images.to(device)
-    labels = labels.to(device) if labels is not None else None  # (N,); -1: unlabeled (semisup)
-    steps_per_epoch = len(train) // world // local_bs
-    if p.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, p.max_steps_per_epoch)
-    total_steps = steps_per_epoch * p.epochs
-    opt = build_optimizer(
-        p.optimizer, model, lr=_lr(cfg), weight_decay=p.weight_decay, momentum=p.momentum
-    )
-    sched = warmup_cosine(
-        opt, warmup_steps=int(p.warmup_epochs * steps_per_epoch), total_steps=total_steps
-    )
-    loss_fn = SupConLoss(temperature=p.temperature, gather_distributed=world > 1)
-    aug = BatchTwoViewAugment(
-        size=size,
-        channels=channels,
-        strength=cfg.augment.strength,
-        crop_min_scale=cfg.augment.crop_min_scale,
-    )
-
-    history: list[dict[str, Any]] = []
+    loop = _loop(cfg, model, ctx, data.count)
+    data.to(ctx.device)
+    history: History = []
     start_epoch = 0
     ckpt = ctx.load_checkpoint()
     if ckpt is not None:
-        start_epoch, history = restore_training_state(ckpt, model, opt, sched)
+        start_epoch, history = restore_training_state(ckpt, model, loop.opt, loop.sched)
         log.info("pretrain: resuming after epoch %d", start_epoch)
-
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-        if p.bf16
-        else contextlib.nullcontext()
-    )
     for epoch in range(start_epoch, p.epochs):
-        net.train()
-        meter = Throughput()
-        loss_sum, n_steps = 0.0, 0
-        mix_gen = torch.Generator().manual_seed((cfg.seed * 7919 + epoch) * 131 + rank)
-        step_labels, pseudo_metrics = labels, {}
-        # Config validation allows pseudo-labels with semisup only, so `labels` is set here.
-        if p.pseudo_label_from_epoch and epoch + 1 >= p.pseudo_label_from_epoch:
-            feats = encode(model.encoder, images, size=size).to(device)  # (N, D), eval mode
-            step_labels = pseudo_labels(feats, labels, p.pseudo_label_fraction)
-            pseudo = (step_labels >= 0) & (labels < 0)
-            # Monitoring only: how many unlabeled images took a class, and how often it is right.
-            n_pseudo = int(pseudo.sum())
-            truth = train.labels.to(device)
-            pseudo_metrics = {
-                "pseudo_labels": n_pseudo,
-                "pseudo_label_acc": (
-                    100.0 * float((step_labels[pseudo] == truth[pseudo]).float().mean())
-                    if n_pseudo
-                    else 0.0
-                ),
-            }
-        for step, idx in enumerate(
-            batches(len(train), local_bs, epoch=epoch, seed=cfg.seed, rank=rank, world_size=world)
-        ):
-            if step >= steps_per_epoch:
-                break
-            if labeled_pool is not None:
-                idx = _mix_labeled(idx, labeled_pool, p.labeled_per_batch // world, mix_gen)
-            v1, v2 = aug(images[idx])  # 2 x (b, C, S, S) float, on the device
-            y = step_labels[idx] if step_labels is not None else None
-            value = _step(cfg, net, loss_fn, opt, sched, autocast, v1, v2, y, epoch, step)
-            loss_sum += value
-            n_steps += 1
-            meter.add(2 * len(idx) * world)
-        metrics: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "loss": loss_sum / max(n_steps, 1),
-            "lr": opt.param_groups[0]["lr"],
-            "views_per_s": meter.rate,
-            "images_per_s": meter.rate / 2,
-            "epoch_seconds": meter.seconds,
-            "resumed_from_epoch": start_epoch,  # > 0: this attempt continued from a checkpoint
-            "world_size": world,
-            **pseudo_metrics,
-        }
-        if val is not None and ((epoch + 1) % p.knn_every == 0 or epoch + 1 == p.epochs):
-            metrics["val_knn_top1"] = knn_accuracy(
-                cfg, model.encoder, train, val, size, int(len(info["classes"]))
-            )
+        metrics = loop.epoch(data, epoch, ctx.rank, world, start_epoch)
+        if (epoch + 1) % max(p.knn_every, 1) == 0 or epoch + 1 == p.epochs:
+            knn = data.knn(model.encoder)
+            if knn is not None:
+                metrics["val_knn_top1"] = knn
         history.append(metrics)
-        state = None
-        if rank == 0:
-            state = training_state(model, opt, sched, epoch, history)
-        ctx.report(metrics, checkpoint=state)
-        log.info(
-            "pretrain epoch %d/%d loss %.4f %.0f views/s%s",
-            epoch + 1,
-            p.epochs,
-            metrics["loss"],
-            metrics["views_per_s"],
-            f" val kNN {metrics['val_knn_top1']:.2f}%" if "val_knn_top1" in metrics else "",
+        state = (
+            training_state(model, loop.opt, loop.sched, epoch, history) if ctx.rank == 0 else None
         )
+        ctx.report(metrics, checkpoint=state)
+        _log_epoch(metrics, p.epochs, streaming)
+    return _finish(cfg, out, model, int(info["channels"]), n_params, history, ctx.rank, streaming)
 
-    return _finish(cfg, out, model, channels, n_params, history, rank, streaming=False)
+
+def _log_epoch(metrics: dict[str, Any], epochs: int, streaming: bool) -> None:
+    log.info(
+        "pretrain%s epoch %d/%d loss %.4f %.0f views/s%s",
+        " (streaming)" if streaming else "",
+        metrics["epoch"],
+        epochs,
+        metrics["loss"],
+        metrics["views_per_s"],
+        f" val kNN {metrics['val_knn_top1']:.2f}%" if "val_knn_top1" in metrics else "",
+    )
 
 
 def _finish(
     cfg: Config,
     out: Path,
-    model: torch.nn.Module,
+    model: nn.Module,
     channels: int,
     n_params: int,
-    history: list[dict[str, Any]],
+    history: History,
     rank: int,
     streaming: bool,
 ) -> StageResult:
@@ -353,7 +536,7 @@ def _finish(
 
 def knn_accuracy(
     cfg: Config,
-    encoder: torch.nn.Module,
+    encoder: nn.Module,
     train: SplitData,
     val: SplitData,
     size: int,
@@ -375,169 +558,5 @@ def knn_accuracy(
     return accuracy(scores, query.labels)
 
 
-def _run_streaming(
-    cfg: Config, ds: str, out: Path, ctx: TrainContext, info: dict[str, Any]
-) -> StageResult:
-    """:func:`run` on the streaming path: the same loss, schedule, step count and semantics, with
-    the train split read as a stream. Each sample's two random resized crops are made from the
-    original image in the loader workers (:class:`pipeline.data.decode.CropViews`), the colour
-    half of the augmentation per batch on the device. The labeled subset (semisup) is small and
-    held in memory for ``labeled_per_batch``; pseudo-labels are a key -> label map built from the
-    streamed features of every train image. An interrupted epoch restarts from its beginning."""
-    from pipeline.data.decode import CropViews
-
-    p = cfg.pretrain
-    rank, world = ctx.rank, ctx.world_size
-    local_bs = p.batch_size // world
-    channels, size = int(info["channels"]), view_size(cfg, info)
-    train = StreamSplit(cfg, ds, "train", rank, world)
-    if train.count < p.batch_size:
-        raise ValueError(
-            f"pretrain.batch_size {p.batch_size} exceeds the {train.count} train images"
-        )
-    known: dict[str, int] = {}  # semisup: key -> label of the labeled subset
-    pool: SplitData | None = None
-    if p.method == "semisup":
-        keys, sub_labels = load_subset(ds, cfg.pretrain_label_fraction)
-        known = dict(zip(keys, sub_labels.tolist(), strict=True))
-        k_mix = p.labeled_per_batch // world
-        if k_mix > 0 and keys:
-            if k_mix >= local_bs:
-                raise ValueError(
-                    f"pretrain.labeled_per_batch {p.labeled_per_batch} leaves no unlabeled "
-                    f"images in a batch of {p.batch_size}"
-                )
-            images, labels_l, keys_l = load_split(ds, "train", keys=keys)
-            pool = SplitData(images, labels_l, keys_l)
-    val = StreamSplit(cfg, ds, "val") if p.knn_every else None
-
-    model = build_contrastive_model(cfg.model, in_channels=channels)
-    n_params = count_params(model)
-    if cfg.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if world > 1:
-        model = convert_sync_batchnorm(model)
-    net = ctx.prepare_model(model)
-    device = ctx.device
-    steps_per_epoch = train.count // world // local_bs
-    if p.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, p.max_steps_per_epoch)
-    total_steps = steps_per_epoch * p.epochs
-    opt = build_optimizer(
-        p.optimizer, model, lr=_lr(cfg), weight_decay=p.weight_decay, momentum=p.momentum
-    )
-    sched = warmup_cosine(
-        opt, warmup_steps=int(p.warmup_epochs * steps_per_epoch), total_steps=total_steps
-    )
-    loss_fn = SupConLoss(temperature=p.temperature, gather_distributed=world > 1)
-    aug = BatchTwoViewAugment(
-        size=size,
-        channels=channels,
-        strength=cfg.augment.strength,
-        crop_min_scale=cfg.augment.crop_min_scale,
-    )
-    crops = CropViews(size, channels, (cfg.augment.crop_min_scale,) * 2)
-
-    history: list[dict[str, Any]] = []
-    start_epoch = 0
-    ckpt = ctx.load_checkpoint()
-    if ckpt is not None:
-        start_epoch, history = restore_training_state(ckpt, model, opt, sched)
-        log.info("pretrain: resuming after epoch %d", start_epoch)
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-        if p.bf16
-        else contextlib.nullcontext()
-    )
-    n_classes = int(len(info["classes"]))
-    for epoch in range(start_epoch, p.epochs):
-        net.train()
-        meter = Throughput()
-        loss_sum, n_steps = 0.0, 0
-        mix_gen = torch.Generator().manual_seed((cfg.seed * 7919 + epoch) * 131 + rank)
-        step_known, pseudo_metrics = known, {}
-        if p.pseudo_label_from_epoch and epoch + 1 >= p.pseudo_label_from_epoch:
-            feats, truth, keys_all = train.features(model.encoder, size)
-            base = torch.tensor([known.get(k, -1) for k in keys_all], dtype=torch.long)
-            assigned = pseudo_labels(feats, base, p.pseudo_label_fraction)
-            pseudo = (assigned >= 0) & (base < 0)
-            n_pseudo = int(pseudo.sum())
-            step_known = {
-                k: int(y) for k, y in zip(keys_all, assigned.tolist(), strict=True) if y >= 0
-            }
-            pseudo_metrics = {
-                "pseudo_labels": n_pseudo,
-                "pseudo_label_acc": (
-                    100.0 * float((assigned[pseudo] == truth[pseudo]).float().mean())
-                    if n_pseudo
-                    else 0.0
-                ),
-            }
-            del feats
-        for step, ((c1, c2), truth_b, keys_b) in enumerate(
-            train.batches(crops, local_bs, steps_per_epoch, epoch=epoch)
-        ):
-            c1, c2 = c1.to(device, non_blocking=True), c2.to(device, non_blocking=True)
-            if p.method == "simclr":
-                y_b = None
-            elif p.method == "supcon":
-                y_b = truth_b
-            else:
-                y_b = torch.tensor([step_known.get(k, -1) for k in keys_b], dtype=torch.long)
-            if pool is not None:
-                k_mix = p.labeled_per_batch // world
-                pick = torch.randperm(len(pool), generator=mix_gen)[:k_mix]
-                picked = {pool.keys[i] for i in pick.tolist()}
-                rest = [i for i, k in enumerate(keys_b) if k not in picked][: local_bs - len(pick)]
-                rest_t = torch.tensor(rest, dtype=torch.long)
-                imgs = pool.images[pick].to(device)
-                c1 = torch.cat([aug.crop(imgs), _to_unit_views(c1[rest_t.to(device)])])
-                c2 = torch.cat([aug.crop(imgs), _to_unit_views(c2[rest_t.to(device)])])
-                y_b = torch.cat([pool.labels[pick], y_b[rest_t]])  # type: ignore[index]
-            v1, v2 = aug.colour(c1), aug.colour(c2)
-            y = y_b.to(device) if y_b is not None else None
-            value = _step(cfg, net, loss_fn, opt, sched, autocast, v1, v2, y, epoch, step)
-            loss_sum += value
-            n_steps += 1
-            meter.add(2 * len(v1) * world)
-        metrics: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "loss": loss_sum / max(n_steps, 1),
-            "lr": opt.param_groups[0]["lr"],
-            "views_per_s": meter.rate,
-            "images_per_s": meter.rate / 2,
-            "epoch_seconds": meter.seconds,
-            "resumed_from_epoch": start_epoch,
-            "world_size": world,
-            **pseudo_metrics,
-        }
-        if val is not None and ((epoch + 1) % p.knn_every == 0 or epoch + 1 == p.epochs):
-            f_bank, y_bank, _ = train.features(model.encoder, size, limit=p.knn_bank)
-            f_q, y_q, _ = val.features(model.encoder, size, limit=p.knn_queries)
-            scores = knn_predict(
-                f_bank,
-                y_bank,
-                f_q,
-                n_classes,
-                k=cfg.evaluate.knn_k,
-                temperature=cfg.evaluate.knn_temperature,
-            )
-            metrics["val_knn_top1"] = accuracy(scores, y_q)
-        history.append(metrics)
-        state = None
-        if rank == 0:
-            state = training_state(model, opt, sched, epoch, history)
-        ctx.report(metrics, checkpoint=state)
-        log.info(
-            "pretrain (streaming) epoch %d/%d loss %.4f %.0f views/s%s",
-            epoch + 1,
-            p.epochs,
-            metrics["loss"],
-            metrics["views_per_s"],
-            f" val kNN {metrics['val_knn_top1']:.2f}%" if "val_knn_top1" in metrics else "",
-        )
-    return _finish(cfg, out, model, channels, n_params, history, rank, streaming=True)
-
-
-def _to_unit_views(v: torch.Tensor) -> torch.Tensor:
+def _to_unit_views(v: Tensor) -> Tensor:
     return v.float().div_(255.0) if v.dtype == torch.uint8 else v

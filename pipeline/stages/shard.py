@@ -14,24 +14,24 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import subset_fractions
-from pipeline.data.shards import DATASET_JSON, MANIFEST, SKIPPED_JSON, ShardResult, build_dataset
+from pipeline.config import Config, subset_fractions
+from pipeline.data.shards import DATASET_JSON, MANIFEST, SKIPPED_JSON, build_dataset
 from pipeline.data.sources import prepare_splits
 from pipeline.runtime import StageResult
 
 __all__ = ["label_fractions", "run"]
 
 
-def label_fractions(cfg: Any) -> list[float]:
+def label_fractions(cfg: Config) -> list[float]:
     """The label percentages that need subsets: ``finetune.label_fractions`` and, when set,
     ``pretrain.label_fraction`` (duplicates removed, order kept)."""
     return subset_fractions(cfg)
 
 
 def run(
-    cfg: Any,
+    cfg: Config,
     out_dir: str | os.PathLike[str],
-    map_fn: Callable[..., Iterable[ShardResult]] = map,
+    map_fn: Callable[..., Iterable[Any]] = map,
     fashion_mnist_dirs: Sequence[str | os.PathLike[str]] | None = None,
 ) -> StageResult:
     """Shard ``cfg.data.source`` into ``out_dir``.
