@@ -451,3 +451,19 @@ def test_distill_hard_labels_are_int64_with_minus_one_for_unlabeled() -> None:
 
     got = _hard_labels(["a", "b", "c", "d"], {"b": 3, "d": 0})
     assert got.dtype == torch.int64 and got.tolist() == [-1, 3, -1, 0]
+
+
+def test_knn_in_bank_blocks_equals_one_block():
+    """The bank is scored in blocks with a running top k: the same scores as one block."""
+    g = torch.Generator().manual_seed(0)
+    bank, query = torch.randn(1000, 16, generator=g), torch.randn(70, 16, generator=g)
+    labels = torch.randint(0, 5, (1000,), generator=g)
+    whole = knn_predict(bank, labels, query, 5, k=50, temperature=0.1, bank_chunk=1000)
+    for chunk, bank_chunk in ((64, 128), (32, 7), (1024, 999)):
+        blocks = knn_predict(
+            bank, labels, query, 5, k=50, temperature=0.1, chunk=chunk, bank_chunk=bank_chunk
+        )
+        torch.testing.assert_close(blocks, whole)
+    # fewer bank rows than k in a block, and k larger than the bank
+    few = knn_predict(bank[:30], labels[:30], query, 5, k=50, bank_chunk=7)
+    torch.testing.assert_close(few, knn_predict(bank[:30], labels[:30], query, 5, k=50))

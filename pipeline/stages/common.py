@@ -281,17 +281,31 @@ def knn_predict(
     k: int = 200,
     temperature: float = 0.1,
     chunk: int = 1024,
+    bank_chunk: int = 16384,
 ) -> torch.Tensor:
     """Weighted kNN class scores (Wu et al. 2018, "Unsupervised Feature Learning via
     Non-Parametric Instance Discrimination"): cosine similarity, top-k neighbours, each voting for
-    its class with weight exp(sim / temperature). Returns scores (Q, num_classes)."""
+    its class with weight exp(sim / temperature). Returns scores (Q, num_classes).
+
+    Memory stays bounded whatever the bank's size: ``chunk`` queries at a time meet ``bank_chunk``
+    bank rows at a time (a similarity block of at most ``chunk x bank_chunk``), and each block's
+    top k is merged into the running top k."""
     bank = F.normalize(train_feats.float(), dim=1)  # (N, D)
-    k = min(k, bank.shape[0])
+    n = bank.shape[0]
+    k = min(k, n)
     scores = []
     for i in range(0, query_feats.shape[0], chunk):
         q = F.normalize(query_feats[i : i + chunk].float(), dim=1)  # (q, D)
-        sim = q @ bank.T  # (q, N)
-        top_sim, top_idx = sim.topk(k, dim=1)  # (q, k)
+        top_sim = torch.empty(q.shape[0], 0)
+        top_idx = torch.empty(q.shape[0], 0, dtype=torch.long)
+        for j in range(0, n, bank_chunk):
+            sim = q @ bank[j : j + bank_chunk].T  # (q, b)
+            s, idx = sim.topk(min(k, sim.shape[1]), dim=1)
+            if j:  # merge with the running top k
+                both = torch.cat([top_sim, s], 1)
+                s, pick = both.topk(min(k, both.shape[1]), dim=1)
+                idx = torch.cat([top_idx, idx + j], 1).gather(1, pick)
+            top_sim, top_idx = s, idx
         weights = (top_sim / temperature).exp()
         votes = torch.zeros(q.shape[0], num_classes)
         votes.scatter_add_(1, train_labels[top_idx], weights)
