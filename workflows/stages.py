@@ -38,8 +38,9 @@ from typing import Any
 
 import yaml
 
+from pipeline.atomic import atomic_write_text
 from pipeline.config import Config
-from pipeline.runtime import StageResult, atomic_write_text
+from pipeline.runtime import StageResult
 from workflows import stageio
 from workflows.dag import StageNode, build_graph, compute_keys, stage_config
 

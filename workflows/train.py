@@ -36,8 +36,9 @@ from typing import Any
 import ray
 import torch
 
+from pipeline.atomic import atomic_write_text
 from pipeline.config import Config
-from pipeline.runtime import StageResult, atomic_write_text, load_checkpoint_file
+from pipeline.runtime import StageResult, load_checkpoint_file
 from workflows import stageio
 
 log = logging.getLogger(__name__)

@@ -29,11 +29,9 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import os
 import tarfile
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.atomic import atomic_write, atomic_write_json
 from pipeline.config import format_fraction as _format_fraction
 from pipeline.data.sources import DataError, Record, SourceData
 
@@ -54,7 +53,6 @@ __all__ = [
     "SPLITS",
     "ShardResult",
     "ShardSpec",
-    "atomic_write_bytes",
     "build_dataset",
     "dataset_digest",
     "encode_png",
@@ -117,40 +115,12 @@ def is_val_key(key: str, fraction: float) -> bool:
     return h < float(fraction) * 2.0**64
 
 
-# --------------------------------------------------------------------------------------------
-# atomic writes
-# --------------------------------------------------------------------------------------------
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write bytes to ``path`` through a temp file in the same folder and a rename."""
-    _atomic(Path(path), lambda tmp: Path(tmp).write_bytes(data))
-
-
-def _atomic(path: Path, write: Callable[[str], Any]) -> Any:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        out = write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-        return out
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
-
-
 def _atomic_parquet(path: Path, columns: dict[str, Any]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     table = pa.table(columns)
-    _atomic(path, lambda tmp: pq.write_table(table, tmp))
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,7 +268,7 @@ def write_tar(
                     tf.addfile(tar_info(name, len(data)), io.BytesIO(data))
             return out.n, out.sha.hexdigest()
 
-    return _atomic(Path(path), write)
+    return atomic_write(path, write)
 
 
 # --------------------------------------------------------------------------------------------
@@ -602,7 +572,7 @@ def finish_dataset(
         )
     fractions = list(dict.fromkeys(float(f) for f in label_fractions))
 
-    _atomic_json(out / SKIPPED_JSON, {"count": len(skipped), "skipped": list(skipped)})
+    atomic_write_json(out / SKIPPED_JSON, {"count": len(skipped), "skipped": list(skipped)})
 
     train = [i for i, sp in enumerate(samples.split) if sp == "train"]
     train_keys = [samples.key[i] for i in train]
@@ -679,7 +649,7 @@ def finish_dataset(
         "external": bool(extra.pop("external", False)),
     }
     info.update(extra)
-    _atomic_json(out / DATASET_JSON, info)
+    atomic_write_json(out / DATASET_JSON, info)
     return info
 
 

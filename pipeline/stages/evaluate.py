@@ -15,10 +15,11 @@ from typing import Any
 
 import torch
 
+from pipeline.atomic import atomic_write_text
 from pipeline.config import Config
 from pipeline.data import dataset_info, format_fraction
 from pipeline.models import count_params, load_model
-from pipeline.runtime import StageResult, TrainContext, atomic_write_text
+from pipeline.runtime import StageResult, TrainContext
 from pipeline.stages.common import (
     StreamSplit,
     accuracy,
