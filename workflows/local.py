@@ -30,6 +30,7 @@ import torch
 from pipeline.atomic import atomic_write_json, atomic_write_text
 from pipeline.config import Config
 from pipeline.data.sources import DataError
+from pipeline.errors import UserError
 from pipeline.runtime import LocalContext, StageResult
 from workflows.dag import StageNode, build_graph
 from workflows.stages import stage_function, stage_inputs, stage_params
@@ -39,7 +40,7 @@ __all__ = ["LocalRunError", "resolve_device", "run_local"]
 log = logging.getLogger(__name__)
 
 
-class LocalRunError(ValueError):
+class LocalRunError(UserError, ValueError):
     """A local run that cannot start (unavailable device, a Tune stage) or a stage that stopped
     on bad input or a diverged loss; one line naming the stage."""
 

@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 from pipeline.config import Config
+from pipeline.errors import UserError, first_line
 from workflows.dag import build_graph
 from workflows.state import RunStore, StateError, code_label
 
@@ -36,7 +37,7 @@ __all__ = [
 log = logging.getLogger("contrastive")
 
 
-class PipelineError(RuntimeError):
+class PipelineError(UserError, RuntimeError):
     """A problem that stops a run before it starts; ``str(err)`` is one line."""
 
 
@@ -50,11 +51,6 @@ def best_config_path(storage_root: str, search_id: str) -> str:
         return _best(storage_root, search_id)
     except TuneError as err:
         raise PipelineError(str(err)) from None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def ray_token_available() -> bool:
@@ -154,7 +150,7 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
         except Exception as err:  # noqa: BLE001 - e.g. the node timed out during startup
             if ray.is_initialized():
                 ray.shutdown()
-            raise PipelineError(f"cannot start a local Ray: {_first_line(err)}") from None
+            raise PipelineError(f"cannot start a local Ray: {first_line(err)}") from None
         return
     target = _resolve_address(address)
     if target == "auto":
@@ -179,7 +175,7 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
         else:
             fix = _AUTH_FIX
         raise PipelineError(
-            f"cannot connect to Ray at {target}: {_first_line(err)}; if the cluster uses token "
+            f"cannot connect to Ray at {target}: {first_line(err)}; if the cluster uses token "
             f"authentication, {fix}"
         ) from None
 
@@ -193,7 +189,7 @@ def _connect_or_fail(address: str | None, num_cpus: int | None) -> None:
         raise
     except Exception as err:  # noqa: BLE001 - Ray's start-up errors are not one type
         raise PipelineError(
-            f"ray error: cannot start or reach Ray ({address or 'local'}): {_first_line(err)}"
+            f"ray error: cannot start or reach Ray ({address or 'local'}): {first_line(err)}"
         ) from None
 
 
@@ -335,7 +331,7 @@ def run_pipeline(
         )
     except OSError as err:  # a read-only or full storage root: one line naming it
         raise PipelineError(
-            f"storage error: cannot create the run under {store.root}: {_first_line(err)}"
+            f"storage error: cannot create the run under {store.root}: {first_line(err)}"
         ) from None
     _say(f"run: {run_id}")
     _say(f"folder: {store.uri(store.run_dir(run_id))}")
@@ -412,7 +408,7 @@ def job_verdict(info: Any) -> tuple[str, str | None]:
     try:
         status, message = job_status(info.job["address"], sid)
     except (ConnectionError, RuntimeError, ValueError) as err:
-        return info.status, f"job {sid}: not known ({_first_line(err)})"
+        return info.status, f"job {sid}: not known ({first_line(err)})"
     first = message.splitlines()[0] if message else "no message"
     if status in ("FAILED", "STOPPED"):
         return "failed", f"job {sid} {status} before the driver started: {first}"

@@ -44,6 +44,7 @@ import pyarrow.fs as pafs
 import ray
 
 from pipeline.config import Config
+from pipeline.errors import UserError
 from workflows.dag import Graph, StageNode, compute_keys, stage_config
 from workflows.state import RunStore, StageState, StateError, code_label, now_iso
 
@@ -56,7 +57,7 @@ log = logging.getLogger(__name__)
 Execute = Callable[[StageNode, dict[str, dict[str, str]], str, Any], Any]
 
 
-class RunError(RuntimeError):
+class RunError(UserError, RuntimeError):
     """A problem running the graph itself (not a stage failure); one line."""
 
 

@@ -30,6 +30,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from pipeline.atomic import atomic_put
+from pipeline.errors import first_line
 
 __all__ = [
     "URI_INPUTS",
@@ -65,8 +66,7 @@ def _split(location: str) -> tuple[pafs.FileSystem, str]:
         try:
             return pafs.FileSystem.from_uri(location)
         except (OSError, ValueError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise OSError(f"cannot open {location}: {first}") from None
+            raise OSError(f"cannot open {location}: {first_line(err)}") from None
     return pafs.LocalFileSystem(), os.path.abspath(location)
 
 

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import first_line
 from workflows.state import CODE_ENV
 
 __all__ = [
@@ -199,11 +200,6 @@ def check_reachable(url: str, timeout_s: float = 5.0) -> None:
         ) from None
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def token_headers() -> dict[str, str]:
     """An ``Authorization`` header with this user's Ray auth token, if there is one.
 
@@ -241,14 +237,14 @@ def connect(url: str) -> Any:
             return JobSubmissionClient(url, headers=headers)
     except AuthenticationError as err:
         raise RuntimeError(
-            f"submit: {url} requires a Ray auth token ({_first_line(err)}); set RAY_AUTH_TOKEN "
+            f"submit: {url} requires a Ray auth token ({first_line(err)}); set RAY_AUTH_TOKEN "
             "or RAY_AUTH_TOKEN_PATH to the cluster's token"
         ) from None
     except ConnectionError as err:
-        raise ConnectionError(f"submit: {url}: {_first_line(err)}") from None
+        raise ConnectionError(f"submit: {url}: {first_line(err)}") from None
     except (RuntimeError, ValueError, OSError) as err:
         raise RuntimeError(
-            f"submit: {url} did not accept the connection: {_first_line(err)}"
+            f"submit: {url} did not accept the connection: {first_line(err)}"
         ) from None
 
 
@@ -274,7 +270,7 @@ def job_status(address: str, submission_id: str, timeout_s: float = 3.0) -> tupl
     try:
         info = client.get_job_info(submission_id)
     except Exception as err:  # noqa: BLE001 - e.g. an unknown job id
-        raise RuntimeError(f"job {submission_id}: {_first_line(err)}") from None
+        raise RuntimeError(f"job {submission_id}: {first_line(err)}") from None
     status = getattr(info.status, "value", str(info.status))
     return str(status), (info.message or "").strip()
 
@@ -343,7 +339,7 @@ def submit_job(
                     job={"submission_id": spec.submission_id, "address": url},
                 )
             except (StateError, OSError) as err:
-                log.warning("submit: the run record is left to the job (%s)", _first_line(err))
+                log.warning("submit: the run record is left to the job (%s)", first_line(err))
                 store = None
         try:
             # The client packs and uploads working_dir and py_modules before it returns.
@@ -355,7 +351,7 @@ def submit_job(
                 except OSError:
                     pass
             if isinstance(err, ConnectionError):
-                raise ConnectionError(f"submit: {url}: {_first_line(err)}") from None
-            raise RuntimeError(f"submit: {url} refused the job: {_first_line(err)}") from None
+                raise ConnectionError(f"submit: {url}: {first_line(err)}") from None
+            raise RuntimeError(f"submit: {url} refused the job: {first_line(err)}") from None
     log.info("submitted job %s (run %s) to %s", job_id, run_id, url)
     return job_id, run_id

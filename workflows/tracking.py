@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import Config
+from pipeline.errors import UserError
 from workflows.dag import StageNode
 
 __all__ = ["MetricsSink", "Tracker", "TrackingError", "TrackingInfo", "flatten", "redact"]
@@ -74,7 +75,7 @@ SOURCE_NAME = "contrastive run"
 _MAX_PARAM = 6000  # MLflow's limit on a param value
 
 
-class TrackingError(RuntimeError):
+class TrackingError(UserError, RuntimeError):
     """A tracking problem; ``str(err)`` is one line."""
 
 

@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.atomic import atomic_write
+from pipeline.errors import UserError
 
 __all__ = [
     "CIFAR10_URL",
@@ -79,7 +80,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data problem; ``str(err)`` is one line naming the culprit (file, shard, folder or field)."""
 
 
