@@ -285,7 +285,9 @@ def _summarise_in_mlflow(tracker: Any, store: RunStore, run_id: str, parent: str
     try:
         log_parent_summary(tracker, store, run_id, parent, graph)
     except Exception as err:  # tracking must not fail a finished run
-        log.warning("tracking: summary of run %s not logged: %s", run_id, err)
+        from workflows.tracking import error_line  # no URI password in the warning
+
+        log.warning("tracking: summary of run %s not logged: %s", run_id, error_line(err))
 
 
 def _say_results(store: RunStore, run_id: str) -> None:

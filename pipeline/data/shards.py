@@ -33,7 +33,7 @@ import logging
 import os
 import tarfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -393,7 +393,7 @@ def write_shard(spec: ShardSpec) -> ShardResult:
 
 
 def plan_shards(
-    splits: dict[str, Sequence[Record]],
+    splits: Mapping[str, Sequence[Record]],
     out_dir: str | os.PathLike[str],
     shard_size: int,
     compress_level: int = PNG_COMPRESS_LEVEL,
@@ -472,7 +472,7 @@ def label_subset(
         rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, c, 23])
         picked.append(idx[rng.permutation(len(idx))][:per_class])
     sel = np.sort(np.concatenate(picked)) if picked else np.arange(0)
-    return [keys[i] for i in sel], [int(y[i]) for i in sel]
+    return [keys[int(i)] for i in sel], [int(y[i]) for i in sel]
 
 
 # --------------------------------------------------------------------------------------------

@@ -195,7 +195,9 @@ def stratified_split(
     if not 0.0 <= fraction < 1.0:
         raise DataError(f"split fraction must lie in [0, 1) (got {fraction})")
     y = np.asarray(labels, dtype=np.int64)
-    carved = stratified_indices(y, round(fraction * len(y)), seed, salt) if fraction > 0 else []
+    carved: Sequence[int] | np.ndarray = (
+        stratified_indices(y, round(fraction * len(y)), seed, salt) if fraction > 0 else []
+    )
     mask = np.zeros(len(y), dtype=bool)
     mask[np.asarray(carved, dtype=np.int64)] = True
     return np.flatnonzero(~mask), np.flatnonzero(mask)
