@@ -178,7 +178,9 @@ def run(
 
     job = None
     if os.environ.get(JOB_ID_ENV):  # the driver of a job that `contrastive submit` sent
-        job = {"submission_id": os.environ[JOB_ID_ENV], "address": os.environ.get(JOB_ADDRESS_ENV)}
+        job = {"submission_id": os.environ[JOB_ID_ENV]}
+        if os.environ.get(JOB_ADDRESS_ENV):
+            job["address"] = os.environ[JOB_ADDRESS_ENV]
     sys.exit(orchestrate.run_pipeline(cfg, run_id=run_id, reuse=reuse, address=address, job=job))
 
 
@@ -203,6 +205,7 @@ def local(config: str, overrides: tuple[str, ...], out: str | None, device: str)
     without Ray. Writes each stage's folder, the report and summary.json under --out."""
     import time
 
+    from pipeline.runtime import StageResult
     from workflows.local import resolve_device, run_local
 
     cfg = _load(config, overrides)
@@ -214,7 +217,7 @@ def local(config: str, overrides: tuple[str, ...], out: str | None, device: str)
         raise UserError(f"--out {out}: exists and is not an empty folder")
     dev = resolve_device(device)
 
-    def on_stage(name: str, seconds: float, result) -> None:  # noqa: ANN001
+    def on_stage(name: str, seconds: float, result: StageResult) -> None:
         key = next(iter(result.metrics.items()), None)
         shown = f" ({key[0]} {key[1]:.4g})" if key else ""
         click.echo(f"stage {name} done in {seconds:.1f} s{shown}")

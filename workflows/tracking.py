@@ -341,8 +341,10 @@ class MetricsSink:
                     target=self._run, name="mlflow-metrics", daemon=True
                 )
                 self._thread.start()
+            q = self._queue
+        assert q is not None  # made with the thread
         try:
-            self._queue.put_nowait(point)
+            q.put_nowait(point)
         except queue.Full:
             with self._lock:
                 self.dropped += 1
@@ -652,7 +654,7 @@ class Tracker:
         from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
         source_type = source.split("://", 1)[0] if "://" in source else "local"
-        profile = {"digest": digest}
+        profile: dict[str, str | int] = {"digest": digest}
         if num_rows is not None:
             profile["num_rows"] = int(num_rows)
         ds = Dataset(
