@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from pipeline.distributed import gather_no_grad, gather_sizes, gather_with_grad, is_distributed
-from pipeline.losses.ntxent import MASK_VALUE, check_temperature, compute_dtype
+from pipeline.losses.ntxent import MASK_VALUE, ContrastiveLoss, check_temperature, compute_dtype
 
 __all__ = ["SupConLoss", "supcon"]
 
@@ -153,7 +153,7 @@ def _per_anchor(logits: Tensor, self_mask: Tensor, positives: Tensor) -> Tensor:
     return torch.where(n_pos > 0, lse - pos_mean, torch.zeros_like(lse))
 
 
-class SupConLoss(nn.Module):
+class SupConLoss(ContrastiveLoss):
     """Supervised / semi-supervised / SimCLR contrastive loss (Khosla et al. 2020, arXiv:2004.11362).
 
     See :func:`supcon`. ``forward(features, labels=None)`` with features (N, V, D) and labels (N,)
@@ -166,13 +166,8 @@ class SupConLoss(nn.Module):
     """
 
     def __init__(self, temperature: float = 0.1, gather_distributed: bool = True) -> None:
-        super().__init__()
-        self.temperature = check_temperature(temperature)
-        self.gather_distributed = bool(gather_distributed)
+        super().__init__(temperature, gather_distributed)
 
     def forward(self, features: Tensor, labels: Tensor | None = None) -> Tensor:
         """Loss for features (N, V, D) and optional labels (N,); see :func:`supcon`."""
         return supcon(features, labels, self.temperature, self.gather_distributed)
-
-    def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, gather_distributed={self.gather_distributed}"
