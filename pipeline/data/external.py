@@ -448,17 +448,11 @@ def index_webdataset(
     carve = float(data_cfg.val_fraction) if not urls["val"] and data_cfg.val_fraction else None
     classes = list(data_cfg.classes) if data_cfg.classes else None
     specs = [
-        IndexSpec(
-            u,
-            split,
-            tuple(data_cfg.image_keys),
-            data_cfg.label_key,
-            len(classes) if classes else None,
-            carve if split == "train" else None,
-        )
+        IndexSpec(u, split, tuple(data_cfg.image_keys), data_cfg.label_key,
+                  len(classes) if classes else None, carve if split == "train" else None)
         for split in SPLITS
         for u in urls[split]
-    ]
+    ]  # fmt: skip
     results = list(map_fn(index_shard, specs))
     if len(results) != len(specs) or any(
         not isinstance(r, IndexResult) or r.url != s.url
