@@ -88,7 +88,7 @@ class _GatherWithGrad(torch.autograd.Function):
     """All-gather along dim 0 whose backward sums the gradient over ranks and keeps this slice."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, sizes: list[int], group: Group) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: Tensor, sizes: list[int], group: Group) -> Tensor:
         rank, _ = rank_and_world(group)
         ctx.start = sum(sizes[:rank])
         ctx.n = sizes[rank]
@@ -96,7 +96,7 @@ class _GatherWithGrad(torch.autograd.Function):
         return _all_gather_cat(x, sizes, group)  # (sum(sizes), *x.shape[1:])
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         # Every rank's loss may depend on this rank's rows: d(sum_r L_r)/dx = sum_r dL_r/dx.
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
@@ -228,7 +228,11 @@ class SyncBatchNorm(_BatchNorm):
         mean = (counts * means).sum(0) / n  # (C,)
         m2 = m2s.sum(0) + (counts * (means - mean) ** 2).sum(0)  # (C,)
         var = m2 / n  # biased, used to normalise
-        if self.track_running_stats and self.running_mean is not None:
+        if (
+            self.track_running_stats
+            and self.running_mean is not None
+            and self.running_var is not None
+        ):
             with torch.no_grad():
                 self.running_mean.mul_(1 - factor).add_(
                     mean.detach().to(self.running_mean), alpha=factor

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,12 +17,12 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from pipeline.atomic import atomic_torch_save
+
 __all__ = [
     "LocalContext",
     "StageResult",
     "TrainContext",
-    "atomic_torch_save",
-    "atomic_write_text",
     "load_checkpoint_file",
 ]
 
@@ -51,34 +50,6 @@ class TrainContext(Protocol):
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """Move to the device; wrap for data parallelism when world_size > 1."""
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write text to ``path`` through a temp file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
-    """``torch.save`` through a temp file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_checkpoint_file(path: str | os.PathLike[str] | io.BytesIO, name: str | None = None) -> Any:

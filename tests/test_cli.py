@@ -147,3 +147,45 @@ def test_compare_errors_name_the_run(tmp_path) -> None:
     out = CliRunner().invoke(main, ["compare", "--storage", root, done, done])
     assert out.exit_code == 0 and "1 run(s)" in out.output and "identical configs" in out.output
     assert next(ln for ln in out.output.splitlines() if ln.startswith("1%")).split()[3] == "50.0"
+
+
+def test_every_one_line_error_is_a_user_error_and_keeps_its_builtin_base() -> None:
+    from pipeline.config import ConfigError
+    from pipeline.data.sources import DataError
+    from pipeline.errors import UserError
+    from workflows.dag import GraphError
+    from workflows.local import LocalRunError
+    from workflows.orchestrate import PipelineError
+    from workflows.runner import DigestMismatch, RunError
+    from workflows.state import LeaseHeld, StateError
+    from workflows.tracking import TrackingError
+    from workflows.tune import TuneError
+
+    value_errors = (ConfigError, DataError, GraphError, LocalRunError, TuneError)
+    runtime_errors = (PipelineError, RunError, DigestMismatch, StateError, LeaseHeld, TrackingError)
+    for cls in value_errors + runtime_errors:
+        assert issubclass(cls, UserError), cls
+        assert cls("x").exit_code == 2, cls
+    assert all(issubclass(c, ValueError) for c in value_errors)
+    assert all(issubclass(c, RuntimeError) for c in runtime_errors)
+    assert TuneError("failed", exit_code=1).exit_code == 1
+
+
+def test_a_user_error_from_any_command_is_one_line_with_its_exit_code(monkeypatch) -> None:
+    from pipeline.errors import UserError
+    from workflows import orchestrate
+    from workflows.tune import TuneError
+
+    def fail(*_a: object, **_k: object) -> str:
+        raise UserError("first line\nsecond line")
+
+    monkeypatch.setattr(orchestrate, "status_text", fail)
+    out = CliRunner().invoke(main, ["status"])
+    assert out.exit_code == 2 and out.output == "error: first line\n", out.output
+
+    def stopped(*_a: object, **_k: object) -> str:
+        raise TuneError("tune: search s1 stopped", exit_code=1)
+
+    monkeypatch.setattr(orchestrate, "lineage_text", stopped)
+    out = CliRunner().invoke(main, ["lineage", "r1"])
+    assert out.exit_code == 1 and out.output == "error: tune: search s1 stopped\n", out.output

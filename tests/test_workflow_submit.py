@@ -8,6 +8,7 @@ process group. ``ray stop`` is never used: it would stop every Ray instance on t
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -180,3 +181,23 @@ def test_real_submission_carries_packages_and_config(private_head: str, tmp_path
     info = client.get_job_info(job_id)
     assert info.metadata["run_id"] == run_id
     assert info.metadata["overrides"] == f"pretrain.epochs=1 storage.root={storage}"
+
+
+def test_env_values_are_redacted_in_job_metadata_and_errors(tmp_path: Path) -> None:
+    env = {
+        "AWS_ENDPOINT_URL": "http://minio:9000",
+        "AWS_SECRET_ACCESS_KEY": "s3cr3t-value",
+        "DB_URI": "postgresql://bob:hunter2@db:5432/x",
+    }
+    spec = sub.build_job_spec(new_run_id(), str(tmp_path), env=env)
+    shown = spec.metadata["env"]
+    assert shown == (
+        "AWS_ENDPOINT_URL=http://minio:9000 AWS_SECRET_ACCESS_KEY=*** "
+        "DB_URI=postgresql://bob:***@db:5432/x"
+    )
+    assert "s3cr3t" not in json.dumps(spec.metadata) and "hunter2" not in json.dumps(spec.metadata)
+    for k, v in env.items():  # the job itself gets the real values
+        assert spec.runtime_env["env_vars"][k] == v
+    with pytest.raises(ValueError, match="expected KEY=VALUE") as err:
+        sub.parse_env(["MY TOKEN=abc123"])
+    assert "abc123" not in str(err.value) and "MY TOKEN=***" in str(err.value)

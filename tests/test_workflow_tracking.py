@@ -190,3 +190,25 @@ def test_runner_tracks_nested_runs(ray_local, db, tmp_path, cfg):
     # resume: nothing runs again, the same MLflow runs are kept
     summary = run_graph(build_graph(cfg), cfg, store, rid, fake_execute, tracker=tr)
     assert summary.executed == [] and store.load_run(rid).mlflow_run_id == parent
+
+
+def test_a_failed_stage_logging_warns_without_the_uri_password(cfg, tmp_path, monkeypatch, caplog):
+    import logging
+
+    from pipeline.runtime import StageResult
+    from workflows import stages
+    from workflows.tracking import TrackingInfo
+
+    def fail(*_a, **_k):
+        raise RuntimeError(
+            "API request to http://bob:hunter2@mlflow:5000/api/2.0/runs failed\nretries exhausted"
+        )
+
+    monkeypatch.setattr(stages, "log_stage_to_mlflow", fail)
+    node = next(n for n in build_graph(cfg) if n.kind == "pretrain")
+    info = TrackingInfo(uri="http://bob:hunter2@mlflow:5000", run_id="r1")
+    with caplog.at_level(logging.WARNING, logger="workflows.stages"):
+        stages._log_stage(cfg, node, StageResult(outputs={}), str(tmp_path), info, None)
+    assert "hunter2" not in caplog.text
+    assert "tracking: logging stage pretrain failed: RuntimeError: API request to " in caplog.text
+    assert "http://bob:***@mlflow:5000" in caplog.text

@@ -1,7 +1,9 @@
 """The ``contrastive`` command line.
 
 Every command validates its config before anything starts: a bad value is one line naming the
-dotted field, exit code 2. Heavy imports (torch, ray, mlflow) happen inside the commands so that
+dotted field, exit code 2. Any :class:`pipeline.errors.UserError` a command raises is printed as
+``error: <its first line>`` and exits with its ``exit_code`` (2, bad input, unless it says
+otherwise), without a traceback. Heavy imports (torch, ray, mlflow) happen inside the commands so that
 ``--help`` and ``config show`` are instant.
 """
 
@@ -11,24 +13,26 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
-from pipeline.config import Config, ConfigError, load_config
+from pipeline.config import Config, load_config
+from pipeline.errors import UserError, first_line
 
-EXIT_USAGE = 2
 DEFAULT_STORAGE = "runs"
 
 
-class UserError(click.ClickException):
-    """A one-line error for the user, exit code 2 (bad input) unless told otherwise."""
+class _Group(click.Group):
+    """The command group: a :class:`UserError` from any command is printed as one line,
+    ``error: <message>`` on stderr, and exits with its ``exit_code``."""
 
-    def __init__(self, message: str, exit_code: int = EXIT_USAGE) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-    def show(self, file=None) -> None:  # one line, no "Error:" prefix noise
-        click.echo(f"error: {self.format_message()}", err=True)
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UserError as err:
+            click.echo(f"error: {first_line(err)}", err=True)
+            ctx.exit(err.exit_code)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -44,10 +48,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _load(config: str | None, overrides: tuple[str, ...]) -> Config:
-    try:
-        return load_config(config, list(overrides))
-    except ConfigError as err:
-        raise UserError(str(err)) from None
+    return load_config(config, list(overrides))
 
 
 set_option = click.option(
@@ -71,26 +72,14 @@ tracking_option = click.option(
 )
 
 
-def _guarded(fn, *args, **kwargs):  # noqa: ANN001, ANN202
-    """Call a command's implementation; a known one-line error becomes exit code 2 (bad input:
-    unknown run, unreachable tracking server, invalid graph) without a traceback."""
-    from workflows.orchestrate import PipelineError
-    from workflows.runner import RunError
-    from workflows.state import StateError
-    from workflows.tracking import TrackingError
-
-    try:
-        return fn(*args, **kwargs)
-    except (ConfigError, PipelineError, RunError, StateError, TrackingError) as err:
-        raise UserError(str(err).splitlines()[0] if str(err) else type(err).__name__) from None
-
-
 def _storage(storage: str | None) -> str:
     root = storage or os.environ.get("CONTRASTIVE_STORAGE") or DEFAULT_STORAGE
     return root if "://" in root else str(Path(root).expanduser().resolve())
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(
+    cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
+)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @click.version_option(package_name="contrastive-pipeline")
 def main(verbose: bool) -> None:
@@ -145,7 +134,7 @@ def shard(config: str, out: str | None, overrides: tuple[str, ...]) -> None:
     try:
         result = shard_with_ray(cfg, out_dir)
     except (FileNotFoundError, ValueError) as err:
-        raise UserError(str(err).splitlines()[0], exit_code=1) from None
+        raise UserError(first_line(err), exit_code=1) from None
     for k, v in result.metrics.items():
         click.echo(f"{k}: {v:g}" if isinstance(v, float) else f"{k}: {v}")
     click.echo(f"dataset: {result.outputs.get('dataset', out_dir)}")
@@ -183,18 +172,16 @@ def run(
 
     if from_tune:
         cfg0 = _load(config, overrides)
-        config = _guarded(orchestrate.best_config_path, cfg0.storage.root, from_tune)
+        config = orchestrate.best_config_path(cfg0.storage.root, from_tune)
     cfg = _load(config, overrides)
     from workflows.submit import JOB_ADDRESS_ENV, JOB_ID_ENV
 
     job = None
     if os.environ.get(JOB_ID_ENV):  # the driver of a job that `contrastive submit` sent
-        job = {"submission_id": os.environ[JOB_ID_ENV], "address": os.environ.get(JOB_ADDRESS_ENV)}
-    sys.exit(
-        _guarded(
-            orchestrate.run_pipeline, cfg, run_id=run_id, reuse=reuse, address=address, job=job
-        )
-    )
+        job = {"submission_id": os.environ[JOB_ID_ENV]}
+        if os.environ.get(JOB_ADDRESS_ENV):
+            job["address"] = os.environ[JOB_ADDRESS_ENV]
+    sys.exit(orchestrate.run_pipeline(cfg, run_id=run_id, reuse=reuse, address=address, job=job))
 
 
 @main.command()
@@ -218,7 +205,8 @@ def local(config: str, overrides: tuple[str, ...], out: str | None, device: str)
     without Ray. Writes each stage's folder, the report and summary.json under --out."""
     import time
 
-    from workflows.local import LocalRunError, resolve_device, run_local
+    from pipeline.runtime import StageResult
+    from workflows.local import resolve_device, run_local
 
     cfg = _load(config, overrides)
     if out is None:
@@ -227,21 +215,15 @@ def local(config: str, overrides: tuple[str, ...], out: str | None, device: str)
     target = Path(out)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise UserError(f"--out {out}: exists and is not an empty folder")
-    try:
-        dev = resolve_device(device)
-    except LocalRunError as err:
-        raise UserError(str(err)) from None
+    dev = resolve_device(device)
 
-    def on_stage(name: str, seconds: float, result) -> None:  # noqa: ANN001
+    def on_stage(name: str, seconds: float, result: StageResult) -> None:
         key = next(iter(result.metrics.items()), None)
         shown = f" ({key[0]} {key[1]:.4g})" if key else ""
         click.echo(f"stage {name} done in {seconds:.1f} s{shown}")
 
     click.echo(f"local run of {cfg.name} on {dev} -> {target}")
-    try:  # not _guarded: that imports the Ray runner's errors, and this path needs no Ray
-        summary = run_local(cfg, target, dev, on_stage)
-    except LocalRunError as err:
-        raise UserError(str(err).splitlines()[0]) from None
+    summary = run_local(cfg, target, dev, on_stage)
     report = Path(summary["stages"]["evaluate"]["outputs"]["report_md"])
     click.echo(report.read_text().split("![", 1)[0].rstrip())
     click.echo(f"whole run {summary['wall_seconds']:.0f} s; summary: {target / 'summary.json'}")
@@ -268,8 +250,7 @@ def resume(
     from workflows import orchestrate
 
     sys.exit(
-        _guarded(
-            orchestrate.resume_pipeline,
+        orchestrate.resume_pipeline(
             _storage(storage),
             run_id,
             tracking_uri=tracking_uri,
@@ -286,7 +267,7 @@ def status(run_id: str | None, storage: str | None) -> None:
     """A run's stages (state, attempts, duration, key metric, MLflow run), or the list of runs."""
     from workflows import orchestrate
 
-    click.echo(_guarded(orchestrate.status_text, _storage(storage), run_id))
+    click.echo(orchestrate.status_text(_storage(storage), run_id))
 
 
 @main.command()
@@ -296,7 +277,7 @@ def lineage(run_id: str, storage: str | None) -> None:
     """The stage graph of RUN_ID with each stage's inputs, outputs, digest and MLflow run."""
     from workflows import orchestrate
 
-    click.echo(_guarded(orchestrate.lineage_text, _storage(storage), run_id))
+    click.echo(orchestrate.lineage_text(_storage(storage), run_id))
 
 
 @main.command()
@@ -308,7 +289,7 @@ def logs(run_id: str, stage: str | None, tail: int | None, storage: str | None) 
     """The worker log of STAGE of RUN_ID (every stage's without STAGE)."""
     from workflows import orchestrate
 
-    click.echo(_guarded(orchestrate.logs_text, _storage(storage), run_id, stage, tail))
+    click.echo(orchestrate.logs_text(_storage(storage), run_id, stage, tail))
 
 
 @main.command()
@@ -322,7 +303,7 @@ def compare(run_ids: tuple[str, ...], last: int | None, storage: str | None) -> 
 
     if not run_ids and last is None:
         raise UserError("compare: give run ids, --last N, or both")
-    click.echo(_guarded(orchestrate.compare_text, _storage(storage), list(run_ids), last))
+    click.echo(orchestrate.compare_text(_storage(storage), list(run_ids), last))
 
 
 @main.command()
@@ -352,7 +333,7 @@ def submit(config: str, address: str, overrides: tuple[str, ...], env: tuple[str
             env=parse_env(env),
         )
     except (ConnectionError, RuntimeError, ValueError) as err:
-        raise UserError(str(err).splitlines()[0], exit_code=1) from None
+        raise UserError(first_line(err), exit_code=1) from None
     click.echo(f"job: {job_id}\nrun: {run_id}")
 
 
@@ -388,13 +369,10 @@ def tune(
     from workflows import tune as tune_mod
 
     if show_id:
-        try:
-            click.echo(tune_mod.show(_storage(storage), show_id))
-        except tune_mod.TuneError as err:
-            raise UserError(str(err), exit_code=err.exit_code) from None
+        click.echo(tune_mod.show(_storage(storage), show_id))
         return
     if address:
-        _guarded(orchestrate.connect_ray, address)
+        orchestrate.connect_ray(address)
     if resume_id:
         sys.exit(tune_mod.resume(_storage(storage), resume_id))
     if config is None:

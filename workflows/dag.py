@@ -28,6 +28,7 @@ from typing import Any
 import pipeline
 from pipeline.config import Config, subset_fractions
 from pipeline.config import format_fraction as _format_fraction
+from pipeline.errors import UserError
 from workflows.reads import STAGE_READS, Reads, config_slice
 
 __all__ = [
@@ -42,7 +43,7 @@ __all__ = [
 ]
 
 
-class GraphError(ValueError):
+class GraphError(UserError, ValueError):
     """An invalid stage graph; ``str(err)`` is one line naming the culprit stage."""
 
 

@@ -20,7 +20,6 @@ probes, plots) uses torch's default threads, and cuDNN's autotuner is on (fixed 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -28,9 +27,11 @@ from typing import Any
 
 import torch
 
+from pipeline.atomic import atomic_write_json, atomic_write_text
 from pipeline.config import Config
 from pipeline.data.sources import DataError
-from pipeline.runtime import LocalContext, StageResult, atomic_write_text
+from pipeline.errors import UserError
+from pipeline.runtime import LocalContext, StageResult
 from workflows.dag import StageNode, build_graph
 from workflows.stages import stage_function, stage_inputs, stage_params
 
@@ -39,7 +40,7 @@ __all__ = ["LocalRunError", "resolve_device", "run_local"]
 log = logging.getLogger(__name__)
 
 
-class LocalRunError(ValueError):
+class LocalRunError(UserError, ValueError):
     """A local run that cannot start (unavailable device, a Tune stage) or a stage that stopped
     on bad input or a diverged loss; one line naming the stage."""
 
@@ -146,6 +147,6 @@ def run_local(
         if on_stage is not None:
             on_stage(node.name, seconds, result)
     summary["wall_seconds"] = round(time.time() - started, 2)
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, default=float) + "\n")
+    atomic_write_json(out / "summary.json", summary, indent=1, default=float)
     atomic_write_text(out / "config.yaml", cfg.to_yaml())
     return summary

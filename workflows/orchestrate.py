@@ -19,8 +19,9 @@ import time
 from typing import Any
 
 from pipeline.config import Config
-from workflows.dag import build_graph
-from workflows.state import RunStore, StateError, code_label
+from pipeline.errors import UserError, first_line
+from workflows.dag import Graph, build_graph
+from workflows.state import RunInfo, RunStore, StageState, StateError, code_label
 
 __all__ = [
     "PipelineError",
@@ -36,7 +37,7 @@ __all__ = [
 log = logging.getLogger("contrastive")
 
 
-class PipelineError(RuntimeError):
+class PipelineError(UserError, RuntimeError):
     """A problem that stops a run before it starts; ``str(err)`` is one line."""
 
 
@@ -50,11 +51,6 @@ def best_config_path(storage_root: str, search_id: str) -> str:
         return _best(storage_root, search_id)
     except TuneError as err:
         raise PipelineError(str(err)) from None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def ray_token_available() -> bool:
@@ -80,7 +76,7 @@ def enable_ray_token_auth() -> bool:
         return False
     os.environ["RAY_AUTH_MODE"] = "token"
     try:  # refresh Ray's cached config, as Ray does when it turns token mode on itself
-        from ray._raylet import Config as _RayConfig
+        from ray._raylet import Config as _RayConfig  # type: ignore[attr-defined]
 
         _RayConfig.initialize("")
     except Exception:  # noqa: BLE001 - older or newer Ray: the variable alone is read at init
@@ -154,7 +150,7 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
         except Exception as err:  # noqa: BLE001 - e.g. the node timed out during startup
             if ray.is_initialized():
                 ray.shutdown()
-            raise PipelineError(f"cannot start a local Ray: {_first_line(err)}") from None
+            raise PipelineError(f"cannot start a local Ray: {first_line(err)}") from None
         return
     target = _resolve_address(address)
     if target == "auto":
@@ -179,7 +175,7 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
         else:
             fix = _AUTH_FIX
         raise PipelineError(
-            f"cannot connect to Ray at {target}: {_first_line(err)}; if the cluster uses token "
+            f"cannot connect to Ray at {target}: {first_line(err)}; if the cluster uses token "
             f"authentication, {fix}"
         ) from None
 
@@ -193,7 +189,7 @@ def _connect_or_fail(address: str | None, num_cpus: int | None) -> None:
         raise
     except Exception as err:  # noqa: BLE001 - Ray's start-up errors are not one type
         raise PipelineError(
-            f"ray error: cannot start or reach Ray ({address or 'local'}): {_first_line(err)}"
+            f"ray error: cannot start or reach Ray ({address or 'local'}): {first_line(err)}"
         ) from None
 
 
@@ -283,13 +279,17 @@ def _execute_graph(
     return 1
 
 
-def _summarise_in_mlflow(tracker: Any, store: RunStore, run_id: str, parent: str, graph) -> None:
+def _summarise_in_mlflow(
+    tracker: Any, store: RunStore, run_id: str, parent: str, graph: Graph
+) -> None:
     from workflows.summary import log_parent_summary
 
     try:
         log_parent_summary(tracker, store, run_id, parent, graph)
     except Exception as err:  # tracking must not fail a finished run
-        log.warning("tracking: summary of run %s not logged: %s", run_id, err)
+        from workflows.tracking import error_line  # no URI password in the warning
+
+        log.warning("tracking: summary of run %s not logged: %s", run_id, error_line(err))
 
 
 def _say_results(store: RunStore, run_id: str) -> None:
@@ -335,7 +335,7 @@ def run_pipeline(
         )
     except OSError as err:  # a read-only or full storage root: one line naming it
         raise PipelineError(
-            f"storage error: cannot create the run under {store.root}: {_first_line(err)}"
+            f"storage error: cannot create the run under {store.root}: {first_line(err)}"
         ) from None
     _say(f"run: {run_id}")
     _say(f"folder: {store.uri(store.run_dir(run_id))}")
@@ -399,7 +399,7 @@ def _fmt_duration(s: float | None) -> str:
     return f"{s:.1f}s" if s < 120 else f"{s / 60:.1f}m"
 
 
-def job_verdict(info: Any) -> tuple[str, str | None]:
+def job_verdict(info: RunInfo) -> tuple[str, str | None]:
     """The status and error to show for a run: as recorded, except a submitted run whose driver
     has not started (``created``, with a Ray Job): the Jobs API says what became of the job, and
     a job that ended (failed, stopped, or finished without the driver writing the run) shows
@@ -412,7 +412,7 @@ def job_verdict(info: Any) -> tuple[str, str | None]:
     try:
         status, message = job_status(info.job["address"], sid)
     except (ConnectionError, RuntimeError, ValueError) as err:
-        return info.status, f"job {sid}: not known ({_first_line(err)})"
+        return info.status, f"job {sid}: not known ({first_line(err)})"
     first = message.splitlines()[0] if message else "no message"
     if status in ("FAILED", "STOPPED"):
         return "failed", f"job {sid} {status} before the driver started: {first}"
@@ -421,7 +421,7 @@ def job_verdict(info: Any) -> tuple[str, str | None]:
     return info.status, f"job {sid} {status}"
 
 
-def _shown_status(store: RunStore, info: Any) -> tuple[str, str | None]:
+def _shown_status(store: RunStore, info: RunInfo) -> tuple[str, str | None]:
     """The status and error to show: a submitted run whose driver has not started asks the Jobs
     API (:func:`job_verdict`); any other run tells a live driver from a gone one by its lease."""
     if info.status == "created" and info.job and info.job.get("address"):
@@ -433,59 +433,15 @@ def status_text(storage_root: str, run_id: str | None = None) -> str:
     """A table of run ``run_id``'s stages, or of all runs under ``storage_root`` without an id."""
     store = RunStore(storage_root)
     if run_id is None:
-        runs = store.list_runs()
-        if not runs:
-            return f"no runs under {store.root}"
-        rows = []
-        for r in runs:
-            shown, error = _shown_status(store, r)
-            rows.append(
-                [r.run_id, r.name, shown, r.created[:19], r.mlflow_run_id or "-", error or ""]
-            )
-        return _table(rows, ["run", "name", "status", "created", "mlflow run", "error"])
+        return _runs_table(store)
     info = store.load_run(run_id)
     cfg = store.load_config(run_id)
     states = store.stage_states(run_id)
     order = [n.name for n in build_graph(cfg)]
     order += [n for n in states if n not in order]
-    rows = []
-    for name in order:
-        st = states.get(name)
-        if st is None:
-            rows.append([name, "pending", "0", "-", "-", "-"])
-            continue
-        metric = "-"
-        if st.key_metric and st.key_metric in st.metrics:
-            metric = f"{st.key_metric}={st.metrics[st.key_metric]:.4g}"
-        state = st.state + (" (reused)" if st.reused_from else "")
-        rows.append(
-            [
-                name,
-                state,
-                str(st.attempts),
-                _fmt_duration(st.duration_s),
-                metric,
-                st.mlflow_run_id or "-",
-            ]
-        )
-    live, error = _shown_status(store, info)
-    head = f"run {info.run_id} ({info.name}): {live}"
-    lease = store.read_lease(run_id)
-    if live == "running" and lease is not None:
-        head += f" ({lease.describe()})"
-    elif live == "interrupted":
-        head += (
-            f" (its driver is gone), resume with `contrastive resume {run_id}"
-            f" --storage {store.root}`"
-        )
-    if info.mlflow_run_id:
-        head += f"; mlflow parent {info.mlflow_run_id} at {info.tracking_uri}"
-    if error and live != "succeeded":
-        head += f"\nerror: {error}"
-    if info.tracking_gap:
-        head += f"\ntracking gap: {info.tracking_gap}"
+    rows = [_stage_row(name, states.get(name)) for name in order]
     lines = [
-        head,
+        _run_head(store, info),
         _table(rows, ["stage", "state", "attempts", "duration", "key metric", "mlflow run"]),
     ]
     for name in order:
@@ -495,6 +451,50 @@ def status_text(storage_root: str, run_id: str | None = None) -> str:
             if st.traceback_file:
                 lines.append(f"  traceback: {st.traceback_file}")
     return "\n".join(lines)
+
+
+def _runs_table(store: RunStore) -> str:
+    runs = store.list_runs()
+    if not runs:
+        return f"no runs under {store.root}"
+    rows = []
+    for r in runs:
+        shown, error = _shown_status(store, r)
+        rows.append([r.run_id, r.name, shown, r.created[:19], r.mlflow_run_id or "-", error or ""])
+    return _table(rows, ["run", "name", "status", "created", "mlflow run", "error"])
+
+
+def _stage_row(name: str, st: StageState | None) -> list[str]:
+    if st is None:
+        return [name, "pending", "0", "-", "-", "-"]
+    metric = "-"
+    if st.key_metric and st.key_metric in st.metrics:
+        metric = f"{st.key_metric}={st.metrics[st.key_metric]:.4g}"
+    state = st.state + (" (reused)" if st.reused_from else "")
+    duration = _fmt_duration(st.duration_s)
+    return [name, state, str(st.attempts), duration, metric, st.mlflow_run_id or "-"]
+
+
+def _run_head(store: RunStore, info: RunInfo) -> str:
+    """The first line(s) of a run's status: its state (with its driver or how to resume), MLflow
+    parent run, error and tracking gap."""
+    live, error = _shown_status(store, info)
+    head = f"run {info.run_id} ({info.name}): {live}"
+    lease = store.read_lease(info.run_id)
+    if live == "running" and lease is not None:
+        head += f" ({lease.describe()})"
+    elif live == "interrupted":
+        head += (
+            f" (its driver is gone), resume with `contrastive resume {info.run_id}"
+            f" --storage {store.root}`"
+        )
+    if info.mlflow_run_id:
+        head += f"; mlflow parent {info.mlflow_run_id} at {info.tracking_uri}"
+    if error and live != "succeeded":
+        head += f"\nerror: {error}"
+    if info.tracking_gap:
+        head += f"\ntracking gap: {info.tracking_gap}"
+    return head
 
 
 def lineage_text(storage_root: str, run_id: str) -> str:
@@ -576,10 +576,38 @@ def compare_text(storage_root: str, run_ids: list[str], last: int | None = None)
     seeds, not single runs. ``last=N`` adds the N newest runs with a finished evaluation. An
     unknown run or one without a finished evaluation is a one-line error naming it.
     """
-    from workflows.tracking import flatten
-
     store = RunStore(storage_root)
-    manifests: dict[str, dict[str, Any] | None] = {}  # evaluate manifests, each read once
+    ids, manifests = _compared_ids(store, run_ids, last)
+    metrics, flat, codes = _read_compared(store, ids, manifests)
+    knn = [m["knn_top1"] for m in metrics if "knn_top1" in m]
+    lin = [m["linear_full_top1"] for m in metrics if "linear_full_top1" in m]
+    if len(set(codes)) == 1:
+        code = f"code: {codes[0]}"
+    else:  # runs of different commits with one config are not repeats of one recipe
+        code = f"code differs: {', '.join(codes)}"
+    header = ["labels", "runs", "baseline", "SSL fine-tuned", "Δ", "Δ s.e.", "student",
+              "student − teacher", "linear probe"]  # fmt: skip
+    lines = [
+        f"{len(ids)} run(s): {' '.join(ids)}",
+        _what_differs(flat),
+        code,
+        "top-1 % on the test split; mean ± sample standard deviation over the runs "
+        "(Δ and student − teacher per run, then averaged; Δ s.e.: standard error of Δ's mean)",
+        _table(_fraction_rows(metrics), header),
+        f"kNN (all labels): {_mean_sd(knn)}; linear probe (all labels): {_mean_sd(lin)}",
+    ]
+    return "\n".join(lines)
+
+
+Manifest = dict[str, Any]
+
+
+def _compared_ids(
+    store: RunStore, run_ids: list[str], last: int | None
+) -> tuple[list[str], dict[str, Manifest | None]]:
+    """The runs to compare (``run_ids``, then the ``last`` newest with a finished evaluation,
+    once each) and the evaluate manifests read while finding them."""
+    manifests: dict[str, Manifest | None] = {}  # evaluate manifests, each read once
     if last is not None:
         if last < 1:
             raise StateError(f"state error: --last must be >= 1 (got {last})")
@@ -590,6 +618,16 @@ def compare_text(storage_root: str, run_ids: list[str], last: int | None = None)
     ids = list(dict.fromkeys(run_ids))
     if not ids:
         raise StateError(f"state error: no run ids given and no finished runs under {store.root}")
+    return ids, manifests
+
+
+def _read_compared(
+    store: RunStore, ids: list[str], manifests: dict[str, Manifest | None]
+) -> tuple[list[dict[str, float]], list[dict[str, Any]], list[str]]:
+    """Per run: the evaluate stage's numeric metrics, the flattened config (without where the
+    run was kept) and the code label."""
+    from workflows.tracking import flatten
+
     metrics, flat, codes = [], [], []
     for rid in ids:
         info = store.load_run(rid)
@@ -603,9 +641,23 @@ def compare_text(storage_root: str, run_ids: list[str], last: int | None = None)
         metrics.append({k: float(v) for k, v in raw.items() if isinstance(v, (int, float))})
         cfg = store.load_config(rid).model_dump(mode="json")
         flat.append({k: v for k, v in flatten(cfg).items() if not k.startswith(_NOT_COMPARED)})
+    return metrics, flat, codes
 
+
+def _what_differs(flat: list[dict[str, Any]]) -> str:
     keys = sorted(set().union(*flat))
     differ = [k for k in keys if len({repr(f.get(k)) for f in flat}) > 1]
+    if not differ:
+        return "identical configs"
+    if len(differ) <= 6:
+        return "differing in " + "; ".join(
+            f"{k} = {', '.join(str(f.get(k)) for f in flat)}" for k in differ
+        )
+    return f"differing in {len(differ)} fields: {', '.join(differ)}"
+
+
+def _fraction_rows(metrics: list[dict[str, float]]) -> list[list[str]]:
+    """One row per label fraction: runs, then mean ± sd of each model and of the differences."""
     names = [k.split("@", 1)[1] for m in metrics for k in m if "@" in k]
     fractions = sorted(dict.fromkeys(names), key=_fraction_key)
 
@@ -619,45 +671,21 @@ def compare_text(storage_root: str, run_ids: list[str], last: int | None = None)
     rows = []
     for frac in fractions:
         n = sum(any(k.endswith(f"@{frac}") for k in m) for m in metrics)
+        lead = diff("finetune_top1", "baseline_top1", frac)
         rows.append(
             [
                 f"{frac}%",
                 str(n),
                 _mean_sd(col("baseline_top1", frac)),
                 _mean_sd(col("finetune_top1", frac)),
-                _mean_sd(lead := diff("finetune_top1", "baseline_top1", frac), signed=True),
+                _mean_sd(lead, signed=True),
                 _standard_error(lead),
                 _mean_sd(col("student_top1", frac)),
                 _mean_sd(diff("student_top1", "finetune_top1", frac), signed=True),
                 _mean_sd(col("linear_top1", frac)),
             ]
         )
-    header = ["labels", "runs", "baseline", "SSL fine-tuned", "Δ", "Δ s.e.", "student",
-              "student − teacher", "linear probe"]  # fmt: skip
-    knn = [m["knn_top1"] for m in metrics if "knn_top1" in m]
-    lin = [m["linear_full_top1"] for m in metrics if "linear_full_top1" in m]
-    if not differ:
-        what = "identical configs"
-    elif len(differ) <= 6:
-        what = "differing in " + "; ".join(
-            f"{k} = {', '.join(str(f.get(k)) for f in flat)}" for k in differ
-        )
-    else:
-        what = f"differing in {len(differ)} fields: {', '.join(differ)}"
-    if len(set(codes)) == 1:
-        code = f"code: {codes[0]}"
-    else:  # runs of different commits with one config are not repeats of one recipe
-        code = f"code differs: {', '.join(codes)}"
-    lines = [
-        f"{len(ids)} run(s): {' '.join(ids)}",
-        what,
-        code,
-        "top-1 % on the test split; mean ± sample standard deviation over the runs "
-        "(Δ and student − teacher per run, then averaged; Δ s.e.: standard error of Δ's mean)",
-        _table(rows, header),
-        f"kNN (all labels): {_mean_sd(knn)}; linear probe (all labels): {_mean_sd(lin)}",
-    ]
-    return "\n".join(lines)
+    return rows
 
 
 def logs_text(

@@ -244,7 +244,7 @@ class ProgressDisplay:
     # the runner announces stage ends through logging; close their bars then
     def _watch(self, record: logging.LogRecord) -> bool:
         msg = record.msg if isinstance(record.msg, str) else ""
-        if msg.startswith("stage %s") and record.args:
+        if msg.startswith("stage %s") and isinstance(record.args, tuple) and record.args:
             name = str(record.args[0])
             if " finished" in msg or " failed" in msg or " skipped" in msg or " reused" in msg:
                 self._close(name)

@@ -60,6 +60,7 @@ import pyarrow.fs as pafs
 import ray
 
 from pipeline.config import Config
+from pipeline.errors import UserError
 from workflows.dag import Graph, StageNode, compute_keys, stage_config
 from workflows.state import (
     RunInfo,
@@ -140,7 +141,7 @@ class RunTracker(Protocol):
     def gap(self, extra_points: int = 0) -> str | None: ...
 
 
-class RunError(RuntimeError):
+class RunError(UserError, RuntimeError):
     """A problem running the graph itself (not a stage failure); one line."""
 
 

@@ -15,7 +15,8 @@ from typing import Any
 
 import ray
 
-from pipeline.data.shards import ShardSpec, atomic_write_bytes
+from pipeline.atomic import atomic_write_bytes
+from pipeline.data.shards import ShardSpec
 from pipeline.data.sources import DataError
 from pipeline.runtime import StageResult
 from pipeline.stages import shard as shard_stage

@@ -29,6 +29,9 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from pipeline.atomic import atomic_put
+from pipeline.errors import first_line
+
 __all__ = [
     "URI_INPUTS",
     "cache_root",
@@ -63,8 +66,7 @@ def _split(location: str) -> tuple[pafs.FileSystem, str]:
         try:
             return pafs.FileSystem.from_uri(location)
         except (OSError, ValueError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise OSError(f"cannot open {location}: {first}") from None
+            raise OSError(f"cannot open {location}: {first_line(err)}") from None
     return pafs.LocalFileSystem(), os.path.abspath(location)
 
 
@@ -97,23 +99,7 @@ def write_text(location: str, text: str) -> None:
 
 def _put(location: str, data: bytes) -> None:
     fs, path = _split(location)
-    parent = posixpath.dirname(path)
-    fs.create_dir(parent, recursive=True)
-    if not isinstance(fs, pafs.LocalFileSystem):
-        with fs.open_output_stream(path) as f:  # the object appears once the upload completes
-            f.write(data)
-        return
-    tmp = f"{parent}/.{posixpath.basename(path)}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        with fs.open_output_stream(tmp) as f:
-            f.write(data)
-        fs.move(tmp, path)
-    except BaseException:
-        try:
-            fs.delete_file(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_put(fs, path, data)
 
 
 def save_torch(obj: Any, location: str) -> None:

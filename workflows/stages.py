@@ -33,15 +33,21 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict, cast
 
+import torch
 import yaml
 
+from pipeline.atomic import atomic_write_text
 from pipeline.config import Config
-from pipeline.runtime import StageResult, atomic_write_text
+from pipeline.runtime import StageResult
 from workflows import stageio
 from workflows.dag import StageNode, build_graph, compute_keys, stage_config
+
+if TYPE_CHECKING:
+    from workflows.tracking import Tracker, TrackingInfo
 
 __all__ = ["MODEL_NAMES", "StageExecutor", "stage_function", "stage_inputs", "stage_params"]
 
@@ -115,7 +121,9 @@ def tuned_config(cfg: Config, inputs: dict[str, dict[str, str]]) -> Config:
     return parse_config(apply_values(cfg.to_dict(), best))
 
 
-def _run_tune(cfg: Config, dataset_dir: str, out_dir: str, info: Any) -> StageResult:
+def _run_tune(
+    cfg: Config, dataset_dir: str, out_dir: str, info: TrackingInfo | None
+) -> StageResult:
     """The search as the first node of the graph: trials nest under this stage's MLflow run."""
     from workflows.tune import PARAMS, run_search
 
@@ -210,7 +218,7 @@ class StageExecutor:
         node: StageNode,
         inputs: dict[str, dict[str, str]],
         out_dir: str,
-        tracking_info: Any = None,
+        tracking_info: TrackingInfo | None = None,
     ) -> StageResult:
         from workflows.progress import LOG_FILE, StageLog
 
@@ -223,13 +231,15 @@ class StageExecutor:
         node: StageNode,
         inputs: dict[str, dict[str, str]],
         out_dir: str,
-        tracking_info: Any,
+        tracking_info: TrackingInfo | None,
         log_path: str,
     ) -> StageResult:
         from workflows.progress import LoggedStageFn, ProgressSink
 
         cfg = tuned_config(self.cfg, inputs)
-        sink = tracking_info.sink() if tracking_info is not None else None
+        sink: Callable[[dict[str, float], int], None] | None = None
+        if tracking_info is not None:
+            sink = tracking_info.sink()
         if self.progress is not None:
             sink = ProgressSink(self.progress, node.name, sink)
         if node.kind == "shard":
@@ -262,12 +272,35 @@ class StageExecutor:
                 stage_dir=stage_dir,
             )
         if tracking_info is not None:
-            try:
-                dataset_dir = (inputs.get("dataset") or {}).get("dataset")
-                log_stage_to_mlflow(cfg, node, result, out_dir, tracking_info, dataset_dir)
-            except Exception as err:  # tracking problems never fail a finished stage
-                log.warning("tracking: logging stage %s failed: %s", node.name, err)
+            dataset_dir = (inputs.get("dataset") or {}).get("dataset")
+            _log_stage(cfg, node, result, out_dir, tracking_info, dataset_dir)
         return result
+
+
+def _log_stage(
+    cfg: Config,
+    node: StageNode,
+    result: StageResult,
+    out_dir: str,
+    info: TrackingInfo,
+    dataset_dir: str | None,
+) -> None:
+    """:func:`log_stage_to_mlflow`; a failure is a warning (tracking problems never fail a
+    finished stage) whose MLflow error has any URI password redacted."""
+    from workflows.tracking import error_line
+
+    try:
+        log_stage_to_mlflow(cfg, node, result, out_dir, info, dataset_dir)
+    except Exception as err:  # noqa: BLE001 - MLflow's errors are not one type
+        log.warning("tracking: logging stage %s failed: %s", node.name, error_line(err))
+
+
+class DatasetRef(TypedDict):
+    """The data a stage read, as MLflow links it to runs and models."""
+
+    name: str
+    digest: str
+    source: str
 
 
 def log_stage_to_mlflow(
@@ -275,7 +308,7 @@ def log_stage_to_mlflow(
     node: StageNode,
     result: StageResult,
     out_dir: str,
-    info: Any,
+    info: TrackingInfo,
     dataset_dir: str | None = None,
 ) -> None:
     """Artifacts and models of a finished stage into its MLflow run ``info.run_id``."""
@@ -289,37 +322,15 @@ def log_stage_to_mlflow(
         yaml.safe_dump(stage_config(node, cfg), sort_keys=False, default_flow_style=None),
     )
     tracker.log_artifact(rid, str(slice_path))
-    data: dict[str, Any] = {}
-    shape = None
+    data, shape = None, None
     if dataset_dir:
-        d = json.loads(stageio.read_text(stageio.join(dataset_dir, "dataset.json")))
-        size = cfg.augment.image_size or d.get("height")
-        if size and d.get("channels"):  # images of one size (or a crop size): a signature
-            shape = (int(d["channels"]), int(size), int(size))
-        data = {"name": cfg.data.source, "digest": str(d.get("digest", "")), "source": dataset_dir}
-        tracker.log_dataset(
-            rid,
-            data["name"],
-            data["digest"],
-            dataset_dir,
-            d.get("counts", {}).get("train"),
-            "evaluation" if node.kind == "evaluate" else "training",
-        )
+        data, shape = _log_dataset(tracker, rid, cfg, node, dataset_dir)
     outs = result.outputs
-    if node.kind == "shard":
-        for key in ("dataset_json", "skipped"):
-            if key in outs and os.path.isfile(outs[key]):
-                tracker.log_artifact(rid, outs[key], "dataset")
-        if "manifest" in outs and os.path.getsize(outs["manifest"]) < 50 << 20:
-            tracker.log_artifact(rid, outs["manifest"], "dataset")
+    if node.kind in ("shard", "evaluate"):
+        _log_files(tracker, rid, node.kind, outs)
         return
     if "history" in outs:
         tracker.log_artifact(rid, outs["history"])
-    if node.kind == "evaluate":
-        for path in outs.values():
-            if os.path.isfile(path):
-                tracker.log_artifact(rid, path, "report")
-        return
     if "model" in outs:
         tracker.log_artifact(rid, outs["model"], "checkpoint")
         uri = log_torch_model(
@@ -329,11 +340,51 @@ def log_stage_to_mlflow(
             node.kind,
             shape,
             metrics=result.metrics,
-            dataset=data or None,
+            dataset=data,
             step=int((result.history or [{}])[-1].get("epoch", len(result.history))),
         )
         if node.kind in REGISTERED_KINDS:
-            register_stage_model(tracker, cfg, node, rid, uri, data.get("digest", ""))
+            digest = data["digest"] if data else ""
+            register_stage_model(tracker, cfg, node, rid, uri, digest)
+
+
+def _log_dataset(
+    tracker: Tracker, rid: str, cfg: Config, node: StageNode, dataset_dir: str
+) -> tuple[DatasetRef, tuple[int, int, int] | None]:
+    """Record the stage's dataset as an input of run ``rid``; returns it and, for images of one
+    size (or a crop size), the ``(C, H, W)`` of a model signature."""
+    d = json.loads(stageio.read_text(stageio.join(dataset_dir, "dataset.json")))
+    size = cfg.augment.image_size or d.get("height")
+    shape = None
+    if size and d.get("channels"):
+        shape = (int(d["channels"]), int(size), int(size))
+    data = DatasetRef(name=cfg.data.source, digest=str(d.get("digest", "")), source=dataset_dir)
+    tracker.log_dataset(
+        rid,
+        data["name"],
+        data["digest"],
+        dataset_dir,
+        d.get("counts", {}).get("train"),
+        "evaluation" if node.kind == "evaluate" else "training",
+    )
+    return data, shape
+
+
+def _log_files(tracker: Tracker, rid: str, kind: str, outs: dict[str, str]) -> None:
+    """The files of a stage without a model: the shard stage's dataset description (its
+    manifest below 50 MiB), the evaluate stage's history and reports."""
+    if kind == "shard":
+        for key in ("dataset_json", "skipped"):
+            if key in outs and os.path.isfile(outs[key]):
+                tracker.log_artifact(rid, outs[key], "dataset")
+        if "manifest" in outs and os.path.getsize(outs["manifest"]) < 50 << 20:
+            tracker.log_artifact(rid, outs["manifest"], "dataset")
+        return
+    if "history" in outs:
+        tracker.log_artifact(rid, outs["history"])
+    for path in outs.values():
+        if os.path.isfile(path):
+            tracker.log_artifact(rid, path, "report")
 
 
 #: Stage kinds whose models go to the Model Registry, one registered model per config name,
@@ -368,13 +419,13 @@ def register_stage_model(
 
 
 def log_torch_model(
-    info: Any,
+    info: TrackingInfo,
     model_file: str,
     name: str,
     kind: str,
     input_shape: tuple[int, ...] | None = None,
     metrics: dict[str, float] | None = None,
-    dataset: dict[str, str] | None = None,
+    dataset: DatasetRef | None = None,
     step: int = 0,
 ) -> str:
     """``mlflow.pytorch.log_model`` of the module saved in ``model_file``, inside run
@@ -389,16 +440,32 @@ def log_torch_model(
     out of the output because these models are only loaded from the pipeline's own store."""
     import mlflow
     import mlflow.pytorch
-    import numpy as np
-    import torch
-    from mlflow.entities import Dataset
 
     from pipeline.models import load_model
-    from workflows.tracking import SOURCE_NAME, is_count
 
-    module = load_model(model_file)
+    module: torch.nn.Module = load_model(model_file)
     if kind == "pretrain":
-        module = module.encoder
+        module = cast(torch.nn.Module, module.encoder)
+    mlflow.set_tracking_uri(info.uri)
+    pickle_note = _DropMessage("Saving pytorch model by Pickle")
+    torch_log = logging.getLogger("mlflow.pytorch")
+    torch_log.addFilter(pickle_note)
+    try:
+        with mlflow.start_run(run_id=info.run_id, nested=True):
+            logged = mlflow.pytorch.log_model(
+                module, name=name, **_log_model_kwargs(kind, input_shape)
+            )
+            _log_final_metric(logged.model_id, metrics or {}, dataset, step)
+    finally:
+        torch_log.removeFilter(pickle_note)
+    return str(logged.model_uri)
+
+
+def _log_model_kwargs(kind: str, input_shape: tuple[int, ...] | None) -> dict[str, Any]:
+    import numpy as np
+
+    from workflows.tracking import SOURCE_NAME
+
     kwargs: dict[str, Any] = {
         # explicit requirements: inferring them costs a model reload in a subprocess
         "pip_requirements": [f"torch=={torch.__version__.split('+')[0]}", "contrastive-pipeline"],
@@ -407,30 +474,33 @@ def log_torch_model(
     }
     if input_shape is not None:
         kwargs["input_example"] = np.zeros((2, *input_shape), dtype=np.float32)
-    mlflow.set_tracking_uri(info.uri)
-    pickle_note = _DropMessage("Saving pytorch model by Pickle")
-    torch_log = logging.getLogger("mlflow.pytorch")
-    torch_log.addFilter(pickle_note)
-    try:
-        with mlflow.start_run(run_id=info.run_id, nested=True):
-            logged = mlflow.pytorch.log_model(module, name=name, **kwargs)
-            # the stage's key metric once more as ``final_<name>``, linked to the model and the
-            # data (its per-epoch curve is in the run already)
-            key = next((k for k in (metrics or {}) if not is_count(k)), None)
-            linked = {f"final_{key}": float(metrics[key])} if key else {}
-            if linked:
-                ds = None
-                if dataset:
-                    ds = Dataset(
-                        name=dataset["name"],
-                        digest=dataset["digest"][:36],
-                        source_type="local",
-                        source=json.dumps({"uri": dataset["source"]}),
-                    )
-                mlflow.log_metrics(linked, step=step, model_id=logged.model_id, dataset=ds)
-    finally:
-        torch_log.removeFilter(pickle_note)
-    return str(logged.model_uri)
+    return kwargs
+
+
+def _log_final_metric(
+    model_id: str, metrics: dict[str, float], dataset: DatasetRef | None, step: int
+) -> None:
+    """The stage's key metric once more as ``final_<name>``, linked to the model and the data
+    (its per-epoch curve is in the run already), in the active MLflow run."""
+    import mlflow
+    from mlflow.entities import Dataset
+
+    from workflows.tracking import is_count
+
+    key = next((k for k in metrics if not is_count(k)), None)
+    if key is None:
+        return
+    ds = None
+    if dataset:
+        ds = Dataset(
+            name=dataset["name"],
+            digest=dataset["digest"][:36],
+            source_type="local",
+            source=json.dumps({"uri": dataset["source"]}),
+        )
+    mlflow.log_metrics(
+        {f"final_{key}": float(metrics[key])}, step=step, model_id=model_id, dataset=ds
+    )
 
 
 class _DropMessage(logging.Filter):

@@ -41,6 +41,7 @@ import pyarrow.fs as pafs
 import yaml
 
 from pipeline.config import Config, parse_config
+from pipeline.errors import UserError
 
 __all__ = [
     "RUN_STATES",
@@ -102,7 +103,7 @@ LEGACY_RUNS = "runs"
 RESERVED_NAMES = frozenset({LEGACY_RUNS, "tune", "mlartifacts", "mlruns", "mlflow.db"})
 
 
-class StateError(RuntimeError):
+class StateError(UserError, RuntimeError):
     """A problem with the run records; ``str(err)`` is one line."""
 
 

@@ -39,9 +39,14 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from pipeline.errors import first_line
 from workflows.state import CODE_ENV
+
+if TYPE_CHECKING:
+    from pipeline.config import Config
+    from workflows.state import RunStore
 
 __all__ = [
     "CONFIG_NAME",
@@ -91,7 +96,7 @@ def package_dirs() -> list[str]:
     import pipeline
     import workflows
 
-    return [str(Path(mod.__file__).resolve().parent) for mod in (pipeline, workflows)]
+    return [str(Path(next(iter(mod.__path__))).resolve()) for mod in (pipeline, workflows)]
 
 
 def build_job_spec(
@@ -144,6 +149,8 @@ def build_job_spec(
         metadata["storage_root"] = redact("storage_root", storage_root)
     if overrides:  # shown by the dashboard and `ray job list`: no credentials
         metadata["overrides"] = " ".join(_redact_override(o) for o in overrides)
+    if env:  # which variables the job was given, credential-looking values as ***
+        metadata["env"] = " ".join(_redact_override(f"{k}={v}") for k, v in env.items())
     return JobSpec(f"contrastive-{run_id}", entrypoint, runtime_env, metadata)
 
 
@@ -199,11 +206,6 @@ def check_reachable(url: str, timeout_s: float = 5.0) -> None:
         ) from None
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def token_headers() -> dict[str, str]:
     """An ``Authorization`` header with this user's Ray auth token, if there is one.
 
@@ -241,14 +243,14 @@ def connect(url: str) -> Any:
             return JobSubmissionClient(url, headers=headers)
     except AuthenticationError as err:
         raise RuntimeError(
-            f"submit: {url} requires a Ray auth token ({_first_line(err)}); set RAY_AUTH_TOKEN "
+            f"submit: {url} requires a Ray auth token ({first_line(err)}); set RAY_AUTH_TOKEN "
             "or RAY_AUTH_TOKEN_PATH to the cluster's token"
         ) from None
     except ConnectionError as err:
-        raise ConnectionError(f"submit: {url}: {_first_line(err)}") from None
+        raise ConnectionError(f"submit: {url}: {first_line(err)}") from None
     except (RuntimeError, ValueError, OSError) as err:
         raise RuntimeError(
-            f"submit: {url} did not accept the connection: {_first_line(err)}"
+            f"submit: {url} did not accept the connection: {first_line(err)}"
         ) from None
 
 
@@ -259,7 +261,8 @@ def parse_env(items: list[str] | tuple[str, ...]) -> dict[str, str]:
         key, sep, value = item.partition("=")
         if not sep or not key or key.strip() != key or not key.replace("_", "a").isalnum():
             raise ValueError(
-                f"submit: --env {item!r}: expected KEY=VALUE, e.g. AWS_REGION=eu-west-1"
+                f"submit: --env {_redact_override(item)!r}: expected KEY=VALUE, "
+                "e.g. AWS_REGION=eu-west-1"
             )
         env[key] = value
     return env
@@ -274,7 +277,7 @@ def job_status(address: str, submission_id: str, timeout_s: float = 3.0) -> tupl
     try:
         info = client.get_job_info(submission_id)
     except Exception as err:  # noqa: BLE001 - e.g. an unknown job id
-        raise RuntimeError(f"job {submission_id}: {_first_line(err)}") from None
+        raise RuntimeError(f"job {submission_id}: {first_line(err)}") from None
     status = getattr(info.status, "value", str(info.status))
     return str(status), (info.message or "").strip()
 
@@ -303,7 +306,7 @@ def submit_job(
     :class:`ConnectionError` (nothing answers there), :class:`RuntimeError` (the cluster refused).
     """
     from pipeline.config import load_config
-    from workflows.state import new_run_id
+    from workflows.state import code_version, new_run_id
 
     url = normalize_address(address)
     cfg = load_config(config, list(overrides))  # a ConfigError (ValueError) names the field
@@ -314,10 +317,7 @@ def submit_job(
             "object store (s3://...) to follow it from here with `contrastive status`",
             storage_root,
         )
-    from workflows.state import RunStore, StateError, code_version
-
     run_id = new_run_id()
-    job_env = {**cfg.resources.env, **(env or {})}
     with tempfile.TemporaryDirectory(prefix="contrastive-submit-") as staging:
         Path(staging, CONFIG_NAME).write_text(cfg.to_yaml())
         spec = build_job_spec(
@@ -327,35 +327,48 @@ def submit_job(
             storage_root=storage_root,
             overrides=list(overrides),
             entrypoint=entrypoint,
-            env=job_env,
+            env={**cfg.resources.env, **(env or {})},
             address=url,
             code=code_version(),
         )
         client = connect(url)
-        store = None
-        if _storage_visible_here(storage_root, url):
-            try:
-                store = RunStore(storage_root)
-                store.create_run(
-                    cfg,
-                    run_id,
-                    address="auto",
-                    job={"submission_id": spec.submission_id, "address": url},
-                )
-            except (StateError, OSError) as err:
-                log.warning("submit: the run record is left to the job (%s)", _first_line(err))
-                store = None
-        try:
-            # The client packs and uploads working_dir and py_modules before it returns.
-            job_id = client.submit_job(**spec.as_kwargs())
-        except Exception as err:  # the job server's refusals come as assorted exception types
-            if store is not None:
-                try:
-                    store.fs.delete_dir(store.run_dir(run_id))
-                except OSError:
-                    pass
-            if isinstance(err, ConnectionError):
-                raise ConnectionError(f"submit: {url}: {_first_line(err)}") from None
-            raise RuntimeError(f"submit: {url} refused the job: {_first_line(err)}") from None
+        store = _create_run_record(cfg, run_id, storage_root, url, spec)
+        job_id = _send(client, spec, url, store, run_id)
     log.info("submitted job %s (run %s) to %s", job_id, run_id, url)
     return job_id, run_id
+
+
+def _create_run_record(
+    cfg: Config, run_id: str, storage_root: str, url: str, spec: JobSpec
+) -> RunStore | None:
+    """The run's record, ``created`` with its job, when this machine sees the storage (else, or
+    when that fails, None: the job's driver creates it)."""
+    from workflows.state import RunStore, StateError
+
+    if not _storage_visible_here(storage_root, url):
+        return None
+    try:
+        store = RunStore(storage_root)
+        store.create_run(
+            cfg, run_id, address="auto", job={"submission_id": spec.submission_id, "address": url}
+        )
+    except (StateError, OSError) as err:
+        log.warning("submit: the run record is left to the job (%s)", first_line(err))
+        return None
+    return store
+
+
+def _send(client: Any, spec: JobSpec, url: str, store: RunStore | None, run_id: str) -> str:
+    """Submit ``spec`` through ``client`` (which packs and uploads working_dir and py_modules
+    before it returns); on a refusal the run record made for it is removed."""
+    try:
+        return str(client.submit_job(**spec.as_kwargs()))
+    except Exception as err:  # the job server's refusals come as assorted exception types
+        if store is not None:
+            try:
+                store.fs.delete_dir(store.run_dir(run_id))
+            except OSError:
+                pass
+        if isinstance(err, ConnectionError):
+            raise ConnectionError(f"submit: {url}: {first_line(err)}") from None
+        raise RuntimeError(f"submit: {url} refused the job: {first_line(err)}") from None

@@ -42,9 +42,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import Config
+from pipeline.errors import UserError
 from workflows.dag import StageNode
 
-__all__ = ["MetricsSink", "Tracker", "TrackingError", "TrackingInfo", "flatten", "redact"]
+__all__ = [
+    "MetricsSink",
+    "Tracker",
+    "TrackingError",
+    "TrackingInfo",
+    "error_line",
+    "flatten",
+    "redact",
+]
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +83,7 @@ SOURCE_NAME = "contrastive run"
 _MAX_PARAM = 6000  # MLflow's limit on a param value
 
 
-class TrackingError(RuntimeError):
+class TrackingError(UserError, RuntimeError):
     """A tracking problem; ``str(err)`` is one line."""
 
 
@@ -183,11 +192,11 @@ def _sqlite_client(uri: str) -> Any:
             f"tracking error: {db}.lock held for 120 s by another process"
         ) from None
     except Exception as err:  # noqa: BLE001 - e.g. a damaged database: one line naming it
-        raise TrackingError(f"tracking error: MLflow store {db}: {_first_line(err)}") from None
+        raise TrackingError(f"tracking error: MLflow store {db}: {error_line(err)}") from None
     return client
 
 
-def _first_line(err: BaseException) -> str:
+def error_line(err: BaseException) -> str:
     """``Type: first line`` (at most 200 characters), credentials in URIs redacted (MLflow's
     errors quote the request URL, user and password included)."""
     lines = [ln for ln in redact("", str(err)).strip().splitlines() if ln.strip()]
@@ -235,7 +244,7 @@ class _GuardedClient:
                 if _is_outage(err):
                     self._down_until = time.time() + OUTAGE_S
                     self.skipped_calls += 1
-                    self.last_error = _first_line(err)
+                    self.last_error = error_line(err)
                 raise
             self._down_until = 0.0
             return result
@@ -366,7 +375,7 @@ class MetricsSink:
                 self._failing = False
                 return True
             except Exception as err:  # noqa: BLE001 - never let tracking reach the training loop
-                self.last_error = _first_line(err)
+                self.last_error = error_line(err)
                 if i + 1 < tries and self._closing.wait(self.RETRY_S * 2**i):
                     break
         self._failing = True

@@ -30,21 +30,26 @@ import posixpath
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import ray
 import torch
 
+from pipeline.atomic import atomic_write_text
 from pipeline.config import Config
-from pipeline.runtime import StageResult, atomic_write_text, load_checkpoint_file
+from pipeline.runtime import StageResult, load_checkpoint_file
 from workflows import stageio
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RayTrainContext", "TaskContext", "run_training_stage"]
+__all__ = ["RayTrainContext", "TaskContext", "TrainJob", "run_training_stage"]
 
 StageFn = Callable[..., StageResult]
+#: Receives each epoch's numeric metrics and the epoch (e.g. :class:`workflows.tracking` 's
+#: buffered MLflow logger).
+MetricsSink = Callable[[dict[str, float], int], None]
 RESULT_FILE = "result.json"
 _PROGRESS = ("epoch", "loss", "views_per_s", "images_per_s", "val_knn_top1", "val_top1")
 
@@ -56,7 +61,7 @@ def _set_threads(cfg: Config) -> None:
 class _Durable:
     """Rank 0's copy of the latest checkpoint in the stage folder, and the metrics sink."""
 
-    def __init__(self, checkpoint_dir: str, sink: Callable[[dict, int], None] | None) -> None:
+    def __init__(self, checkpoint_dir: str, sink: MetricsSink | None) -> None:
         self.path = stageio.join(checkpoint_dir, "latest.pt")  # a local path or a URI
         base = checkpoint_dir.partition("?")[0].rstrip("/")
         self.stage = posixpath.basename(posixpath.dirname(base)) or "stage"
@@ -96,7 +101,9 @@ def _note_dropped(result: StageResult, dropped: int) -> None:
 class TaskContext:
     """One worker inside a Ray task: no process group."""
 
-    def __init__(self, checkpoint_dir: str, sink=None, use_gpu: bool = False) -> None:
+    def __init__(
+        self, checkpoint_dir: str, sink: MetricsSink | None = None, use_gpu: bool = False
+    ) -> None:
         self.rank, self.world_size = 0, 1
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self._durable = _Durable(checkpoint_dir, sink)
@@ -116,7 +123,7 @@ class TaskContext:
 class RayTrainContext:
     """A Ray Train worker: ``ray.train.report`` with checkpoints, ``get_checkpoint`` on restart."""
 
-    def __init__(self, checkpoint_dir: str, sink=None) -> None:
+    def __init__(self, checkpoint_dir: str, sink: MetricsSink | None = None) -> None:
         import ray.train
         import ray.train.torch
 
@@ -156,6 +163,9 @@ class RayTrainContext:
         return model.to(self.device)
 
 
+WorkerContext = TaskContext | RayTrainContext
+
+
 def _write_result(out_dir: str, result: StageResult) -> None:
     atomic_write_text(
         Path(out_dir) / RESULT_FILE,
@@ -171,144 +181,100 @@ def _read_result(out_dir: str, history: list[dict[str, Any]]) -> StageResult:
     return StageResult(outputs=d["outputs"], metrics=d["metrics"], history=history)
 
 
-def _call(
-    fn: StageFn, cfg: Config, inputs: dict[str, str], out_dir: str, params: dict[str, Any], ctx: Any
-) -> StageResult:
+@dataclass(frozen=True)
+class TrainJob:
+    """What every worker of a training stage runs (picklable): the stage function and its
+    arguments, where checkpoints go, the metrics sink, and ``upload_to`` (the stage's output
+    folder on an object store, or None when ``out_dir`` is shared storage)."""
+
+    fn: StageFn
+    cfg: Config
+    inputs: dict[str, str]
+    out_dir: str
+    params: dict[str, Any]
+    checkpoint_dir: str
+    sink: MetricsSink | None = None
+    upload_to: str | None = None
+
+
+def _call(job: TrainJob, inputs: dict[str, str], out_dir: str, ctx: WorkerContext) -> StageResult:
     """The stage function, then its metrics sink flushed (a bounded wait, also when it fails);
     points the sink could not send are noted in the result."""
     try:
-        result = fn(cfg, inputs, out_dir, ctx, **params)
+        result = job.fn(job.cfg, inputs, out_dir, ctx, **job.params)
     finally:
         dropped = ctx._durable.close()
     _note_dropped(result, dropped)
     return result
 
 
-def _run_here(
-    fn: StageFn,
-    cfg: Config,
-    inputs: dict[str, str],
-    out_dir: str,
-    params: dict[str, Any],
-    ctx: Any,
-    upload_to: str | None,
-    write_result: bool,
-) -> StageResult:
-    """Run the stage function on this node: inputs resolved here; with ``upload_to`` (the stage's
-    output folder on an object store) it writes into a local scratch folder that rank 0 uploads
-    there, and the outputs it returns are the paths they will have under ``out_dir`` once the
-    coordinator has copied them back."""
-    local_inputs = stageio.materialize_inputs(inputs)
-    if upload_to is None:
-        result = _call(fn, cfg, local_inputs, out_dir, params, ctx)
+def _run_here(job: TrainJob, ctx: WorkerContext, write_result: bool) -> StageResult:
+    """Run the stage function on this node: inputs resolved here; with ``job.upload_to`` it
+    writes into a local scratch folder that rank 0 uploads there, and the outputs it returns are
+    the paths they will have under ``job.out_dir`` once the coordinator has copied them back."""
+    local_inputs = stageio.materialize_inputs(job.inputs)
+    if job.upload_to is None:
+        result = _call(job, local_inputs, job.out_dir, ctx)
         if write_result and ctx.rank == 0:
-            _write_result(out_dir, result)
+            _write_result(job.out_dir, result)
         return result
     scratch = tempfile.mkdtemp(prefix="contrastive-out-")
     try:
-        result = _call(fn, cfg, local_inputs, scratch, params, ctx)
+        result = _call(job, local_inputs, scratch, ctx)
         result.outputs = {
-            k: os.path.join(out_dir, os.path.relpath(os.path.join(scratch, v), scratch))
+            k: os.path.join(job.out_dir, os.path.relpath(os.path.join(scratch, v), scratch))
             for k, v in result.outputs.items()
         }
         if ctx.rank == 0:
             if write_result:
                 _write_result(scratch, result)
-            stageio.upload_dir(scratch, upload_to)
+            stageio.upload_dir(scratch, job.upload_to)
         return result
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _train_loop(config: dict[str, Any]) -> None:
-    """Ray Train worker entry point."""
-    cfg: Config = config["cfg"]
-    _set_threads(cfg)
-    ctx = RayTrainContext(config["checkpoint_dir"], config.get("sink"))
-    _run_here(
-        config["fn"],
-        cfg,
-        config["inputs"],
-        config["out_dir"],
-        config["params"],
-        ctx,
-        config.get("upload_to"),
-        write_result=True,
-    )
-
-
-def _task_body(
-    fn: StageFn,
-    cfg: Config,
-    inputs: dict[str, str],
-    out_dir: str,
-    params: dict[str, Any],
-    checkpoint_dir: str,
-    sink,
-    upload_to: str | None = None,
-) -> StageResult:
-    _set_threads(cfg)
-    ctx = TaskContext(checkpoint_dir, sink, use_gpu=cfg.resources.use_gpu)
-    result = _run_here(fn, cfg, inputs, out_dir, params, ctx, upload_to, write_result=False)
+def _run_worker(job: TrainJob, ray_train: bool = False) -> StageResult:
+    """One worker of a training stage: a Ray task (``ray_train`` false: the result is returned)
+    or a Ray Train worker (rank 0 also writes it to ``result.json`` in the outputs)."""
+    _set_threads(job.cfg)
+    ctx: WorkerContext
+    if ray_train:
+        ctx = RayTrainContext(job.checkpoint_dir, job.sink)
+    else:
+        ctx = TaskContext(job.checkpoint_dir, job.sink, use_gpu=job.cfg.resources.use_gpu)
+    result = _run_here(job, ctx, write_result=ray_train)
     result.history = list(result.history)
     return result
 
 
-def run_training_stage(
-    fn: StageFn,
-    cfg: Config,
-    inputs: dict[str, str],
-    out_dir: str,
-    params: dict[str, Any] | None = None,
-    sink: Callable[[dict, int], None] | None = None,
-    num_workers: int | None = None,
-    stage_dir: str | None = None,
-) -> StageResult:
-    """Run ``fn`` on Ray with ``resources.num_workers`` workers (or ``num_workers``).
+def _train_loop(config: dict[str, TrainJob]) -> None:
+    """Ray Train's entry point (its ``train_loop_config`` is ``{"job": TrainJob}``)."""
+    _run_worker(config["job"], ray_train=True)
 
-    ``inputs`` are local paths or URIs (resolved on the node that runs each worker).
-    ``stage_dir`` is the stage's folder in the run's storage (default: ``out_dir``'s parent):
-    checkpoints go to ``<stage_dir>/checkpoints``, Ray Train's state to ``<stage_dir>/ray``. When
-    it is an object-store URI, ``out_dir`` is a local folder of this process: the workers upload
-    their outputs to ``<stage_dir>/out`` and they are copied into ``out_dir`` at the end.
-    """
-    params = params or {}
-    res = cfg.resources
-    workers = num_workers or res.num_workers
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stage_dir = stage_dir or str(out.parent)
-    checkpoint_dir = stageio.join(stage_dir, "checkpoints")
-    upload_to = stageio.join(stage_dir, "out") if stageio.is_uri(stage_dir) else None
-    if workers == 1:
-        task = ray.remote(_task_body).options(
-            num_cpus=res.cpus_per_worker,
-            num_gpus=1 if res.use_gpu else 0,
-            max_retries=res.max_failures,
-            retry_exceptions=False,
-        )
-        result = ray.get(
-            task.remote(fn, cfg, inputs, out_dir, params, checkpoint_dir, sink, upload_to)
-        )
-        if upload_to is not None:
-            stageio.download_dir(upload_to, out_dir)
-        return result
 
+def _run_as_task(job: TrainJob) -> StageResult:
+    res = job.cfg.resources
+    task = ray.remote(_run_worker).options(
+        num_cpus=res.cpus_per_worker,
+        num_gpus=1 if res.use_gpu else 0,
+        max_retries=res.max_failures,
+        retry_exceptions=False,
+    )
+    result: StageResult = ray.get(task.remote(job))
+    if job.upload_to is not None:
+        stageio.download_dir(job.upload_to, job.out_dir)
+    return result
+
+
+def _run_with_ray_train(job: TrainJob, workers: int, stage_dir: str) -> StageResult:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    res = job.cfg.resources
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={
-            "fn": fn,
-            "cfg": cfg,
-            "inputs": inputs,
-            "out_dir": out_dir,
-            "params": params,
-            "checkpoint_dir": checkpoint_dir,
-            "sink": sink,
-            "upload_to": upload_to,
-        },
+        train_loop_config={"job": job},
         scaling_config=ScalingConfig(
             num_workers=workers,
             use_gpu=res.use_gpu,
@@ -324,10 +290,48 @@ def run_training_stage(
     result = trainer.fit()
     if result.error is not None:
         raise result.error
-    if upload_to is not None:
-        stageio.download_dir(upload_to, out_dir)
+    if job.upload_to is not None:
+        stageio.download_dir(job.upload_to, job.out_dir)
     history: list[dict[str, Any]] = []
-    hist = out / "history.json"
+    hist = Path(job.out_dir) / "history.json"
     if hist.is_file():
         history = json.loads(hist.read_text())
-    return _read_result(out_dir, history)
+    return _read_result(job.out_dir, history)
+
+
+def run_training_stage(
+    fn: StageFn,
+    cfg: Config,
+    inputs: dict[str, str],
+    out_dir: str,
+    params: dict[str, Any] | None = None,
+    sink: MetricsSink | None = None,
+    num_workers: int | None = None,
+    stage_dir: str | None = None,
+) -> StageResult:
+    """Run ``fn`` on Ray with ``resources.num_workers`` workers (or ``num_workers``): one as a
+    Ray task, more through Ray Train.
+
+    ``inputs`` are local paths or URIs (resolved on the node that runs each worker).
+    ``stage_dir`` is the stage's folder in the run's storage (default: ``out_dir``'s parent):
+    checkpoints go to ``<stage_dir>/checkpoints``, Ray Train's state to ``<stage_dir>/ray``. When
+    it is an object-store URI, ``out_dir`` is a local folder of this process: the workers upload
+    their outputs to ``<stage_dir>/out`` and they are copied into ``out_dir`` at the end.
+    """
+    workers = num_workers or cfg.resources.num_workers
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stage_dir = stage_dir or str(out.parent)
+    job = TrainJob(
+        fn,
+        cfg,
+        inputs,
+        out_dir,
+        params or {},
+        checkpoint_dir=stageio.join(stage_dir, "checkpoints"),
+        sink=sink,
+        upload_to=stageio.join(stage_dir, "out") if stageio.is_uri(stage_dir) else None,
+    )
+    if workers == 1:
+        return _run_as_task(job)
+    return _run_with_ray_train(job, workers, stage_dir)

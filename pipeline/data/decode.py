@@ -25,7 +25,8 @@ from __future__ import annotations
 import io
 import math
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,12 +34,20 @@ import torch.nn.functional as F
 
 from pipeline.data.sources import DataError
 
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
+
 __all__ = ["CropViews", "ResizeView", "TensorDecoder", "decode_array", "open_image"]
 
 _MODES = {1: "L", 3: "RGB"}
 
 
-def open_image(data: bytes, where: str, channels: int | None = None, draft: Any = None):
+def open_image(
+    data: bytes,
+    where: str,
+    channels: int | None = None,
+    draft: Callable[[PILImage, bool], None] | None = None,
+) -> PILImage:
     """A decoded PIL image of ``data`` (EXIF orientation applied), converted to ``channels``
     (None: L/RGB kept, any other mode made RGB). ``draft(img, swapped)`` may call
     ``img.draft(...)`` before a JPEG's pixels are decoded (``swapped``: the orientation turns the
@@ -46,7 +55,7 @@ def open_image(data: bytes, where: str, channels: int | None = None, draft: Any 
     from PIL import Image, ImageOps
 
     try:
-        img = Image.open(io.BytesIO(data))
+        img: PILImage = Image.open(io.BytesIO(data))
         orient = 1
         if img.format in ("JPEG", "MPO", "WEBP"):
             orient = int(img.getexif().get(0x0112, 1) or 1)
@@ -84,7 +93,7 @@ def decode_array(data: bytes, where: str, channels: int | None = None) -> np.nda
     return np.asarray(open_image(data, where, channels))
 
 
-def _chw(img) -> torch.Tensor:
+def _chw(img: PILImage) -> torch.Tensor:
     a = np.asarray(img)
     t = torch.from_numpy(np.array(a, dtype=np.uint8, copy=True))
     return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
@@ -164,7 +173,7 @@ class CropViews(_Seeded):
         s = self.size
         boxes: list[tuple[float, float, float, float, bool]] = []
 
-        def draft(img, swapped: bool) -> None:
+        def draft(img: PILImage, swapped: bool) -> None:
             w, h = img.size[::-1] if swapped else img.size  # as displayed
             boxes.extend(self._boxes(w, h))
             if not self.use_draft:
@@ -213,7 +222,7 @@ class ResizeView:
     def __call__(self, data: bytes, where: str) -> torch.Tensor:
         s = self.size
 
-        def draft(img, swapped: bool) -> None:
+        def draft(img: PILImage, swapped: bool) -> None:
             w, h = img.size
             if s < w or s < h:
                 img.draft(_MODES[self.channels], (s, s))

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import unquote, urlparse
 
 from pipeline.data.shards import (
@@ -43,6 +43,9 @@ from pipeline.data.shards import (
     probe_image,
 )
 from pipeline.data.sources import DataError
+
+if TYPE_CHECKING:
+    from pipeline.config import DataConfig
 
 __all__ = [
     "IndexResult",
@@ -265,11 +268,48 @@ def _samples(tf: tarfile.TarFile, url: str) -> Iterator[tuple[str, dict[str, byt
         yield key, parts, end
 
 
+class _Row(NamedTuple):
+    """One usable sample of an external shard."""
+
+    key: str
+    split: str
+    label: int
+    ext: str
+    size: int
+    sha256: str
+    height: int
+    width: int
+    channels: int
+
+
+def _check_sample(spec: IndexSpec, key: str, parts: dict[str, bytes]) -> _Row | str:
+    """The sample's row, or why it is skipped."""
+    url = spec.url
+    img = next((parts[k] for k in spec.image_keys if k in parts), None)
+    if img is None:
+        return f"no image member (looked for {', '.join(spec.image_keys)})"
+    try:
+        label = _label(parts, spec.label_key)
+    except ValueError as err:
+        return str(err)
+    if label < 0 or (spec.num_classes is not None and label >= spec.num_classes):
+        top = "" if spec.num_classes is None else f"..{spec.num_classes - 1}"
+        return f"label {label} outside 0{top}"
+    try:
+        ext, h, w, c = probe_image(img, f"{url}: sample {key}")
+    except DataError as err:
+        return str(err).removeprefix(f"{url}: sample {key}: ")
+    split = spec.split
+    if spec.val_fraction and is_val_key(key, spec.val_fraction):
+        split = "val"
+    return _Row(key, split, label, ext, len(img), hashlib.sha256(img).hexdigest(), h, w, c)
+
+
 def index_shard(spec: IndexSpec) -> IndexResult:
     """Read one external shard once, hashing it, and check every sample (see the module
     docstring). Memory holds one sample at a time."""
     url = spec.url
-    rows: list[tuple[str, str, int, str, int, str, int, int, int]] = []
+    rows: list[_Row] = []
     skipped: list[tuple[str, str]] = []
     seen: dict[str, int] = {}
     last_end = 0
@@ -282,32 +322,12 @@ def index_shard(spec: IndexSpec) -> IndexResult:
                 for key, parts, end in _samples(tf, url):
                     last_end = end
                     seen[key] = seen.get(key, 0) + 1
-                    if seen[key] > 1:
-                        continue
-                    img = next((parts[k] for k in spec.image_keys if k in parts), None)
-                    if img is None:
-                        looked = ", ".join(spec.image_keys)
-                        skipped.append((key, f"no image member (looked for {looked})"))
-                        continue
-                    try:
-                        label = _label(parts, spec.label_key)
-                    except ValueError as err:
-                        skipped.append((key, str(err)))
-                        continue
-                    if label < 0 or (spec.num_classes is not None and label >= spec.num_classes):
-                        top = "" if spec.num_classes is None else f"..{spec.num_classes - 1}"
-                        skipped.append((key, f"label {label} outside 0{top}"))
-                        continue
-                    try:
-                        ext, h, w, c = probe_image(img, f"{url}: sample {key}")
-                    except DataError as err:
-                        skipped.append((key, str(err).removeprefix(f"{url}: sample {key}: ")))
-                        continue
-                    split = spec.split
-                    if spec.val_fraction and is_val_key(key, spec.val_fraction):
-                        split = "val"
-                    sha = hashlib.sha256(img).hexdigest()
-                    rows.append((key, split, label, ext, len(img), sha, h, w, c))
+                    if seen[key] == 1:
+                        row = _check_sample(spec, key, parts)
+                        if isinstance(row, str):
+                            skipped.append((key, row))
+                        else:
+                            rows.append(row)
             while reader.read(1 << 20):  # the rest (end-of-archive padding) enters the hash
                 pass
         except tarfile.ReadError as err:
@@ -321,18 +341,25 @@ def index_shard(spec: IndexSpec) -> IndexResult:
         raise DataError(f"{url}: truncated shard (no end-of-archive marker)")
     dups = {k for k, n in seen.items() if n > 1}
     if dups:
-        rows = [r for r in rows if r[0] not in dups]
+        rows = [r for r in rows if r.key not in dups]
         skipped = [s for s in skipped if s[0] not in dups]
         skipped += [(k, f"key repeats within the shard ({seen[k]} samples)") for k in sorted(dups)]
-    cols = list(zip(*rows, strict=True)) if rows else [()] * 9
     return IndexResult(
         url,
         spec.split,
-        *(tuple(c) for c in cols),  # type: ignore[arg-type]
-        tuple(skipped),
-        sum(seen.values()),
-        reader.n,
-        reader.sha.hexdigest(),
+        keys=tuple(r.key for r in rows),
+        splits=tuple(r.split for r in rows),
+        labels=tuple(r.label for r in rows),
+        exts=tuple(r.ext for r in rows),
+        sizes=tuple(r.size for r in rows),
+        sha256s=tuple(r.sha256 for r in rows),
+        heights=tuple(r.height for r in rows),
+        widths=tuple(r.width for r in rows),
+        channels=tuple(r.channels for r in rows),
+        skipped=tuple(skipped),
+        samples_seen=sum(seen.values()),
+        tar_bytes=reader.n,
+        tar_sha256=reader.sha.hexdigest(),
     )
 
 
@@ -350,27 +377,9 @@ def normalise_url(url: str) -> str:
     return os.path.abspath(os.path.expanduser(url))
 
 
-def index_webdataset(
-    data_cfg: Any,
-    out_dir: str | os.PathLike[str],
-    label_fractions: Sequence[float] = (),
-    seed: int = 0,
-    map_fn: Callable[..., Iterable[IndexResult]] = map,
-) -> dict[str, Any]:
-    """Index ``data_cfg``'s external shards (``map_fn(index_shard, specs)``, one call per shard)
-    into ``out_dir``: manifests, ``skipped.json``, label subsets and, last, ``dataset.json``,
-    whose ``shards`` are the absolute URLs. Returns the ``dataset.json`` content.
-
-    Without ``val_urls``, val is the train shards' samples with ``is_val_key(key,
-    data.val_fraction)``: the train shards are listed for both splits and ``dataset.json`` says
-    ``val_from_train: {"fraction": f, "hash": "sha1"}``. A key seen in an earlier shard is a
-    counted skip; a sample skipped in a shard is listed under ``skipped_keys[url]``, so a reader
-    of that shard leaves it out."""
-    from pipeline.data.shards import DATASET_JSON, _clean_stale
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / DATASET_JSON).unlink(missing_ok=True)
+def _shard_urls(data_cfg: DataConfig) -> dict[str, list[str]]:
+    """The shard URLs of each split (expanded, local paths absolute); a shard listed twice is an
+    error."""
     urls = {
         "train": expand_urls(data_cfg.train_urls),
         "val": expand_urls(data_cfg.val_urls),
@@ -382,28 +391,14 @@ def index_webdataset(
         for u in urls[split]:
             if owner.setdefault(u, split) != split or urls[split].count(u) > 1:
                 raise DataError(f"{u}: shard listed twice (in {owner[u]} and {split})")
-    carve = float(data_cfg.val_fraction) if not urls["val"] and data_cfg.val_fraction else None
-    classes = list(data_cfg.classes) if data_cfg.classes else None
-    specs = [
-        IndexSpec(
-            u,
-            split,
-            tuple(data_cfg.image_keys),
-            data_cfg.label_key,
-            len(classes) if classes else None,
-            carve if split == "train" else None,
-        )
-        for split in SPLITS
-        for u in urls[split]
-    ]
-    results = list(map_fn(index_shard, specs))
-    if len(results) != len(specs) or any(
-        not isinstance(r, IndexResult) or r.url != s.url
-        for r, s in zip(results, specs, strict=False)
-    ):
-        raise DataError(f"{out}: map_fn did not return one result per shard, in order")
-    _clean_stale(out, [], label_fractions)
+    return urls
 
+
+def _merge_results(
+    results: list[IndexResult], carve: float | None
+) -> tuple[SampleTable, list[ShardRow], list[dict[str, Any]], dict[str, list[str]]]:
+    """The shards' samples in one table (a key seen in an earlier shard is skipped), their
+    ``shards.parquet`` rows, the skipped samples and, per shard, the skipped keys."""
     samples = SampleTable()
     rows: list[ShardRow] = []
     skipped: list[dict[str, Any]] = []
@@ -425,6 +420,47 @@ def index_webdataset(
             skipped_keys.setdefault(r.url, []).append(key)
         for split, n in per_split.items():
             rows.append(ShardRow(split, r.url, n, r.tar_bytes, r.tar_sha256))
+    return samples, rows, skipped, skipped_keys
+
+
+def index_webdataset(
+    data_cfg: DataConfig,
+    out_dir: str | os.PathLike[str],
+    label_fractions: Sequence[float] = (),
+    seed: int = 0,
+    map_fn: Callable[..., Iterable[IndexResult]] = map,
+) -> dict[str, Any]:
+    """Index ``data_cfg``'s external shards (``map_fn(index_shard, specs)``, one call per shard)
+    into ``out_dir``: manifests, ``skipped.json``, label subsets and, last, ``dataset.json``,
+    whose ``shards`` are the absolute URLs. Returns the ``dataset.json`` content.
+
+    Without ``val_urls``, val is the train shards' samples with ``is_val_key(key,
+    data.val_fraction)``: the train shards are listed for both splits and ``dataset.json`` says
+    ``val_from_train: {"fraction": f, "hash": "sha1"}``. A key seen in an earlier shard is a
+    counted skip; a sample skipped in a shard is listed under ``skipped_keys[url]``, so a reader
+    of that shard leaves it out."""
+    from pipeline.data.shards import DATASET_JSON, _clean_stale
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DATASET_JSON).unlink(missing_ok=True)
+    urls = _shard_urls(data_cfg)
+    carve = float(data_cfg.val_fraction) if not urls["val"] and data_cfg.val_fraction else None
+    classes = list(data_cfg.classes) if data_cfg.classes else None
+    specs = [
+        IndexSpec(u, split, tuple(data_cfg.image_keys), data_cfg.label_key,
+                  len(classes) if classes else None, carve if split == "train" else None)
+        for split in SPLITS
+        for u in urls[split]
+    ]  # fmt: skip
+    results = list(map_fn(index_shard, specs))
+    if len(results) != len(specs) or any(
+        not isinstance(r, IndexResult) or r.url != s.url
+        for r, s in zip(results, specs, strict=False)
+    ):
+        raise DataError(f"{out}: map_fn did not return one result per shard, in order")
+    _clean_stale(out, [], label_fractions)
+    samples, rows, skipped, skipped_keys = _merge_results(results, carve)
     if classes is None:
         top = max(samples.label, default=-1)
         classes = [str(i) for i in range(top + 1)]

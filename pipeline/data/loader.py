@@ -30,6 +30,7 @@ consumers. ``mode="auto"`` (default) uses ``shard`` when there are at least ``C`
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -339,6 +340,10 @@ def _ustar_header(h: bytes) -> tuple[str, bool, int] | None:
     return name, h[156] != 53, size
 
 
+def _slice(data: bytes, a: int, b: int) -> bytes:
+    return data[a:b]
+
+
 class _Pushback:
     """``head``, then the rest of ``f``: where the fast reader stops, ``tarfile`` goes on."""
 
@@ -388,7 +393,7 @@ def _members(tap: _Tap, path: str) -> _Members:
             if nxt > len(buf):
                 break
         if is_file:
-            yield name, (lambda d=buf, a=body, b=body + size: d[a:b])
+            yield name, functools.partial(_slice, buf, body, body + size)
         i = nxt
     base = tap.pos - len(buf) + i
     return (yield from _tarfile_members(_Pushback(buf[i:], tap), tap, path, base))
@@ -406,12 +411,12 @@ def _tarfile_members(stream: Any, tap: _Tap, path: str, base: int) -> _Members:
         raise DataError(f"{path}: corrupt shard ({err})") from None
     while True:
         m = tar.next()
-        tar.members.clear()  # a stream: keep no per-member state
+        tar.members.clear()  # type: ignore[attr-defined]  # a stream: keep no per-member state
         if m is None:
             return base + tar.offset
         if m.isfile():
             fobj = tar.extractfile(m)
-            yield m.name, (lambda f=fobj: f.read() if f is not None else b"")
+            yield m.name, (fobj.read if fobj is not None else bytes)
 
 
 def _iter_raw(
@@ -617,7 +622,7 @@ class ShardDataset(IterableDataset):
             seen = 0
             for ref in shards:
                 base, count = seen, 0
-                for i, key, parts in _iter_raw(ref, lambda i, b=base: (b + i) % n == c):
+                for i, key, parts in _iter_raw(ref, functools.partial(_mine, base, n, c)):
                     count = i + 1
                     if parts is not None and (keep is None or keep(key)):
                         yield ref, key, parts
@@ -636,6 +641,11 @@ class ShardDataset(IterableDataset):
             if self.transform is not None:
                 x = self.transform(x)
             yield (x, label, key) if self.with_keys else (x, label)
+
+
+def _mine(base: int, n: int, c: int, i: int) -> bool:
+    """Whether the sample at running index ``base + i`` is consumer ``c``'s of ``n``."""
+    return (base + i) % n == c
 
 
 def _buffer_shuffle(it: Iterator[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:

@@ -29,19 +29,18 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import os
 import tarfile
-import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pipeline.atomic import atomic_write, atomic_write_json
 from pipeline.config import format_fraction as _format_fraction
 from pipeline.data.sources import DataError, Record, SourceData
 
@@ -54,7 +53,6 @@ __all__ = [
     "SPLITS",
     "ShardResult",
     "ShardSpec",
-    "atomic_write_bytes",
     "build_dataset",
     "dataset_digest",
     "encode_png",
@@ -117,40 +115,12 @@ def is_val_key(key: str, fraction: float) -> bool:
     return h < float(fraction) * 2.0**64
 
 
-# --------------------------------------------------------------------------------------------
-# atomic writes
-# --------------------------------------------------------------------------------------------
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write bytes to ``path`` through a temp file in the same folder and a rename."""
-    _atomic(Path(path), lambda tmp: Path(tmp).write_bytes(data))
-
-
-def _atomic(path: Path, write: Callable[[str], Any]) -> Any:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        out = write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-        return out
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
-
-
 def _atomic_parquet(path: Path, columns: dict[str, Any]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     table = pa.table(columns)
-    _atomic(path, lambda tmp: pq.write_table(table, tmp))
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,7 +268,7 @@ def write_tar(
                     tf.addfile(tar_info(name, len(data)), io.BytesIO(data))
             return out.n, out.sha.hexdigest()
 
-    return _atomic(Path(path), write)
+    return atomic_write(path, write)
 
 
 # --------------------------------------------------------------------------------------------
@@ -423,7 +393,7 @@ def write_shard(spec: ShardSpec) -> ShardResult:
 
 
 def plan_shards(
-    splits: dict[str, Sequence[Record]],
+    splits: Mapping[str, Sequence[Record]],
     out_dir: str | os.PathLike[str],
     shard_size: int,
     compress_level: int = PNG_COMPRESS_LEVEL,
@@ -502,7 +472,7 @@ def label_subset(
         rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, c, 23])
         picked.append(idx[rng.permutation(len(idx))][:per_class])
     sel = np.sort(np.concatenate(picked)) if picked else np.arange(0)
-    return [keys[i] for i in sel], [int(y[i]) for i in sel]
+    return [keys[int(i)] for i in sel], [int(y[i]) for i in sel]
 
 
 # --------------------------------------------------------------------------------------------
@@ -581,9 +551,55 @@ def finish_dataset(
     last, ``dataset.json`` for shards already written or indexed. Labels are range-checked
     against ``classes`` (a label outside is an error: the callers skip such samples first)."""
     out = Path(out_dir)
+    counts = _split_counts(name, classes, samples, skipped)
+    fractions = list(dict.fromkeys(float(f) for f in label_fractions))
+    atomic_write_json(out / SKIPPED_JSON, {"count": len(skipped), "skipped": list(skipped)})
+    subsets = _write_subsets(out, samples, len(classes), fractions, seed)
+    _write_manifests(out, samples, shard_rows)
     extra = dict(extra or {})
+    channels = 1 if all(c == 1 for c in samples.channels) else 3
+    height, width, fixed = _nominal_size(samples)
+    image_keys = list(extra.pop("image_keys", IMAGE_KEYS))
+    label_key = extra.pop("label_key", "cls")
+    info = {
+        "name": name,
+        "digest": dataset_digest(samples.rows()),
+        "classes": list(classes),
+        "num_classes": len(classes),
+        "channels": channels,
+        "height": height,
+        "width": width,
+        "fixed_size": fixed,
+        "max_side": extra.pop("max_side", None),
+        "counts": counts,
+        "decoded_bytes": {s: counts[s] * channels * height * width for s in SPLITS},
+        **_shard_facts(shard_rows),
+        "shard_size": shard_size,
+        "fractions": {
+            "val": extra.pop("val_fraction", None),
+            "labels": [format_fraction(f) for f in fractions],
+        },
+        "val_from_train": extra.pop("val_from_train", None),
+        "skipped_keys": extra.pop("skipped_keys", {}),
+        "subsets": subsets,
+        "skipped": len(skipped),
+        "seed": int(seed),
+        "format": {"image_keys": image_keys, "label_key": label_key},
+        "source_info": extra.pop("source_info", {}),
+        "external": bool(extra.pop("external", False)),
+    }
+    info.update(extra)
+    atomic_write_json(out / DATASET_JSON, info)
+    return info
+
+
+def _split_counts(
+    name: str, classes: Sequence[str], samples: SampleTable, skipped: Sequence[dict[str, Any]]
+) -> dict[str, int]:
+    """Samples per split, after checking the classes, every label and that train is not empty
+    (an error then names a skipped input as an example)."""
     k = len(classes)
-    if len(classes) < 2:
+    if k < 2:
         raise DataError(f"source {name}: needs at least two classes (got {list(classes)})")
     for key, label in zip(samples.key, samples.label, strict=True):
         if not 0 <= label < k:
@@ -600,16 +616,19 @@ def finish_dataset(
         raise DataError(
             f"source {name}: no usable training images ({len(skipped)} skipped{example})"
         )
-    fractions = list(dict.fromkeys(float(f) for f in label_fractions))
+    return counts
 
-    _atomic_json(out / SKIPPED_JSON, {"count": len(skipped), "skipped": list(skipped)})
 
+def _write_subsets(
+    out: Path, samples: SampleTable, num_classes: int, fractions: list[float], seed: int
+) -> dict[str, dict[str, Any]]:
+    """One label subset of the train split per fraction; returns their ``dataset.json`` entries."""
     train = [i for i, sp in enumerate(samples.split) if sp == "train"]
     train_keys = [samples.key[i] for i in train]
     train_labels = [samples.label[i] for i in train]
     subsets: dict[str, dict[str, Any]] = {}
     for f in fractions:
-        keys, labels = label_subset(train_keys, train_labels, k, f, seed)
+        keys, labels = label_subset(train_keys, train_labels, num_classes, f, seed)
         path = subset_path(out, f)
         _atomic_parquet(path, {"key": keys, "label": np.asarray(labels, dtype=np.int64)})
         subsets[format_fraction(f)] = {
@@ -617,7 +636,11 @@ def finish_dataset(
             "path": str(path.relative_to(out)),
             "count": len(keys),
         }
+    return subsets
 
+
+def _write_manifests(out: Path, samples: SampleTable, shard_rows: Sequence[ShardRow]) -> None:
+    """``manifest.parquet`` (one row per sample) and ``shards.parquet`` (one per shard row)."""
     _atomic_parquet(
         out / MANIFEST,
         {
@@ -640,47 +663,20 @@ def finish_dataset(
             "sha256": [r.sha256 for r in shard_rows],
         },
     )
-    channels = 1 if all(c == 1 for c in samples.channels) else 3
-    height, width, fixed = _nominal_size(samples)
+
+
+def _shard_facts(shard_rows: Sequence[ShardRow]) -> dict[str, Any]:
+    """``dataset.json``'s ``shards`` per split, ``shard_sha256`` and ``shard_counts``."""
     shard_counts: dict[str, int] = {}
     shard_sha: dict[str, str] = {}
     for r in shard_rows:
         shard_counts[r.ref] = shard_counts.get(r.ref, 0) + r.count
         shard_sha[r.ref] = r.sha256
-    image_keys = list(extra.pop("image_keys", IMAGE_KEYS))
-    label_key = extra.pop("label_key", "cls")
-    info = {
-        "name": name,
-        "digest": dataset_digest(samples.rows()),
-        "classes": list(classes),
-        "num_classes": k,
-        "channels": channels,
-        "height": height,
-        "width": width,
-        "fixed_size": fixed,
-        "max_side": extra.pop("max_side", None),
-        "counts": counts,
-        "decoded_bytes": {s: counts[s] * channels * height * width for s in SPLITS},
+    return {
         "shards": {s: [r.ref for r in shard_rows if r.split == s] for s in SPLITS},
         "shard_sha256": shard_sha,
         "shard_counts": shard_counts,
-        "shard_size": shard_size,
-        "fractions": {
-            "val": extra.pop("val_fraction", None),
-            "labels": [format_fraction(f) for f in fractions],
-        },
-        "val_from_train": extra.pop("val_from_train", None),
-        "skipped_keys": extra.pop("skipped_keys", {}),
-        "subsets": subsets,
-        "skipped": len(skipped),
-        "seed": int(seed),
-        "format": {"image_keys": image_keys, "label_key": label_key},
-        "source_info": extra.pop("source_info", {}),
-        "external": bool(extra.pop("external", False)),
     }
-    info.update(extra)
-    _atomic_json(out / DATASET_JSON, info)
-    return info
 
 
 def _clean_stale(out: Path, specs: Sequence[ShardSpec], fractions: Sequence[float]) -> None:

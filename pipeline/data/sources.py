@@ -44,7 +44,6 @@ import os
 import pickle
 import re
 import tarfile
-import tempfile
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -52,6 +51,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from pipeline.atomic import atomic_write
+from pipeline.errors import UserError
 
 __all__ = [
     "CIFAR10_URL",
@@ -78,7 +80,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data problem; ``str(err)`` is one line naming the culprit (file, shard, folder or field)."""
 
 
@@ -193,7 +195,9 @@ def stratified_split(
     if not 0.0 <= fraction < 1.0:
         raise DataError(f"split fraction must lie in [0, 1) (got {fraction})")
     y = np.asarray(labels, dtype=np.int64)
-    carved = stratified_indices(y, round(fraction * len(y)), seed, salt) if fraction > 0 else []
+    carved: Sequence[int] | np.ndarray = (
+        stratified_indices(y, round(fraction * len(y)), seed, salt) if fraction > 0 else []
+    )
     mask = np.zeros(len(y), dtype=bool)
     mask[np.asarray(carved, dtype=np.int64)] = True
     return np.flatnonzero(~mask), np.flatnonzero(mask)
@@ -205,21 +209,18 @@ def stratified_split(
 
 
 def _download(url: str, dest: Path) -> None:
-    """Fetch ``url`` into ``dest`` through a temp file in the same folder and a rename."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    log.info("downloading %s -> %s", url, dest)
-    try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=120) as r:  # noqa: S310
+    """Fetch ``url`` into ``dest`` atomically (a temp file in the same folder and a rename)."""
+
+    def fetch(tmp: str) -> None:
+        with open(tmp, "wb") as f, urllib.request.urlopen(url, timeout=120) as r:  # noqa: S310
             while chunk := r.read(1 << 20):
                 f.write(chunk)
-        os.replace(tmp, dest)
+
+    log.info("downloading %s -> %s", url, dest)
+    try:
+        atomic_write(dest, fetch)
     except OSError as err:
-        Path(tmp).unlink(missing_ok=True)
         raise DataError(f"download of {url} failed: {err}") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------------------------

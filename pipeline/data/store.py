@@ -15,6 +15,7 @@ from functools import lru_cache
 from typing import IO, Any
 
 from pipeline.data.sources import DataError
+from pipeline.errors import first_line
 
 __all__ = ["is_uri", "join", "open_stream", "read_bytes", "exists", "resolve"]
 
@@ -134,7 +135,7 @@ def open_stream(location: str, missing: str = "missing") -> Iterator[IO[bytes]]:
     except FileNotFoundError:
         raise DataError(f"{location}: {missing}") from None
     except OSError as err:
-        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        msg = first_line(err)
         if "not found" in msg.lower() or "does not exist" in msg.lower():
             raise DataError(f"{location}: {missing}") from None
         raise DataError(f"{location}: cannot open ({msg})") from None

@@ -30,9 +30,13 @@ deterministically for evaluation.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+#: A draw of one uniform [0, 1) number per sample of the batch, ``(B,)``.
+Draw = Callable[[], torch.Tensor]
 
 __all__ = [
     "MEAN",
@@ -163,7 +167,7 @@ class BatchTwoViewAugment:
         b = x.shape[0]
         return self._crop(x, lambda: self._rand(b, x.device, generator))
 
-    def _crop(self, x: torch.Tensor, r) -> torch.Tensor:
+    def _crop(self, x: torch.Tensor, r: Draw) -> torch.Tensor:
         _, _, h, w = x.shape
         # random resized crop + flip, as one affine map of normalised coordinates
         area = self.crop_min_scale + (1.0 - self.crop_min_scale) * r()
@@ -189,7 +193,7 @@ class BatchTwoViewAugment:
         b = v.shape[0]
         return self._finish(v, lambda: self._rand(b, v.device, generator))
 
-    def _finish(self, v: torch.Tensor, r) -> torch.Tensor:
+    def _finish(self, v: torch.Tensor, r: Draw) -> torch.Tensor:
         b = v.shape[0]
         s = self.strength
         if s > 0:
@@ -203,7 +207,7 @@ class BatchTwoViewAugment:
             v = self._blur(v, r)
         return (v - self.mean) / self.std
 
-    def _jitter(self, v: torch.Tensor, s: float, r) -> torch.Tensor:
+    def _jitter(self, v: torch.Tensor, s: float, r: Draw) -> torch.Tensor:
         b = v.shape[0]
 
         def factor(amount: float) -> torch.Tensor:
@@ -222,7 +226,7 @@ class BatchTwoViewAugment:
                 v = _hue_rotate(v, angle).clamp_(0, 1)
         return v
 
-    def _blur(self, v: torch.Tensor, r) -> torch.Tensor:
+    def _blur(self, v: torch.Tensor, r: Draw) -> torch.Tensor:
         b, c, h, w = v.shape
         k = max(3, int(0.1 * self.size) // 2 * 2 + 1)
         sigma = (0.1 + 1.9 * r()).view(b, 1)

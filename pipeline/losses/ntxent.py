@@ -111,7 +111,21 @@ def nt_xent(
         return total / (2 * m / world)
 
 
-class NTXentLoss(nn.Module):
+class ContrastiveLoss(nn.Module):
+    """The settings every contrastive loss module holds: ``temperature`` (tau > 0) and
+    ``gather_distributed`` (contrast against the views of all ranks when a process group of more
+    than one rank is initialised; ignored in one process)."""
+
+    def __init__(self, temperature: float, gather_distributed: bool = True) -> None:
+        super().__init__()
+        self.temperature = check_temperature(temperature)
+        self.gather_distributed = bool(gather_distributed)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, gather_distributed={self.gather_distributed}"
+
+
+class NTXentLoss(ContrastiveLoss):
     """NT-Xent loss of SimCLR (Chen et al. 2020, arXiv:2002.05709); see :func:`nt_xent`.
 
     Args:
@@ -121,13 +135,8 @@ class NTXentLoss(nn.Module):
     """
 
     def __init__(self, temperature: float = 0.5, gather_distributed: bool = True) -> None:
-        super().__init__()
-        self.temperature = check_temperature(temperature)
-        self.gather_distributed = bool(gather_distributed)
+        super().__init__(temperature, gather_distributed)
 
     def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
         """Loss for z_a, z_b of shape (N, D): the mean over the 2N anchors."""
         return nt_xent(z_a, z_b, self.temperature, self.gather_distributed)
-
-    def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, gather_distributed={self.gather_distributed}"

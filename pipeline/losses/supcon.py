@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from pipeline.distributed import gather_no_grad, gather_sizes, gather_with_grad, is_distributed
-from pipeline.losses.ntxent import MASK_VALUE, check_temperature, compute_dtype
+from pipeline.losses.ntxent import MASK_VALUE, ContrastiveLoss, check_temperature, compute_dtype
 
 __all__ = ["SupConLoss", "supcon"]
 
@@ -63,26 +63,9 @@ def supcon(
         float32 even under bf16 autocast.
     """
     tau = check_temperature(temperature)
-    if not isinstance(features, Tensor) or features.dim() != 3:
-        shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
-        raise ValueError(f"supcon expects features of shape (N, V, D), got {shape}")
+    labels, dtype = _checked_inputs(features, labels)
     n, views, _ = features.shape
-    dtype = compute_dtype(features)
     device = features.device
-    if labels is None:
-        labels = torch.full((n,), -1, dtype=torch.long, device=device)
-    if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.shape[0] != n:
-        shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
-        raise ValueError(
-            f"supcon expects labels of shape (N,) = ({n},) for features {tuple(features.shape)}, "
-            f"got {shape}"
-        )
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise ValueError(
-            f"supcon expects integer labels (-1 = unlabeled), got dtype {labels.dtype}"
-        )
-    labels = labels.to(device=device, dtype=torch.long)
-
     distributed = gather_distributed and is_distributed()
     sizes = gather_sizes(n, device) if distributed else [n]
     if sum(sizes) * views < 2:
@@ -105,25 +88,8 @@ def supcon(
         anchors = f.reshape(n * views, -1)  # (N·V, D) image-major: row i·V + v
         contrast = all_f.reshape(m * views, -1)  # (M·V, D)
         logits = anchors @ contrast.T / tau  # (N·V, M·V)
-
-        img_a = (torch.arange(n, device=device) + offset).repeat_interleave(views)  # (N·V,)
-        img_c = torch.arange(m, device=device).repeat_interleave(views)  # (M·V,)
-        lab_a = labels.repeat_interleave(views)[:, None]  # (N·V, 1)
-        lab_c = all_labels.repeat_interleave(views)[None, :]  # (1, M·V)
-        rows = torch.arange(n * views, device=device)
-        self_mask = torch.zeros_like(logits, dtype=torch.bool)
-        self_mask[rows, rows + offset * views] = True
-        same_image = img_a[:, None] == img_c[None, :]  # (N·V, M·V)
-        same_class = (lab_a == lab_c) & (lab_a >= 0)  # (N·V, M·V) labeled anchors only
-        positives = (same_image | same_class) & ~self_mask  # (N·V, M·V)
-
-        # The mean over an anchor's positives of -log p(j | i) is logsumexp_k l_ik minus the mean
-        # positive logit, so the (N·V, M·V) log-probabilities are never built (a pass less each way).
-        pos_w = positives.to(logits.dtype)  # (N·V, M·V)
-        n_pos = pos_w.sum(dim=1)  # (N·V,)
-        lse = torch.logsumexp(logits.masked_fill(self_mask, MASK_VALUE), dim=1)  # (N·V,)
-        pos_mean = (pos_w * logits).sum(dim=1) / n_pos.clamp(min=1)  # (N·V,)
-        per_anchor = torch.where(n_pos > 0, lse - pos_mean, torch.zeros_like(lse))  # 0: no positive
+        self_mask, positives = _masks(labels, all_labels, views, offset, logits)
+        per_anchor = _per_anchor(logits, self_mask, positives)  # (N·V,)
 
         n_valid = int(_views_with_positive(all_labels, views).sum())  # over all ranks
         if n_valid == 0:
@@ -131,7 +97,63 @@ def supcon(
         return per_anchor.sum() / (n_valid / world)
 
 
-class SupConLoss(nn.Module):
+def _checked_inputs(features: Tensor, labels: Tensor | None) -> tuple[Tensor, torch.dtype]:
+    """``labels`` as long on the features' device (all -1 for None) and the dtype to compute
+    in, after checking both shapes and dtypes."""
+    if not isinstance(features, Tensor) or features.dim() != 3:
+        shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
+        raise ValueError(f"supcon expects features of shape (N, V, D), got {shape}")
+    n = features.shape[0]
+    dtype = compute_dtype(features)
+    device = features.device
+    if labels is None:
+        labels = torch.full((n,), -1, dtype=torch.long, device=device)
+    if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.shape[0] != n:
+        shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+        raise ValueError(
+            f"supcon expects labels of shape (N,) = ({n},) for features {tuple(features.shape)}, "
+            f"got {shape}"
+        )
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(
+            f"supcon expects integer labels (-1 = unlabeled), got dtype {labels.dtype}"
+        )
+    return labels.to(device=device, dtype=torch.long), dtype
+
+
+def _masks(
+    labels: Tensor, all_labels: Tensor, views: int, offset: int, logits: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``(self_mask, positives)``, both (N·V, M·V) bool like ``logits``: each anchor's own view,
+    and its positives (the other views of its image; for a labeled anchor also every view of its
+    class). ``offset``: the index of this rank's first image among all M."""
+    n, m = labels.shape[0], all_labels.shape[0]
+    device = logits.device
+    img_a = (torch.arange(n, device=device) + offset).repeat_interleave(views)  # (N·V,)
+    img_c = torch.arange(m, device=device).repeat_interleave(views)  # (M·V,)
+    lab_a = labels.repeat_interleave(views)[:, None]  # (N·V, 1)
+    lab_c = all_labels.repeat_interleave(views)[None, :]  # (1, M·V)
+    rows = torch.arange(n * views, device=device)
+    self_mask = torch.zeros_like(logits, dtype=torch.bool)
+    self_mask[rows, rows + offset * views] = True
+    same_image = img_a[:, None] == img_c[None, :]  # (N·V, M·V)
+    same_class = (lab_a == lab_c) & (lab_a >= 0)  # (N·V, M·V) labeled anchors only
+    return self_mask, (same_image | same_class) & ~self_mask
+
+
+def _per_anchor(logits: Tensor, self_mask: Tensor, positives: Tensor) -> Tensor:
+    """(N·V,) the mean over each anchor's positives of -log p(j | i); 0 without a positive.
+
+    That mean is logsumexp_k l_ik minus the mean positive logit, so the (N·V, M·V)
+    log-probabilities are never built (a pass less each way)."""
+    pos_w = positives.to(logits.dtype)  # (N·V, M·V)
+    n_pos = pos_w.sum(dim=1)  # (N·V,)
+    lse = torch.logsumexp(logits.masked_fill(self_mask, MASK_VALUE), dim=1)  # (N·V,)
+    pos_mean = (pos_w * logits).sum(dim=1) / n_pos.clamp(min=1)  # (N·V,)
+    return torch.where(n_pos > 0, lse - pos_mean, torch.zeros_like(lse))
+
+
+class SupConLoss(ContrastiveLoss):
     """Supervised / semi-supervised / SimCLR contrastive loss (Khosla et al. 2020, arXiv:2004.11362).
 
     See :func:`supcon`. ``forward(features, labels=None)`` with features (N, V, D) and labels (N,)
@@ -144,13 +166,8 @@ class SupConLoss(nn.Module):
     """
 
     def __init__(self, temperature: float = 0.1, gather_distributed: bool = True) -> None:
-        super().__init__()
-        self.temperature = check_temperature(temperature)
-        self.gather_distributed = bool(gather_distributed)
+        super().__init__(temperature, gather_distributed)
 
     def forward(self, features: Tensor, labels: Tensor | None = None) -> Tensor:
         """Loss for features (N, V, D) and optional labels (N,); see :func:`supcon`."""
         return supcon(features, labels, self.temperature, self.gather_distributed)
-
-    def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, gather_distributed={self.gather_distributed}"

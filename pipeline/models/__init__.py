@@ -25,6 +25,7 @@ import torch
 from pydantic import BaseModel, ValidationError
 from torch import nn
 
+from pipeline.atomic import atomic_torch_save
 from pipeline.config import ModelConfig, StudentConfig
 from pipeline.models.flops import count_params, flops_per_image
 from pipeline.models.heads import (
@@ -35,7 +36,6 @@ from pipeline.models.heads import (
     backbone_from,
 )
 from pipeline.models.resnet import ResNetEncoder, build_encoder, scaled_channels, to_channels_last
-from pipeline.runtime import atomic_torch_save
 
 __all__ = [
     "Backbone",

@@ -45,6 +45,37 @@ def scaled_channels(channels: int, width: float) -> int:
     return max(_MIN_CHANNELS, int(round(channels * width)))
 
 
+def _check_args(
+    arch: str, width: float, cifar_stem: bool, in_channels: int, stem_stride: int
+) -> None:
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {sorted(ARCHS)} (got {arch!r})")
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or not width > 0:
+        raise ValueError(f"width must be a number > 0 (got {width!r})")
+    if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
+        raise ValueError(f"in_channels must be an int >= 1 (got {in_channels!r})")
+    if stem_stride not in (1, 2) or isinstance(stem_stride, bool):
+        raise ValueError(f"stem_stride must be 1 or 2 (got {stem_stride!r})")
+    if stem_stride != 1 and not cifar_stem:
+        raise ValueError("stem_stride applies to the CIFAR stem only (cifar_stem=False)")
+
+
+def _stem(
+    cifar_stem: bool, in_channels: int, base: int, stem_stride: int
+) -> tuple[nn.Conv2d, nn.Module]:
+    """The first convolution and the pooling after it."""
+    if cifar_stem:
+        # (N, C, H, W) -> (N, base, H/s, W/s): 3x3 stride s (1: arXiv:2002.05709, B.9), no
+        # max-pool
+        conv = nn.Conv2d(
+            in_channels, base, kernel_size=3, stride=stem_stride, padding=1, bias=False
+        )
+        return conv, nn.Identity()
+    # (N, C, H, W) -> (N, base, H/4, W/4): 7x7 stride 2 + 3x3 max-pool stride 2
+    conv = nn.Conv2d(in_channels, base, kernel_size=7, stride=2, padding=3, bias=False)
+    return conv, nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+
+
 class ResNetEncoder(ResNet):
     """A torchvision :class:`~torchvision.models.ResNet` with scaled widths, an optional CIFAR stem
     and no classification layer.
@@ -65,16 +96,7 @@ class ResNetEncoder(ResNet):
         in_channels: int = 3,
         stem_stride: int = 1,
     ) -> None:
-        if arch not in ARCHS:
-            raise ValueError(f"arch must be one of {sorted(ARCHS)} (got {arch!r})")
-        if isinstance(width, bool) or not isinstance(width, (int, float)) or not width > 0:
-            raise ValueError(f"width must be a number > 0 (got {width!r})")
-        if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
-            raise ValueError(f"in_channels must be an int >= 1 (got {in_channels!r})")
-        if stem_stride not in (1, 2) or isinstance(stem_stride, bool):
-            raise ValueError(f"stem_stride must be 1 or 2 (got {stem_stride!r})")
-        if stem_stride != 1 and not cifar_stem:
-            raise ValueError("stem_stride applies to the CIFAR stem only (cifar_stem=False)")
+        _check_args(arch, width, cifar_stem, in_channels, stem_stride)
         block, layers = ARCHS[arch]
         # ``ResNet.__init__`` would first build the full-width ImageNet network; set up what
         # ``ResNet._make_layer`` and ``ResNet._forward_impl`` read instead, and build ours.
@@ -91,19 +113,7 @@ class ResNetEncoder(ResNet):
 
         self.inplanes = base
         self.dilation = 1
-        if cifar_stem:
-            # (N, C, H, W) -> (N, base, H/s, W/s): 3x3 stride s (1: arXiv:2002.05709, B.9), no
-            # max-pool
-            self.conv1 = nn.Conv2d(
-                in_channels, base, kernel_size=3, stride=stem_stride, padding=1, bias=False
-            )
-            self.maxpool = nn.Identity()
-        else:
-            # (N, C, H, W) -> (N, base, H/4, W/4): 7x7 stride 2 + 3x3 max-pool stride 2
-            self.conv1 = nn.Conv2d(
-                in_channels, base, kernel_size=7, stride=2, padding=3, bias=False
-            )
-            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.conv1, self.maxpool = _stem(cifar_stem, in_channels, base, stem_stride)
         self.bn1 = self._norm_layer(base)
         self.relu = nn.ReLU(inplace=True)
         self.layer1 = self._make_layer(block, planes[0], layers[0])  # (N, p0·e, H', W')
@@ -119,8 +129,10 @@ class ResNetEncoder(ResNet):
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))  # (N, out_dim, 1, 1)
         self.fc = nn.Identity()
         self.out_dim: int = planes[3] * block.expansion
+        self._init_weights()
 
-        # torchvision's ResNet initialisation (zero_init_residual=False).
+    def _init_weights(self) -> None:
+        """torchvision's ResNet initialisation (zero_init_residual=False)."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.atomic import atomic_write_text
 from pipeline.config import Config
 from pipeline.data import dataset_info, load_split, load_subset, make_loader
 from pipeline.data.loader import ShardDataset, decoded_bytes
 from pipeline.data.transforms import BatchTwoViewAugment, normalize_batch
 from pipeline.models import ContrastiveModel, load_model
-from pipeline.runtime import atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.atomic import atomic_write_text
 from pipeline.config import Config
 from pipeline.data import format_fraction
 from pipeline.models import count_params, load_model
-from pipeline.runtime import StageResult, TrainContext, atomic_write_text
+from pipeline.runtime import StageResult, TrainContext
 from pipeline.stages.common import (
     StreamSplit,
     accuracy,

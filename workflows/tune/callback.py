@@ -9,7 +9,7 @@ from typing import Any
 
 from ray import tune
 
-from workflows.tracking import Tracker
+from workflows.tracking import Tracker, error_line
 from workflows.tune.rows import (
     HISTORY_KEYS,
     Epoch,
@@ -120,7 +120,7 @@ class Recorder(tune.Callback):
             return fn(*args)
         except Exception as err:  # noqa: BLE001 - tracking must not kill trials
             if not self._warned:
-                log.warning("tune: MLflow tracking failed: %s", str(err).splitlines()[0])
+                log.warning("tune: MLflow tracking failed: %s", error_line(err))
                 self._warned = True
             return None
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from pipeline.atomic import atomic_write
 from workflows.tune.rows import TrialRow
 
 __all__ = ["plot_rows"]
@@ -40,11 +39,9 @@ def _scatter(ax: Any, pts: list[TrialRow], name: str) -> None:
 
 
 def _save(fig: Any, path: Path) -> None:
-    """Save the figure atomically (a temporary file in the same folder, then a rename)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp)
-    os.replace(tmp, path)
+    """Save the figure atomically (a temporary file in the same folder, then a rename), in the
+    format that the suffix of ``path`` names."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip(".") or "png"))
 
 
 def plot_rows(rows: list[TrialRow], out: Path) -> list[str]:

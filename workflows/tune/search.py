@@ -17,8 +17,8 @@ import ray
 import yaml
 from ray import tune
 
+from pipeline.atomic import atomic_write_text
 from pipeline.config import Config, ConfigError, parse_config
-from pipeline.runtime import atomic_write_text
 from workflows.tracking import Tracker, TrackingError
 from workflows.tune.callback import Recorder
 from workflows.tune.errors import TuneError

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.runtime import atomic_write_text
+from pipeline.atomic import atomic_write_json
 from workflows.tune.errors import TuneError
 
 __all__ = [
@@ -73,7 +73,7 @@ def _json_default(v: Any) -> Any:
 
 def write_json(path: Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON, atomically (numpy scalars as numbers)."""
-    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+    atomic_write_json(path, obj, default=_json_default)
 
 
 def plain(obj: Any) -> Any:
