@@ -30,7 +30,6 @@ import secrets
 import socket
 import threading
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
@@ -40,6 +39,7 @@ from typing import Any
 import pyarrow.fs as pafs
 import yaml
 
+from pipeline.atomic import atomic_put
 from pipeline.config import Config, parse_config
 from pipeline.errors import UserError
 
@@ -367,25 +367,7 @@ class RunStore:
 
     def write_text(self, path: str, text: str) -> None:
         """Write ``text`` to ``path`` atomically (temp + rename locally, one put on object stores)."""
-        parent = path.rsplit("/", 1)[0]
-        self.fs.create_dir(parent, recursive=True)
-        data = text.encode()
-        if not self.is_local:
-            with self.fs.open_output_stream(path) as f:
-                f.write(data)
-            return
-        name = path.rsplit("/", 1)[1]
-        tmp = f"{parent}/.{name}.{uuid.uuid4().hex[:8]}.tmp"
-        try:
-            with self.fs.open_output_stream(tmp) as f:
-                f.write(data)
-            self.fs.move(tmp, path)  # rename(2): atomic on one file system
-        except BaseException:
-            try:
-                self.fs.delete_file(tmp)
-            except OSError:
-                pass
-            raise
+        atomic_put(self.fs, path, text.encode())
 
     def _write_json(self, path: str, obj: Any) -> None:
         self.write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
