@@ -81,7 +81,7 @@ def test_concurrent_creation_never_shares_a_folder(tmp_path, cfg):
     assert len(set(ids)) == 5
 
 
-def test_atomic_write_leaves_no_temp_and_keeps_old_on_failure(tmp_path, cfg):
+def test_atomic_write_leaves_no_temp_and_keeps_old_on_failure(tmp_path, cfg, monkeypatch):
     store = RunStore(tmp_path)
     rid = store.create_run(cfg)
     st = StageState("pretrain", state="running", attempts=1, cache_key="k")
@@ -91,20 +91,15 @@ def test_atomic_write_leaves_no_temp_and_keeps_old_on_failure(tmp_path, cfg):
     assert [p.name for p in sdir.iterdir()] == ["state.json"]
 
     # a crash in the middle of writing: the old file is intact and no temp file is left
-    class FailingMove:
-        def __init__(self, fs):
-            self.fs = fs
+    import pipeline.atomic
 
-        def __getattr__(self, name):
-            return getattr(self.fs, name)
+    def failing_replace(src, dst):
+        raise OSError("disk full")
 
-        def move(self, src, dst):
-            raise OSError("disk full")
-
-    store.fs = FailingMove(store.fs)
+    monkeypatch.setattr(pipeline.atomic.os, "replace", failing_replace)
     with pytest.raises(OSError, match="disk full"):
         store.write_state(rid, StageState("pretrain", state="failed"))
-    store.fs = store.fs.fs
+    monkeypatch.undo()
     assert store.read_state(rid, "pretrain").state == "running"
     assert [p.name for p in sdir.iterdir()] == ["state.json"]
 
