@@ -36,14 +36,7 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _cli(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "workflows.cli", *args],
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
-
-
-def test_driver_sigkill_during_pretrain_then_resume_finishes(tmp_path: Path) -> None:
+def test_driver_sigkill_during_pretrain_then_resume_finishes(ray_local, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
     root = tmp_path / "store"
@@ -71,8 +64,9 @@ def test_driver_sigkill_during_pretrain_then_resume_finishes(tmp_path: Path) -> 
     shard_files = {p: p.stat().st_mtime_ns for p in (root / rid / "stages" / "shard"
                                                      / "out").rglob("*") if p.is_file()}  # fmt: skip
 
-    res = _cli("resume", rid, "--storage", str(root))
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    # resumed by another driver: this process, on its own (session) Ray
+    res = CliRunner().invoke(main, ["resume", rid, "--storage", str(root)])
+    assert res.exit_code == 0, res.output[-4000:]
     assert f"resuming run: {rid}" in res.stdout and "report: " in res.stdout
     states = store.stage_states(rid)
     assert all(s.state == "succeeded" for s in states.values()), states
@@ -91,8 +85,8 @@ def test_driver_sigkill_during_pretrain_then_resume_finishes(tmp_path: Path) -> 
     stages = [r.data.tags["stage"] for r in children]
     assert stages.count("shard") == 1 and stages.count("pretrain") == 1
     assert parent.info.status == "FINISHED"
-    status = _cli("status", rid, "--storage", str(root))
-    assert status.returncode == 0 and "pretrain" in status.stdout
+    status = CliRunner().invoke(main, ["status", rid, "--storage", str(root)])
+    assert status.exit_code == 0 and "pretrain" in status.stdout
 
 
 def test_stage_that_raises_is_failed_with_its_error_in_status(ray_local, tmp_path: Path) -> None:
