@@ -15,6 +15,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -118,7 +119,7 @@ def kill_with_descendants(pid: int) -> None:
     psutil.wait_procs(procs, timeout=30)
 
 
-def wait_for_job(client, job_id: str, timeout: float) -> object:
+def wait_for_job(client: Any, job_id: str, timeout: float) -> object:
     """The status of Ray job ``job_id`` once it has ended (succeeded, failed or stopped)."""
     from ray.job_submission import JobStatus
 
