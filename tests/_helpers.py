@@ -116,7 +116,14 @@ def kill_with_descendants(pid: int) -> None:
             p.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(procs, timeout=30)
+
+    def dead(p: psutil.Process) -> bool:  # gone, or a zombie nobody has reaped yet
+        try:
+            return p.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    wait_for(lambda: all(dead(p) for p in procs), 30, f"the processes of {pid} dying", 0.05)
 
 
 def wait_for_job(client: Any, job_id: str, timeout: float) -> object:
