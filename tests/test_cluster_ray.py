@@ -17,9 +17,6 @@ from __future__ import annotations
 import os
 import secrets
 import shlex
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _helpers import free_ports, ray_head, wait_for_job
 
 from workflows import orchestrate
 from workflows import submit as sub
@@ -41,17 +39,6 @@ TINY = ["finetune.label_fractions=[20]", "pretrain.epochs=1", "pretrain.knn_ever
         "tracking.enabled=false"]  # fmt: skip
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def _clean_env(**extra: str) -> dict[str, str]:
     drop = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
     env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("AWS_")}
@@ -64,52 +51,11 @@ def _clean_env(**extra: str) -> dict[str, str]:
 def head():
     """``ray start --head`` (2 CPUs, dashboard on 127.0.0.1) with default auth and its own token.
     Yields ``{"gcs": HOST:PORT, "dashboard": URL, "token_path": PATH}``."""
-    tmp = tempfile.mkdtemp(prefix="rcl", dir="/tmp")  # short: unix socket paths are limited
-    token_path = Path(tmp, "auth_token")
-    token_path.write_text(secrets.token_hex(32))
-    ports = _free_ports(9)
-    names = ["port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port",
-             "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
-             "node-manager-port", "object-manager-port"]  # fmt: skip
-    cmd = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
-           "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-           f"--temp-dir={tmp}", "--disable-usage-stats"]  # fmt: skip
-    cmd += [f"--{n}={p}" for n, p in zip(names, ports, strict=True)]
-    log = open(Path(tmp) / "start.log", "w")
-    proc = subprocess.Popen(
-        cmd,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=_clean_env(RAY_AUTH_TOKEN_PATH=str(token_path)),
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{ports[1]}"
-    current = Path(tmp, "ray_current_cluster")
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, Path(tmp, "start.log").read_text()[-2000:]
-            try:
-                if current.is_file() and current.read_text().strip():
-                    sub.check_reachable(url, 1)
-                    break
-            except ConnectionError:
-                pass
-            assert time.monotonic() < deadline, "the head did not come up in 180 s"
-            time.sleep(0.5)
-        yield {"gcs": current.read_text().strip(), "dashboard": url, "token_path": str(token_path)}
-    finally:
-        proc.send_signal(signal.SIGTERM)  # `ray start --block` stops what it started
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # this session's group only
-        except ProcessLookupError:
-            pass
-        log.close()
-        shutil.rmtree(tmp, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="rtok") as tok:
+        token_path = Path(tok, "auth_token")
+        token_path.write_text(secrets.token_hex(32))
+        with ray_head(2, _clean_env(RAY_AUTH_TOKEN_PATH=str(token_path))) as h:
+            yield {"gcs": h["gcs"], "dashboard": h["dashboard"], "token_path": str(token_path)}
 
 
 @pytest.fixture
@@ -171,7 +117,7 @@ def test_wrong_address_and_missing_token_are_one_line_errors_without_a_run_folde
 ):
     head = token_env
     root = tmp_path / "store"
-    (port,) = _free_ports(1)
+    (port,) = free_ports(1)
     env = _clean_env(RAY_AUTH_TOKEN_PATH=head["token_path"])
     t0 = time.monotonic()
     res = _cli(["run", "smoke", "--address", f"127.0.0.1:{port}",
@@ -224,14 +170,7 @@ def test_submit_env_reaches_the_stages_and_the_run_records_the_commit(
         client.get_job_info(job_id).runtime_env["env_vars"]["AWS_ENDPOINT_URL"]
         == (s3_server["endpoint"])
     )
-    deadline = time.monotonic() + 400
-    while (status := client.get_job_status(job_id)) not in {
-        JobStatus.SUCCEEDED,
-        JobStatus.FAILED,
-        JobStatus.STOPPED,
-    }:
-        assert time.monotonic() < deadline, f"job still {status}"
-        time.sleep(1)
+    status = wait_for_job(client, job_id, 400)
     logs = client.get_job_logs(job_id)
     assert status == JobStatus.SUCCEEDED, logs[-3000:]
     store = RunStore(root)
@@ -254,10 +193,7 @@ def test_a_job_that_fails_before_its_driver_starts_is_failed_in_status(token_env
         "smoke", [f"storage.root={root}"], head["dashboard"], storage_root=root, entrypoint=boom
     )
     client = sub.connect(head["dashboard"])
-    deadline = time.monotonic() + 120
-    while str(client.get_job_status(job_id)).split(".")[-1] not in ("FAILED", "STOPPED"):
-        assert time.monotonic() < deadline, "the job did not fail"
-        time.sleep(0.5)
+    assert str(wait_for_job(client, job_id, 120)).split(".")[-1] in ("FAILED", "STOPPED")
     assert RunStore(root).load_run(run_id).status == "created"  # nothing else wrote it
     listing = orchestrate.status_text(root)
     row = next(ln for ln in listing.splitlines() if ln.startswith(run_id))

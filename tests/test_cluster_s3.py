@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import psutil
 import pyarrow.fs as pafs
 import pytest
 import torch
+from _helpers import kill_with_descendants, wait_for
 
 from pipeline.config import load_config
 from workflows import orchestrate, stageio
@@ -24,11 +22,12 @@ from workflows.state import RunStore
 REPO = Path(__file__).resolve().parent.parent
 SMALL = [
     "finetune.label_fractions=[20]",
+    "pretrain.max_steps_per_epoch=3",
     "pretrain.knn_every=0",
     "finetune.epochs=1",
     "finetune.min_steps=5",
     "distill.epochs=1",
-    "evaluate.linear_epochs=5",
+    "evaluate.linear_epochs=2",
     "evaluate.embedding_samples=50",
 ]
 
@@ -125,19 +124,6 @@ def _env(s3_env: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the driver's session (the driver and the local Ray it started) by its group."""
-    kids = psutil.Process(proc.pid).children(recursive=True)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    _, alive = psutil.wait_procs(kids, timeout=10)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-
-
 @pytest.mark.slow
 def test_driver_sigkill_on_s3_then_resume_continues_from_the_checkpoint(
     s3_server, s3_bucket, tmp_path
@@ -153,16 +139,14 @@ def test_driver_sigkill_on_s3_then_resume_continues_from_the_checkpoint(
         stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     ckpt = f"{root}/{rid}/stages/pretrain/checkpoints/latest.pt"
-    deadline = time.time() + 240
     try:
-        while time.time() < deadline and driver.poll() is None:
-            if stageio.exists(ckpt):
-                break
-            time.sleep(0.2)
+        wait_for(lambda: stageio.exists(ckpt) or driver.poll() is not None, 240, "a checkpoint")
         assert stageio.exists(ckpt) and driver.poll() is None, "pretraining never checkpointed"
     finally:
-        if driver.poll() is None:
-            _kill_group(driver)
+        # the driver with its local Ray and the workers at once: a worker left running would go
+        # on training (and checkpointing) to the end of the stage
+        kill_with_descendants(driver.pid)
+        driver.wait()
     store = RunStore(root)
     assert store.read_state(rid, "pretrain").state == "running"  # killed, not recorded as done
     shard_manifest = store.read_manifest(rid, "shard")

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
+from _helpers import kill_with_descendants, wait_for
 from click.testing import CliRunner
 
 from workflows.cli import main
@@ -22,11 +21,12 @@ from workflows.state import RunStore
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = [
     "--set", "finetune.label_fractions=[20]",
-    "--set", "finetune.epochs=2",
-    "--set", "finetune.min_steps=10",
+    "--set", "pretrain.max_steps_per_epoch=3",
+    "--set", "finetune.epochs=1",
+    "--set", "finetune.min_steps=4",
     "--set", "distill.epochs=1",
-    "--set", "evaluate.linear_epochs=10",
-    "--set", "evaluate.embedding_samples=100",
+    "--set", "evaluate.linear_epochs=2",
+    "--set", "evaluate.embedding_samples=50",
 ]  # fmt: skip
 
 
@@ -36,29 +36,7 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _cli(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "workflows.cli", *args],
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
-
-
-def _kill_tree(pid: int) -> None:
-    """SIGKILL ``pid`` and, once it is gone, whatever it started (its local Ray)."""
-    try:
-        kids = psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        kids = []
-    os.kill(pid, signal.SIGKILL)
-    _, alive = psutil.wait_procs(kids, timeout=10)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-
-
-def test_driver_sigkill_during_pretrain_then_resume_finishes(tmp_path: Path) -> None:
+def test_driver_sigkill_during_pretrain_then_resume_finishes(ray_local, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
     root = tmp_path / "store"
@@ -72,20 +50,23 @@ def test_driver_sigkill_during_pretrain_then_resume_finishes(tmp_path: Path) -> 
         start_new_session=True,
     )  # fmt: skip
     ckpt = root / rid / "stages" / "pretrain" / "checkpoints" / "latest.pt"
-    deadline = time.time() + 240
-    while not ckpt.exists() and time.time() < deadline and driver.poll() is None:
-        time.sleep(0.1)
-    assert ckpt.exists() and driver.poll() is None, "pretraining never checkpointed"
-    _kill_tree(driver.pid)
-    driver.wait()
+    try:
+        wait_for(lambda: ckpt.exists() or driver.poll() is not None, 240, "a checkpoint")
+        assert ckpt.exists() and driver.poll() is None, "pretraining never checkpointed"
+    finally:
+        # the driver with its local Ray and the workers at once: a worker left running would go
+        # on training (and checkpointing) to the end of the stage
+        kill_with_descendants(driver.pid)
+        driver.wait()
     store = RunStore(root)
     assert store.read_state(rid, "pretrain").state == "running"  # killed, not recorded as done
     shard_manifest = store.read_manifest(rid, "shard")
     shard_files = {p: p.stat().st_mtime_ns for p in (root / rid / "stages" / "shard"
                                                      / "out").rglob("*") if p.is_file()}  # fmt: skip
 
-    res = _cli("resume", rid, "--storage", str(root))
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    # resumed by another driver: this process, on its own (session) Ray
+    res = CliRunner().invoke(main, ["resume", rid, "--storage", str(root)])
+    assert res.exit_code == 0, res.output[-4000:]
     assert f"resuming run: {rid}" in res.stdout and "report: " in res.stdout
     states = store.stage_states(rid)
     assert all(s.state == "succeeded" for s in states.values()), states
@@ -104,8 +85,8 @@ def test_driver_sigkill_during_pretrain_then_resume_finishes(tmp_path: Path) -> 
     stages = [r.data.tags["stage"] for r in children]
     assert stages.count("shard") == 1 and stages.count("pretrain") == 1
     assert parent.info.status == "FINISHED"
-    status = _cli("status", rid, "--storage", str(root))
-    assert status.returncode == 0 and "pretrain" in status.stdout
+    status = CliRunner().invoke(main, ["status", rid, "--storage", str(root)])
+    assert status.exit_code == 0 and "pretrain" in status.stdout
 
 
 def test_stage_that_raises_is_failed_with_its_error_in_status(ray_local, tmp_path: Path) -> None:

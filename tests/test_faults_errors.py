@@ -187,20 +187,21 @@ def test_disk_full_mid_run_is_one_line_and_the_run_is_not_left_running(tmp_path:
 
 
 @pytest.mark.slow
-def test_batch_larger_than_the_training_set_is_one_clear_line(tmp_path: Path) -> None:
+def test_batch_larger_than_the_training_set_is_one_clear_line(ray_local, tmp_path: Path) -> None:
     root = tmp_path / "store"
-    res = _cli(
-        "run", "smoke", *TINY, "--set", "pretrain.batch_size=4096",
-        "--set", f"storage.root={root}", "--set", "tracking.enabled=false", timeout=240,
+    res = CliRunner().invoke(
+        main,
+        ["run", "smoke", *TINY, "--set", "pretrain.batch_size=4096",
+         "--set", f"storage.root={root}", "--set", "tracking.enabled=false"],
     )  # fmt: skip
-    assert res.returncode == 1, res.stdout + res.stderr
+    assert res.exit_code == 1, res.output
     want = "stage pretrain failed: ValueError: pretrain.batch_size 4096 exceeds the"
     assert want in res.stdout, res.stdout
     assert "ray::" not in res.stdout.split("stage pretrain failed:", 1)[1].splitlines()[0]
     (rid,) = [r.run_id for r in RunStore(str(root)).list_runs()]
     state = json.loads((root / rid / "stages" / "pretrain" / "state.json").read_text())
     assert state["error"].startswith("ValueError: pretrain.batch_size 4096 exceeds the")
-    status = _cli("status", rid, "--storage", str(root), timeout=60).stdout
+    status = CliRunner().invoke(main, ["status", rid, "--storage", str(root)]).stdout
     assert "pretrain failed: ValueError: pretrain.batch_size 4096 exceeds the" in status
 
 

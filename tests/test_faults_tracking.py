@@ -1,6 +1,10 @@
-"""A tracking outage never stops training: a real ``mlflow server`` on 127.0.0.1 is killed while
-points are being logged or a pipeline runs; the sink never blocks, the stages finish, the run
-records the gap (how many points were lost), and Ctrl-C still stops a run within seconds."""
+"""A tracking outage never stops training: the tracking server goes away while points are being
+logged or a pipeline runs; the sink never blocks, the stages finish, the run records the gap (how
+many points were lost), and Ctrl-C still stops a run within seconds.
+
+One real ``mlflow server`` on 127.0.0.1 serves the module; each test reaches it through its own
+TCP proxy (:class:`Outage`), and cutting the proxy is the outage: its port refuses connections
+and open ones are reset, which is what the clients see of a killed server."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -24,6 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 MLFLOW = Path(sys.executable).with_name("mlflow")
 TINY = [
     "--set", "pretrain.epochs=3",
+    "--set", "pretrain.max_steps_per_epoch=3",
     "--set", "finetune.label_fractions=[20]",
     "--set", "finetune.epochs=1",
     "--set", "distill.epochs=1",
@@ -68,16 +74,88 @@ class MlflowServer:
             self.proc.wait(timeout=30)
 
 
-@pytest.fixture
-def server(tmp_path: Path):
-    srv = MlflowServer(tmp_path / "mlflow-server")
+class Outage:
+    """A TCP proxy on 127.0.0.1 and a free port in front of ``server``: clients use ``uri``;
+    :meth:`kill` cuts it for good (the listening socket closes, open connections are reset)."""
+
+    def __init__(self, server: MlflowServer) -> None:
+        self.upstream = ("127.0.0.1", server.port)
+        self.db = server.db
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self._lock = threading.Lock()
+        self._open: set[socket.socket] = set()
+        self._dead = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+                up = socket.create_connection(self.upstream)
+            except OSError:
+                if self._dead:
+                    return
+                continue
+            with self._lock:
+                if self._dead:
+                    client.close()
+                    up.close()
+                    return
+                self._open |= {client, up}
+            for src, dst in ((client, up), (up, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def kill(self) -> None:
+        with self._lock:
+            if self._dead:
+                return
+            self._dead = True
+            for sock in (self._listener, *self._open):
+                try:
+                    if sock is not self._listener:  # a reset, not an orderly close
+                        sock.setsockopt(
+                            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                        )
+                    sock.shutdown(socket.SHUT_RDWR)  # wakes the threads blocked on it
+                except OSError:
+                    pass
+                sock.close()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
+    srv = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
     yield srv
     srv.kill()
 
 
-def test_sink_never_blocks_and_counts_what_it_drops(server: MlflowServer) -> None:
+@pytest.fixture
+def server(mlflow_server: MlflowServer):
+    """The module's MLflow server behind a proxy of this test's own, which it may cut."""
+    outage = Outage(mlflow_server)
+    yield outage
+    outage.kill()
+
+
+def test_sink_and_tracker_during_an_outage(server: Outage) -> None:
+    """One outage: the metrics sink never blocks and counts what it drops; the
+    tracker's calls fail fast (MLflow's HTTP retries bounded) and it records the gap."""
     tr = Tracker(server.uri, "outage")
     rid = tr.start_parent("r-outage", parse_config({}))
+    fast = tr.start_parent("r-fast", parse_config({}))
+    # credentials in the URI (basic auth, as MLflow's client sends them) pass the start check
+    Tracker(server.uri.replace("http://", "http://alice:pw@"), "outage").check_reachable()
     sink = MetricsSink(server.uri, rid)
     sink({"loss": 1.0}, 1)
     deadline = time.time() + 20
@@ -86,6 +164,7 @@ def test_sink_never_blocks_and_counts_what_it_drops(server: MlflowServer) -> Non
     assert sink.sent == 1
     server.kill()
 
+    # the sink
     def epochs() -> None:
         for step in range(2, 42):
             sink({"loss": 1.0 / step, "acc": float(step)}, step)
@@ -104,23 +183,17 @@ def test_sink_never_blocks_and_counts_what_it_drops(server: MlflowServer) -> Non
     hist = Tracker(server.db, "outage").client.get_metric_history(rid, "loss")
     assert [(m.step, m.value) for m in hist] == [(1, 1.0)]
 
-
-def test_tracker_calls_fail_fast_during_an_outage(server: MlflowServer) -> None:
-    tr = Tracker(server.uri, "outage")
-    rid = tr.start_parent("r-fast", parse_config({}))
-    # credentials in the URI (basic auth, as MLflow's client sends them) pass the start check
-    Tracker(server.uri.replace("http://", "http://alice:pw@"), "outage").check_reachable()
-    server.kill()
+    # the tracker
     t0 = time.time()
     with pytest.raises(Exception):  # noqa: B017,PT011 - MLflow's own connection error
-        tr.log_metrics(rid, {"a": 1.0, "b": 2.0}, 0)
+        tr.log_metrics(fast, {"a": 1.0, "b": 2.0}, 0)
     assert time.time() - t0 < 30, "MLflow's HTTP retries are not bounded"
     t0 = time.time()
     for step in range(20):
         with pytest.raises(TrackingError, match="unreachable"):
-            tr.log_metrics(rid, {"a": 1.0, "b": 2.0}, step)
+            tr.log_metrics(fast, {"a": 1.0, "b": 2.0}, step)
         with pytest.raises(TrackingError):
-            tr.end(rid, "FAILED")
+            tr.end(fast, "FAILED")
     assert time.time() - t0 < 1.0
     gap = tr.gap(extra_points=5)
     assert gap is not None and "missed 47 metric point(s)" in gap and server.uri in gap
@@ -155,7 +228,7 @@ def _reap(proc: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow
-def test_pipeline_finishes_when_mlflow_dies_mid_run(server: MlflowServer, tmp_path: Path) -> None:
+def test_pipeline_finishes_when_mlflow_dies_mid_run(server: Outage, tmp_path: Path) -> None:
     root = tmp_path / "store"
     proc = _cli("run", "smoke", *TINY, "--set", f"storage.root={root}",
                 "--set", f"tracking.uri={server.uri}")  # fmt: skip
@@ -178,9 +251,7 @@ def test_pipeline_finishes_when_mlflow_dies_mid_run(server: MlflowServer, tmp_pa
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_a_run_within_seconds_during_an_outage(
-    server: MlflowServer, tmp_path: Path
-) -> None:
+def test_ctrl_c_stops_a_run_within_seconds_during_an_outage(server: Outage, tmp_path: Path) -> None:
     root = tmp_path / "store"
     proc = _cli("run", "smoke", *TINY, "--set", "pretrain.epochs=30",
                 "--set", f"storage.root={root}", "--set", f"tracking.uri={server.uri}")  # fmt: skip

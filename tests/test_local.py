@@ -129,13 +129,17 @@ def test_cli_errors_are_one_line(tmp_path) -> None:
 
 
 def test_gpu_demo_script_on_the_cpu(tmp_path) -> None:
-    """benchmarks/gpu_demo.sh (what made BENCHMARKS.md's GPU table), with CONFIG=smoke DEVICE=cpu:
+    """benchmarks/gpu_demo.sh (what made BENCHMARKS.md's GPU table), with a short smoke config
+    (CONFIG=<its file>) and DEVICE=cpu:
     bad variants are refused before anything runs; a run prints its table and views/s and packs
     summary, reports and histories, without model files."""
     import tarfile
 
     script = REPO / "benchmarks" / "gpu_demo.sh"
-    env = {**os.environ, "CONFIG": "smoke", "DEVICE": "cpu", "PYTHON": sys.executable}
+    # the smoke config, shortened to TINY, as a file (the script hands CONFIG to `local`)
+    config = tmp_path / "smoke.yaml"
+    config.write_text(yaml.safe_dump(load_config("smoke", TINY).to_dict()))
+    env = {**os.environ, "CONFIG": str(config), "DEVICE": "cpu", "PYTHON": sys.executable}
     bad = subprocess.run(
         ["bash", str(script), str(tmp_path / "bad"), "60", "full", "bogus"],
         capture_output=True,

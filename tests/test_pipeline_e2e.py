@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _helpers import wait_for
 
 from pipeline.config import Config, load_config
 from workflows import orchestrate
@@ -22,6 +23,7 @@ from workflows.state import RunStore
 TINY = [
     "finetune.label_fractions=[20]",
     "pretrain.epochs=2",
+    "pretrain.max_steps_per_epoch=4",
     "pretrain.knn_every=1",
     "finetune.epochs=2",
     "finetune.min_steps=10",
@@ -200,13 +202,16 @@ def test_local_run_computes_what_the_ray_run_computed(finished_run, tmp_path) ->
 
 
 def _ray_train_worker_pids() -> list[int]:
+    """The Ray Train workers of this process's Ray (not those of other Ray instances here)."""
     import psutil
 
     pids = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if "RayTrainWorker" in cmd:
-            pids.append(p.info["pid"])
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(p.cmdline()):
+                pids.append(p.pid)
+        except psutil.NoSuchProcess:
+            pass
     return pids
 
 
@@ -219,17 +224,19 @@ def test_two_workers_end_to_end_survive_a_worker_sigkill(ray_local, tmp_path) ->
         "resources.num_workers=2",
         "pretrain.epochs=5",
         "pretrain.knn_every=0",
+        "finetune.epochs=1",
+        "finetune.min_steps=4",
         "finetune.baseline=false",
         "distill.enabled=false",
+        "evaluate.linear_epochs=2",
+        "evaluate.embedding_samples=50",
     )
     rid = "e2e-2w"
     ckpt = tmp_path / rid / "stages" / "pretrain" / "checkpoints" / "latest.pt"
     box: dict = {}
     th = threading.Thread(target=lambda: box.update(rc=orchestrate.run_pipeline(cfg, run_id=rid)))
     th.start()
-    deadline = time.time() + 240
-    while not ckpt.exists() and time.time() < deadline and th.is_alive():
-        time.sleep(0.1)
+    wait_for(lambda: ckpt.exists() or not th.is_alive(), 240, "a pretrain checkpoint")
     assert ckpt.exists(), "no pretrain checkpoint appeared"
     workers = _ray_train_worker_pids()
     assert len(workers) == 2, workers

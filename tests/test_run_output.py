@@ -15,9 +15,10 @@ from workflows.summary import label_table
 
 # a short smoke run: every stage, fewer epochs
 SHORT = [
-    "--set", "pretrain.epochs=2", "--set", "pretrain.knn_every=1", "--set", "finetune.epochs=2",
-    "--set", "finetune.min_steps=10", "--set", "distill.epochs=1",
-    "--set", "evaluate.linear_epochs=5",
+    "--set", "pretrain.epochs=2", "--set", "pretrain.max_steps_per_epoch=4",
+    "--set", "pretrain.knn_every=1", "--set", "finetune.epochs=1", "--set", "finetune.min_steps=5",
+    "--set", "distill.epochs=1", "--set", "evaluate.linear_epochs=5",
+    "--set", "evaluate.embedding_samples=50",
 ]  # fmt: skip
 STAGES = [
     "shard", "pretrain", "finetune@5", "finetune@20", "baseline@5", "baseline@20",

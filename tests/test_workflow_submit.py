@@ -11,32 +11,17 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
+from _helpers import free_ports, ray_head, wait_for_job
 
 from workflows import submit as sub
 from workflows.state import check_run_id, new_run_id
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def test_job_spec_ships_packages_and_config(tmp_path: Path) -> None:
@@ -80,7 +65,7 @@ def test_bad_and_unreachable_addresses_are_one_line_errors() -> None:
             sub.normalize_address(bad)
         assert "\n" not in str(err.value)
     assert sub.normalize_address("127.0.0.1:8265/") == "http://127.0.0.1:8265"
-    (port,) = _free_ports(1)  # nothing listens there
+    (port,) = free_ports(1)  # nothing listens there
     t0 = time.monotonic()
     with pytest.raises(ConnectionError) as err:
         sub.submit_job("smoke", [], f"http://127.0.0.1:{port}", storage_root="runs")
@@ -94,7 +79,7 @@ def test_cli_submit_unreachable_exits_1() -> None:
 
     from workflows.cli import main
 
-    (port,) = _free_ports(1)
+    (port,) = free_ports(1)
     res = CliRunner().invoke(main, ["submit", "smoke", "--address", f"127.0.0.1:{port}"])
     assert res.exit_code == 1
     assert "cannot reach the Ray dashboard" in res.output
@@ -104,45 +89,8 @@ def test_cli_submit_unreachable_exits_1() -> None:
 @pytest.fixture
 def private_head():
     """A Ray head of 1 CPU in its own session, temp dir and ports; yields the dashboard URL."""
-    ports = _free_ports(10)
-    tmp = tempfile.mkdtemp(prefix="rsub", dir="/tmp")  # short: unix socket paths are limited
-    ray_bin = str(Path(sys.executable).with_name("ray"))
-    cmd = [ray_bin, "start", "--head", "--block", "--num-cpus=1", "--include-dashboard=true"]
-    cmd += [f"--temp-dir={tmp}", "--disable-usage-stats", "--dashboard-host=127.0.0.1"]
-    names = ["port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port"]
-    names += ["dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port"]
-    names += ["node-manager-port", "object-manager-port"]
-    cmd += [f"--{n}={p}" for n, p in zip(names, ports, strict=False)]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
-    log = open(Path(tmp) / "start.log", "w")
-    proc = subprocess.Popen(
-        cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-    )
-    url = f"http://127.0.0.1:{ports[1]}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, Path(tmp, "start.log").read_text()[-2000:]
-            try:
-                sub.check_reachable(url, 1)
-                break
-            except ConnectionError:
-                assert time.monotonic() < deadline, "dashboard did not come up in 60 s"
-                time.sleep(0.5)
-        yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)  # `ray start --block` stops what it started
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # this session's group only
-        except ProcessLookupError:
-            pass
-        log.close()
-        shutil.rmtree(tmp, ignore_errors=True)
+    with ray_head(1, dict(os.environ)) as head:
+        yield head["dashboard"]
 
 
 @pytest.mark.slow
@@ -166,14 +114,7 @@ def test_real_submission_carries_packages_and_config(private_head: str, tmp_path
     )
     assert job_id == f"contrastive-{run_id}"
     client = sub.connect(private_head)
-    deadline = time.monotonic() + 90
-    while (status := client.get_job_status(job_id)) not in {
-        JobStatus.SUCCEEDED,
-        JobStatus.FAILED,
-        JobStatus.STOPPED,
-    }:
-        assert time.monotonic() < deadline, f"job still {status}"
-        time.sleep(0.5)
+    status = wait_for_job(client, job_id, 90)
     logs = client.get_job_logs(job_id)
     assert status == JobStatus.SUCCEEDED, logs[-2000:]
     # the resolved config (with the overrides) and this checkout's packages, unpacked on the cluster
