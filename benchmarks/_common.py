@@ -158,7 +158,7 @@ def bare_simclr_step(
 
 def kill_tree(pid: int) -> None:
     """SIGKILL ``pid`` and, once it is gone, whatever it started (its local Ray): the same as
-    ``_kill_tree`` in tests/test_faults.py."""
+    ``_kill_tree`` in tests/faults/test_kills.py."""
     import psutil
 
     try:

@@ -1,4 +1,4 @@
-"""Helpers shared by several test modules (imported as ``_helpers``: pytest puts tests/ on
+"""Helpers shared by several test modules (imported as ``_helpers``: tests/conftest.py puts tests/ on
 ``sys.path``): free ports, a private ``ray start --head`` in its own session, killing a process
 with everything it started, and waiting for a condition."""
 

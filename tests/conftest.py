@@ -1,10 +1,20 @@
-"""Shared fixtures. One local Ray instance serves the whole test session."""
+"""Shared fixtures. One local Ray instance serves the whole test session.
+
+The tests mirror the packages (``tests/pipeline/data/test_loader.py`` tests
+``pipeline/data/loader.py``; ``tests/cluster``, ``tests/faults`` and ``tests/e2e`` hold what spans
+packages). pytest imports them with ``--import-mode=importlib`` (two folders may hold a
+``test_tracking.py``); ``tests/`` itself is put on ``sys.path`` here for ``_helpers``.
+"""
 
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")

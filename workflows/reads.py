@@ -2,7 +2,7 @@
 
 Every config field is either read by a stage kind (:data:`STAGE_READS`, dotted paths; a section or
 sub-section path takes all of it) or listed in :data:`NOT_RESULTS` with the reason it cannot change
-any stage's result (or, for ``resources.stages``, in :data:`RESOLVED`). ``tests/test_cache_keys.py`` walks the config model field by field and checks
+any stage's result (or, for ``resources.stages``, in :data:`RESOLVED`). ``tests/workflows/test_reads.py`` walks the config model field by field and checks
 both: a field missing from both tables, or a change that does not reach the key of a stage that
 reads it, fails there.
 

@@ -32,7 +32,7 @@ from workflows.state import RunStore, code_label, code_version
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TINY = ["finetune.label_fractions=[20]", "pretrain.epochs=1", "pretrain.knn_every=0",
         "finetune.epochs=1", "finetune.min_steps=5", "finetune.baseline=false",
         "distill.enabled=false", "evaluate.linear_epochs=5", "evaluate.embedding_samples=50",

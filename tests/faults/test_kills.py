@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from workflows.cli import main
 from workflows.state import RunStore
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SMOKE = [
     "--set", "finetune.label_fractions=[20]",
     "--set", "pretrain.max_steps_per_epoch=3",
@@ -139,7 +139,7 @@ def test_unknown_run_is_one_line(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_two_node_cluster_survives_losing_the_worker_node(tmp_path: Path) -> None:
     res = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "two_node_cluster.py"), str(tmp_path / "store")],
+        [sys.executable, str(REPO / "tests" / "cluster" / "two_node_cluster.py"), str(tmp_path / "store")],
         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]

@@ -16,7 +16,7 @@ from pathlib import Path
 import ray
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"
 DOCKER = ROOT / "docker"
 IMAGE = re.compile(

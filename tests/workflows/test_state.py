@@ -180,7 +180,7 @@ def test_a_run_records_the_code_it_was_made_with(tmp_path, cfg):
 
     from workflows.state import code_label, code_version
 
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     info = RunStore(tmp_path).load_run(RunStore(tmp_path).create_run(cfg))
     assert info.code == code_version()
     if not (repo / ".git").exists():

@@ -21,7 +21,7 @@ from pipeline.config import load_config
 from workflows.cli import main
 from workflows.local import LocalRunError, resolve_device, run_local
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TINY = [
     "finetune.label_fractions=[20]",
     "pretrain.epochs=1",

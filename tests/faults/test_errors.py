@@ -24,7 +24,7 @@ from workflows.state import RunStore
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TINY = [
     "--set", "pretrain.epochs=1",
     "--set", "finetune.label_fractions=[20]",

@@ -184,7 +184,7 @@ def test_runner_tracks_nested_runs(ray_local, db, tmp_path, cfg):
     assert ft.data.metrics["acc"] == 0.9 and ft.data.metrics["step_metric"] == 1.0
     assert ft.info.status == "FINISHED"
     # the history reached MLflow through the sink; the runner logs only final metrics that no
-    # history row holds, and leaves the dataset input to the stage (test_run_output.py)
+    # history row holds, and leaves the dataset input to the stage (tests/workflows/test_progress.py)
     assert set(ft.data.metrics) == {"acc", "step_metric"}
     assert client.get_run(ids["evaluate"]).data.tags["upstream.finetune_10"] == ids["finetune@10"]
     # resume: nothing runs again, the same MLflow runs are kept

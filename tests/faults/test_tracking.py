@@ -25,7 +25,7 @@ import pytest
 from pipeline.config import parse_config
 from workflows.tracking import MetricsSink, Tracker, TrackingError
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 MLFLOW = Path(sys.executable).with_name("mlflow")
 TINY = [
     "--set", "pretrain.epochs=3",

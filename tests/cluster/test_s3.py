@@ -19,7 +19,7 @@ from pipeline.config import load_config
 from workflows import orchestrate, stageio
 from workflows.state import RunStore
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SMALL = [
     "finetune.label_fractions=[20]",
     "pretrain.max_steps_per_epoch=3",

@@ -21,7 +21,7 @@ from _helpers import free_ports, ray_head, wait_for_job
 from workflows import submit as sub
 from workflows.state import check_run_id, new_run_id
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_job_spec_ships_packages_and_config(tmp_path: Path) -> None:

@@ -1,8 +1,8 @@
 """Run the smoke pipeline on a 2-node Ray cluster on this machine and lose the worker node in the
-middle of pretraining (run by tests/test_faults.py in its own process: one process can hold only
+middle of pretraining (run by tests/faults/test_kills.py in its own process: one process can hold only
 one Ray connection).
 
-    python tests/two_node_cluster.py STORAGE_ROOT  -> prints one JSON line with the outcome
+    python tests/cluster/two_node_cluster.py STORAGE_ROOT  -> prints one JSON line with the outcome
 
 The head node has no CPUs (it holds only the driver and the CPU-free stage coordinators); all
 training runs on the worker node. When pretraining has written its first checkpoint the worker node

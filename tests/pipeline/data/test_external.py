@@ -289,7 +289,7 @@ def test_image_folder_shards_are_byte_identical_on_reruns_and_on_ray(tmp_path: P
 def test_benchmark_jpeg_generator_output_is_indexed(tmp_path: Path):
     import sys
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))
     import make_wds_jpegs
 
     res = make_wds_jpegs.main(

@@ -15,7 +15,7 @@ from pipeline.config import (
     parse_config,
 )
 
-CONFIGS = Path(__file__).resolve().parent.parent / "workflows" / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "workflows" / "configs"
 
 
 @pytest.mark.parametrize(
