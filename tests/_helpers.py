@@ -126,6 +126,18 @@ def kill_with_descendants(pid: int) -> None:
     wait_for(lambda: all(dead(p) for p in procs), 30, f"the processes of {pid} dying", 0.05)
 
 
+def kill_at_checkpoint(driver: subprocess.Popen[Any], exists: Callable[[], bool]) -> None:
+    """Wait (up to 240 s) until ``exists()`` (the stage's first checkpoint), then SIGKILL the
+    driver with its local Ray and its workers at once: a worker left running would go on training
+    (and checkpointing) to the end of the stage."""
+    try:
+        wait_for(lambda: exists() or driver.poll() is not None, 240, "a checkpoint")
+        assert exists() and driver.poll() is None, "pretraining never checkpointed"
+    finally:
+        kill_with_descendants(driver.pid)
+        driver.wait()
+
+
 def wait_for_job(client: Any, job_id: str, timeout: float) -> object:
     """The status of Ray job ``job_id`` once it has ended (succeeded, failed or stopped)."""
     from ray.job_submission import JobStatus

@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 import torch
-from _helpers import kill_with_descendants, wait_for
+from _helpers import kill_at_checkpoint
 
 from pipeline.config import load_config
 from workflows import orchestrate, stageio
@@ -139,14 +139,7 @@ def test_driver_sigkill_on_s3_then_resume_continues_from_the_checkpoint(
         stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     ckpt = f"{root}/{rid}/stages/pretrain/checkpoints/latest.pt"
-    try:
-        wait_for(lambda: stageio.exists(ckpt) or driver.poll() is not None, 240, "a checkpoint")
-        assert stageio.exists(ckpt) and driver.poll() is None, "pretraining never checkpointed"
-    finally:
-        # the driver with its local Ray and the workers at once: a worker left running would go
-        # on training (and checkpointing) to the end of the stage
-        kill_with_descendants(driver.pid)
-        driver.wait()
+    kill_at_checkpoint(driver, lambda: stageio.exists(ckpt))
     store = RunStore(root)
     assert store.read_state(rid, "pretrain").state == "running"  # killed, not recorded as done
     shard_manifest = store.read_manifest(rid, "shard")

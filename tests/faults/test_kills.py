@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from _helpers import kill_with_descendants, wait_for
+from _helpers import kill_at_checkpoint
 from click.testing import CliRunner
 
 from workflows.cli import main
@@ -50,14 +50,7 @@ def test_driver_sigkill_during_pretrain_then_resume_finishes(ray_local, tmp_path
         start_new_session=True,
     )  # fmt: skip
     ckpt = root / rid / "stages" / "pretrain" / "checkpoints" / "latest.pt"
-    try:
-        wait_for(lambda: ckpt.exists() or driver.poll() is not None, 240, "a checkpoint")
-        assert ckpt.exists() and driver.poll() is None, "pretraining never checkpointed"
-    finally:
-        # the driver with its local Ray and the workers at once: a worker left running would go
-        # on training (and checkpointing) to the end of the stage
-        kill_with_descendants(driver.pid)
-        driver.wait()
+    kill_at_checkpoint(driver, ckpt.exists)
     store = RunStore(root)
     assert store.read_state(rid, "pretrain").state == "running"  # killed, not recorded as done
     shard_manifest = store.read_manifest(rid, "shard")
