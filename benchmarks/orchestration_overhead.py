@@ -88,9 +88,10 @@ def serial_child(args: argparse.Namespace) -> None:
 
     from pipeline.config import load_config
     from pipeline.runtime import LocalContext
-    from pipeline.stages import distill, evaluate, finetune, pretrain
+    from pipeline.slices import slice_for
     from pipeline.stages import shard as shard_stage
     from workflows.dag import build_graph
+    from workflows.stages import stage_function, stage_params
 
     root = Path(args.serial_child)
     cfg = load_config(args.config, [*args.overrides, f"storage.root={root}"])
@@ -106,19 +107,12 @@ def serial_child(args: argparse.Namespace) -> None:
         }
         ctx = LocalContext(root / node.name / "checkpoints")
         t0 = time.perf_counter()
+        settings = slice_for(node.kind, cfg)
         if node.kind == "shard":
-            res = shard_stage.run(cfg, str(out))
-        elif node.kind == "pretrain":
-            res = pretrain.run(cfg, ins, str(out), ctx)
-        elif node.kind in ("finetune", "baseline"):
-            res = finetune.run(cfg, ins, str(out), ctx, fraction=node.params["fraction"],
-                               baseline=node.kind == "baseline")  # fmt: skip
-        elif node.kind == "distill":
-            res = distill.run(cfg, ins, str(out), ctx, fraction=node.params["fraction"])
-        elif node.kind == "evaluate":
-            res = evaluate.run(cfg, ins, str(out), ctx, started_at=started)
+            res = shard_stage.run(settings, str(out))
         else:
-            raise ValueError(f"unknown stage kind {node.kind!r}")
+            params = stage_params(node, started)
+            res = stage_function(node.kind)(settings, ins, str(out), ctx, **params)
         seconds[node.name] = time.perf_counter() - t0
         outputs[node.name] = res.outputs
     print(json.dumps({"threads": cfg.resources.threads, "stage_seconds": seconds}), flush=True)

@@ -59,6 +59,7 @@ from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.data import dataset_info, load_split  # noqa: E402
 from pipeline.data.transforms import BatchTwoViewAugment  # noqa: E402
 from pipeline.models import build_contrastive_model, flops_per_image  # noqa: E402
+from pipeline.slices import ShardSlice
 from pipeline.stages import shard as shard_stage  # noqa: E402
 
 PARTS = ("pipeline", "data", "variants", "sharding")
@@ -392,7 +393,7 @@ def compile_child(args) -> None:
     logging.disable(logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = bench_config(args, tmp)
-        ds = shard_stage.run(cfg, str(Path(tmp) / "ds")).outputs["dataset"]
+        ds = shard_stage.run(ShardSlice.of(cfg), str(Path(tmp) / "ds")).outputs["dataset"]
         images, _, _ = load_split(ds, "train")
         size = int(cfg.augment.image_size or dataset_info(ds)["height"])
         bare = Bare(cfg, images, size)
@@ -425,9 +426,13 @@ def run_sharding_part(args, tmp) -> None:
 
     ray.get([_warm.remote() for _ in range(args.threads)])
     runs = {
-        "map": lambda out: shard_stage.run(cfg, out),
-        1: lambda out: shard_stage.run(cfg, out, map_fn=ray_map(num_cpus=float(args.threads))),
-        2: lambda out: shard_stage.run(cfg, out, map_fn=ray_map(num_cpus=args.threads / 2)),
+        "map": lambda out: shard_stage.run(ShardSlice.of(cfg), out),
+        1: lambda out: shard_stage.run(
+            ShardSlice.of(cfg), out, map_fn=ray_map(num_cpus=float(args.threads))
+        ),
+        2: lambda out: shard_stage.run(
+            ShardSlice.of(cfg), out, map_fn=ray_map(num_cpus=args.threads / 2)
+        ),
     }
     got: dict[Any, dict[str, float]] = {}
     for r in range(args.shard_repeats):  # the order alternates; the best run of each counts
@@ -459,7 +464,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = bench_config(args, tmp)
-        ds = shard_stage.run(cfg, str(Path(tmp) / "dataset")).outputs["dataset"]
+        ds = shard_stage.run(ShardSlice.of(cfg), str(Path(tmp) / "dataset")).outputs["dataset"]
         images, _, _ = load_split(ds, "train")
         size = int(cfg.augment.image_size or dataset_info(ds)["height"])
         setup = setup_of(cfg, size, images.shape[1]) | {"train_images": len(images)}

@@ -27,12 +27,13 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory(prefix="read-formats-")
     ds = args.data
     if ds is None:
+        from pipeline.slices import ShardSlice
         from pipeline.stages import shard as shard_stage
 
         ds = Path(tmp.name) / "ds"
         cfg = parse_config({"data": {"source": "fashion-mnist", "max_train": 10000,
                                      "max_test": 1000, "shard_size": 5000}})  # fmt: skip
-        shard_stage.run(cfg, ds)
+        shard_stage.run(ShardSlice.of(cfg), ds)
     info = dataset_info(ds)
     refs = shard_refs(ds, "train")
     from pipeline.data.loader import load_split

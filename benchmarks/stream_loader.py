@@ -26,6 +26,7 @@ from _common import REPO, emit, wds_jpegs
 
 from pipeline.config import load_config, parse_config
 from pipeline.data.decode import CropViews
+from pipeline.slices import DataRead, ShardSlice
 from pipeline.stages import shard as shard_stage
 from pipeline.stages.common import StreamSplit
 
@@ -48,7 +49,7 @@ def dataset(n_train: int, out: Path) -> tuple[str, list[str]]:
             {"data": {"source": "webdataset", "train_urls": train, "test_urls": test,
                       "val_fraction": 0.0}, "finetune": {"label_fractions": [1]}}
         )  # fmt: skip
-        shard_stage.run(cfg, ds)
+        shard_stage.run(ShardSlice.of(cfg), ds)
     return str(ds), train
 
 
@@ -62,7 +63,7 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory(prefix="stream-loader-")
     ds, train_shards = dataset(args.n_train, args.data or Path(tmp.name))
     cfg = parse_config({"data": {"loader_workers": args.workers}, "augment": {"image_size": SIZE}})
-    split = StreamSplit(cfg, ds, "train")
+    split = StreamSplit(DataRead.pick(cfg.data), cfg.seed, ds, "train")
     crops = CropViews(SIZE, 3, (0.2, 0.2))
 
     def loader_pass(epoch: int) -> float:

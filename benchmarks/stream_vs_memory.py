@@ -21,6 +21,7 @@ import torch
 from _common import REPO, emit
 
 from pipeline.config import load_config
+from pipeline.slices import PretrainSlice, ShardSlice
 from pipeline.stages import pretrain
 from pipeline.stages import shard as shard_stage
 
@@ -36,7 +37,7 @@ def main() -> None:
     ds = args.data
     if ds is None:
         ds = Path(tmp.name) / "ds"
-        shard_stage.run(base, ds)
+        shard_stage.run(ShardSlice.of(base), ds)
     torch.set_num_threads(base.resources.torch_threads or 2)
     rates: dict[bool, list[float]] = {True: [], False: []}
     for r in range(args.rounds):
@@ -51,7 +52,11 @@ def main() -> None:
                     "pretrain.pseudo_label_from_epoch=0",
                 ],
             )
-            res = pretrain.run(cfg, {"dataset": str(ds)}, str(Path(tmp.name) / f"r{r}{in_memory}"))
+            res = pretrain.run(
+                PretrainSlice.of(cfg),
+                {"dataset": str(ds)},
+                str(Path(tmp.name) / f"r{r}{in_memory}"),
+            )
             assert res.metrics["data_streaming"] == float(not in_memory)
             rates[in_memory].append(res.metrics["views_per_s"])
     stream, memory = statistics.median(rates[False]), statistics.median(rates[True])

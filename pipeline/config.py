@@ -422,17 +422,6 @@ class FinetuneConfig(_Section):
                 )
         return self
 
-    def baseline_lr_for(self, fraction: float) -> float:
-        """The baseline's learning rate at ``fraction`` % labels."""
-        v = self.baseline_lr
-        if v is None:
-            return self.lr
-        if isinstance(v, dict):
-            if fraction not in v:
-                raise KeyError(f"finetune.baseline_lr has no rate for label fraction {fraction:g}")
-            return v[fraction]
-        return v
-
 
 class StudentConfig(_Section):
     arch: Arch = "resnet18"

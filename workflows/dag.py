@@ -8,13 +8,13 @@ For a config the graph is::
     everything -> evaluate
     with tune.enabled: shard -> tune -> (every stage after shard takes the tune's best values)
 
-A stage's cache key is a SHA-256 over its kind, its params, the config fields its kind reads
-(declared in :mod:`workflows.reads`, after the kind's resource overrides; fields that only shape the
-graph, e.g. ``finetune.label_fractions``, are in none), its upstream keys in dependency order and the
-package version: a key changes when — and only when — something the stage's result depends on
-changes. The shard stage's key covers the label fractions it writes subsets for; the key
-its dependants fold in does not (each reads only its own fraction's subset). (Semi-supervised pretraining also reads the smallest label fraction: it is
-one of that stage's params.)
+A stage's cache key is a SHA-256 over its kind, its params, its kind's config slice (the typed
+slice its stage function receives, :mod:`pipeline.slices`, after the kind's resource overrides;
+fields that only shape the graph, e.g. ``finetune.label_fractions``, are in none), its upstream
+keys in dependency order and the package version: a key changes when — and only when — something
+the stage's result depends on changes. The shard stage's key covers the label fractions it writes
+subsets for; the key its dependants fold in does not (each reads only its own fraction's subset).
+Semi-supervised pretraining's labeled fraction is in its slice.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ import pipeline
 from pipeline.config import Config, subset_fractions
 from pipeline.config import format_fraction as _format_fraction
 from pipeline.errors import UserError
-from workflows.reads import STAGE_READS, Reads, config_slice
+from pipeline.slices import SLICE_KINDS
+from workflows.reads import config_slice
 
 __all__ = [
     "Graph",
@@ -53,16 +54,15 @@ class StageNode:
 
     ``deps`` maps the stage's input name to the upstream stage that produces it (order matters: it
     is the order of upstream keys in the cache key); ``params`` are the stage's own parameters (for
-    example ``{"fraction": 10.0}``); ``sections`` are the config paths its kind reads
-    (:data:`workflows.reads.STAGE_READS`), which its cache key hashes;
-    ``training`` says whether the stage trains a network (runs on Ray Train, checkpoints).
+    example ``{"fraction": 10.0}``); the config it reads is its kind's slice
+    (:mod:`pipeline.slices`); ``training`` says whether the stage trains a network (runs on Ray
+    Train, checkpoints).
     """
 
     name: str
     kind: str
     deps: dict[str, str] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
-    sections: tuple[str, ...] = ()
     training: bool = False
 
 
@@ -198,15 +198,8 @@ def build_graph(cfg: Config) -> Graph:
     def node(
         name: str, kind: str, deps: dict[str, str], training: bool, **params: Any
     ) -> StageNode:
-        return StageNode(name, kind, deps, dict(params), STAGE_READS[kind].paths, training)
+        return StageNode(name, kind, deps, dict(params), training)
 
-    # Semi-supervised pretraining sees the labels of pretrain.label_fraction, by default the
-    # smallest fine-tuning fraction: that fraction enters the key (finetune.* is not a section of
-    # the pretraining's), so a run with other fractions never reuses an encoder that saw more or
-    # fewer labels than it is credited with.
-    seen: dict[str, Any] = {}
-    if cfg.pretrain.method == "semisup":
-        seen["label_fraction"] = cfg.pretrain_label_fraction
     nodes = [
         # The shard stage writes one label subset per fraction: they are part of its result.
         node(
@@ -216,7 +209,7 @@ def build_graph(cfg: Config) -> Graph:
             False,
             label_fractions=[format_fraction(p) for p in subset_fractions(cfg)],
         ),
-        node("pretrain", "pretrain", {"dataset": "shard"}, True, **seen),
+        node("pretrain", "pretrain", {"dataset": "shard"}, True),
     ]
     evaluated: list[str] = []
     for p in cfg.finetune.label_fractions:
@@ -255,19 +248,16 @@ def build_graph(cfg: Config) -> Graph:
         # depth changes every network built from cfg.model, not only the pretrained one).
         for n in nodes[1:]:
             n.deps["tune"] = "tune"
-        nodes.insert(1, node("tune", "tune", {"dataset": "shard"}, True, **seen))
+        nodes.insert(1, node("tune", "tune", {"dataset": "shard"}, True))
     return Graph(nodes).validate()
 
 
 def stage_config(node: StageNode, cfg: Config) -> dict[str, Any]:
-    """The config slice a stage depends on: the fields its kind reads
-    (:func:`workflows.reads.config_slice`; a kind without a declaration reads its node's
-    ``sections``)."""
-    reads = STAGE_READS.get(node.kind) or Reads(node.sections)
-    try:
-        return config_slice(node.kind, cfg, reads)
-    except KeyError as err:
-        raise GraphError(f"graph error: stage {node.name!r}: {err.args[0]}") from None
+    """The config a stage's key hashes: its kind's slice (:func:`workflows.reads.config_slice`);
+    a kind without one (a graph of other stages than the pipeline's) reads no config."""
+    if node.kind not in SLICE_KINDS:
+        return {}
+    return config_slice(node.kind, cfg)
 
 
 def cache_key(
@@ -308,7 +298,7 @@ def compute_keys(graph: Graph, cfg: Config, version: str | None = None) -> dict[
         drop = _NOT_FOR_DEPENDANTS.get(n.kind, ())
         if any(p in n.params for p in drop):
             params = {k: v for k, v in n.params.items() if k not in drop}
-            n_dep = StageNode(n.name, n.kind, n.deps, params, n.sections, n.training)
+            n_dep = StageNode(n.name, n.kind, n.deps, params, n.training)
             seen_by_dependants[n.name] = cache_key(n_dep, cfg, ups, version)
         else:
             seen_by_dependants[n.name] = keys[n.name]

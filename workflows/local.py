@@ -32,6 +32,7 @@ from pipeline.config import Config
 from pipeline.data.sources import DataError
 from pipeline.errors import UserError
 from pipeline.runtime import LocalContext, StageResult
+from pipeline.slices import ShardSlice, slice_for
 from workflows.dag import StageNode, build_graph
 from workflows.stages import stage_function, stage_inputs, stage_params
 
@@ -77,7 +78,7 @@ def _run_stage(
     if node.kind == "shard":
         from pipeline.stages import shard
 
-        return shard.run(cfg, stage_dir)
+        return shard.run(ShardSlice.of(cfg), stage_dir)
     inputs = stage_inputs(node, {name: outputs[up] for name, up in node.deps.items()})
     params = stage_params(node, started_at)
     # A fresh checkpoint folder per stage: a local run never resumes an earlier attempt.
@@ -89,7 +90,8 @@ def _run_stage(
         # the same reductions in the same order, so the same numbers as a Ray run.
         torch.set_num_threads(cfg.resources.for_stage(node.kind).threads)
     try:
-        return stage_function(node.kind)(cfg, inputs, str(stage_dir), ctx, **params)
+        settings = slice_for(node.kind, cfg)
+        return stage_function(node.kind)(settings, inputs, str(stage_dir), ctx, **params)
     finally:
         torch.set_num_threads(threads)
         ctx.clear()

@@ -16,9 +16,11 @@ from typing import Any
 import ray
 
 from pipeline.atomic import atomic_write_bytes
+from pipeline.config import Config
 from pipeline.data.shards import ShardSpec
 from pipeline.data.sources import DataError
 from pipeline.runtime import StageResult
+from pipeline.slices import ShardSlice
 from pipeline.stages import shard as shard_stage
 
 __all__ = ["ray_map", "shard_with_ray"]
@@ -89,7 +91,7 @@ def _get(ref: Any) -> Any:
 
 
 def shard_with_ray(
-    cfg: Any,
+    cfg: Config,
     out_dir: str | os.PathLike[str],
     max_in_flight: int | None = None,
     ship_bytes: bool = False,
@@ -99,5 +101,7 @@ def shard_with_ray(
     if not ray.is_initialized():
         ray.init(address="local")
     return shard_stage.run(
-        cfg, out_dir, map_fn=ray_map(max_in_flight=max_in_flight, ship_bytes=ship_bytes)
+        ShardSlice.of(cfg),
+        out_dir,
+        map_fn=ray_map(max_in_flight=max_in_flight, ship_bytes=ship_bytes),
     )

@@ -43,6 +43,7 @@ import yaml
 from pipeline.atomic import atomic_write_text
 from pipeline.config import Config
 from pipeline.runtime import StageResult
+from pipeline.slices import slice_for
 from workflows import stageio
 from workflows.dag import StageNode, build_graph, compute_keys, stage_config
 
@@ -64,7 +65,8 @@ _KEY_FILE = "cache_key"
 
 
 def stage_function(kind: str) -> Any:
-    """The ``pipeline.stages`` function that runs a training-like stage kind."""
+    """The ``pipeline.stages`` function that runs a training-like stage kind: it takes the kind's
+    config slice (:func:`pipeline.slices.slice_for`), its inputs, out_dir and context."""
     from pipeline.stages import distill, evaluate, finetune, pretrain
 
     fns = {
@@ -80,7 +82,7 @@ def stage_function(kind: str) -> Any:
 
 
 def stage_params(node: StageNode, started_at: float | None) -> dict[str, Any]:
-    """The keyword arguments of a node's stage function beyond (cfg, inputs, out_dir, ctx):
+    """The keyword arguments of a node's stage function beyond (slice, inputs, out_dir, ctx):
     ``fraction``, ``baseline`` and (evaluate) ``started_at``, the run's start time."""
     params: dict[str, Any] = {}
     if "fraction" in node.params:
@@ -260,10 +262,10 @@ class StageExecutor:
             _guard_checkpoints(stageio.join(stage_dir, "checkpoints"), self.cache_key(node))
             params = stage_params(node, self.started_at)
             workers = 1 if node.kind == "evaluate" else None
-            stage_cfg = cfg.model_copy(update={"resources": cfg.resources.for_stage(node.kind)})
             result = run_training_stage(
                 LoggedStageFn(stage_function(node.kind), log_path),
-                stage_cfg,
+                slice_for(node.kind, cfg),
+                cfg.resources.for_stage(node.kind),
                 stage_inputs(node, inputs),
                 out_dir,
                 params=params,

@@ -1,6 +1,6 @@
 """Running a training stage on Ray: Ray Train for several workers, a Ray task for one.
 
-Every training stage is a plain function ``run(cfg, inputs, out_dir, ctx, **params)`` in
+Every training stage is a plain function ``run(settings, inputs, out_dir, ctx, **params)`` in
 ``pipeline.stages``. Here it gets a :class:`pipeline.runtime.TrainContext` backed by Ray:
 
 * ``resources.num_workers > 1``: a ``TorchTrainer`` (gloo on CPU, nccl on GPU) with
@@ -38,8 +38,9 @@ import ray
 import torch
 
 from pipeline.atomic import atomic_write_text
-from pipeline.config import Config
+from pipeline.config import ResourcesConfig
 from pipeline.runtime import StageResult, load_checkpoint_file
+from pipeline.slices import StageSlice
 from workflows import stageio
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,8 @@ RESULT_FILE = "result.json"
 _PROGRESS = ("epoch", "loss", "views_per_s", "images_per_s", "val_knn_top1", "val_top1")
 
 
-def _set_threads(cfg: Config) -> None:
-    torch.set_num_threads(cfg.resources.threads)
+def _set_threads(resources: ResourcesConfig) -> None:
+    torch.set_num_threads(resources.threads)
 
 
 class _Durable:
@@ -184,11 +185,13 @@ def _read_result(out_dir: str, history: list[dict[str, Any]]) -> StageResult:
 @dataclass(frozen=True)
 class TrainJob:
     """What every worker of a training stage runs (picklable): the stage function and its
-    arguments, where checkpoints go, the metrics sink, and ``upload_to`` (the stage's output
-    folder on an object store, or None when ``out_dir`` is shared storage)."""
+    arguments (``settings``: the kind's config slice), the resources it runs with (after the
+    kind's overrides), where checkpoints go, the metrics sink, and ``upload_to`` (the stage's
+    output folder on an object store, or None when ``out_dir`` is shared storage)."""
 
     fn: StageFn
-    cfg: Config
+    settings: StageSlice
+    resources: ResourcesConfig
     inputs: dict[str, str]
     out_dir: str
     params: dict[str, Any]
@@ -201,7 +204,7 @@ def _call(job: TrainJob, inputs: dict[str, str], out_dir: str, ctx: WorkerContex
     """The stage function, then its metrics sink flushed (a bounded wait, also when it fails);
     points the sink could not send are noted in the result."""
     try:
-        result = job.fn(job.cfg, inputs, out_dir, ctx, **job.params)
+        result = job.fn(job.settings, inputs, out_dir, ctx, **job.params)
     finally:
         dropped = ctx._durable.close()
     _note_dropped(result, dropped)
@@ -237,12 +240,12 @@ def _run_here(job: TrainJob, ctx: WorkerContext, write_result: bool) -> StageRes
 def _run_worker(job: TrainJob, ray_train: bool = False) -> StageResult:
     """One worker of a training stage: a Ray task (``ray_train`` false: the result is returned)
     or a Ray Train worker (rank 0 also writes it to ``result.json`` in the outputs)."""
-    _set_threads(job.cfg)
+    _set_threads(job.resources)
     ctx: WorkerContext
     if ray_train:
         ctx = RayTrainContext(job.checkpoint_dir, job.sink)
     else:
-        ctx = TaskContext(job.checkpoint_dir, job.sink, use_gpu=job.cfg.resources.use_gpu)
+        ctx = TaskContext(job.checkpoint_dir, job.sink, use_gpu=job.resources.use_gpu)
     result = _run_here(job, ctx, write_result=ray_train)
     result.history = list(result.history)
     return result
@@ -254,7 +257,7 @@ def _train_loop(config: dict[str, TrainJob]) -> None:
 
 
 def _run_as_task(job: TrainJob) -> StageResult:
-    res = job.cfg.resources
+    res = job.resources
     task = ray.remote(_run_worker).options(
         num_cpus=res.cpus_per_worker,
         num_gpus=1 if res.use_gpu else 0,
@@ -271,7 +274,7 @@ def _run_with_ray_train(job: TrainJob, workers: int, stage_dir: str) -> StageRes
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    res = job.cfg.resources
+    res = job.resources
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"job": job},
@@ -301,7 +304,8 @@ def _run_with_ray_train(job: TrainJob, workers: int, stage_dir: str) -> StageRes
 
 def run_training_stage(
     fn: StageFn,
-    cfg: Config,
+    settings: StageSlice,
+    resources: ResourcesConfig,
     inputs: dict[str, str],
     out_dir: str,
     params: dict[str, Any] | None = None,
@@ -309,8 +313,9 @@ def run_training_stage(
     num_workers: int | None = None,
     stage_dir: str | None = None,
 ) -> StageResult:
-    """Run ``fn`` on Ray with ``resources.num_workers`` workers (or ``num_workers``): one as a
-    Ray task, more through Ray Train.
+    """Run ``fn(settings, inputs, out_dir, ctx, **params)`` on Ray with
+    ``resources.num_workers`` workers (or ``num_workers``): one as a Ray task, more through Ray
+    Train. ``resources`` are the stage kind's (``resources.for_stage(kind)``).
 
     ``inputs`` are local paths or URIs (resolved on the node that runs each worker).
     ``stage_dir`` is the stage's folder in the run's storage (default: ``out_dir``'s parent):
@@ -318,13 +323,14 @@ def run_training_stage(
     it is an object-store URI, ``out_dir`` is a local folder of this process: the workers upload
     their outputs to ``<stage_dir>/out`` and they are copied into ``out_dir`` at the end.
     """
-    workers = num_workers or cfg.resources.num_workers
+    workers = num_workers or resources.num_workers
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stage_dir = stage_dir or str(out.parent)
     job = TrainJob(
         fn,
-        cfg,
+        settings,
+        resources,
         inputs,
         out_dir,
         params or {},

@@ -9,10 +9,11 @@ from pathlib import Path
 
 from torch import nn
 
-from pipeline.config import Config, ModelConfig
+from pipeline.config import ModelConfig
 from pipeline.distributed import convert_sync_batchnorm
 from pipeline.models import Classifier, save_model
 from pipeline.runtime import LocalContext, StageResult, TrainContext
+from pipeline.slices import DistillSlice, SupervisedSlice
 from pipeline.stages.common import (
     DatasetInfo,
     StreamSplit,
@@ -34,7 +35,7 @@ __all__ = ["ClassifierStage"]
 class ClassifierStage:
     """One supervised stage's setting: where its data and outputs are, how it reads the data."""
 
-    cfg: Config
+    cfg: SupervisedSlice | DistillSlice
     dataset: str
     out: Path
     ctx: TrainContext
@@ -44,15 +45,20 @@ class ClassifierStage:
 
     @classmethod
     def open(
-        cls, cfg: Config, inputs: dict[str, str], out_dir: str, ctx: TrainContext | None
+        cls,
+        cfg: SupervisedSlice | DistillSlice,
+        inputs: dict[str, str],
+        out_dir: str,
+        ctx: TrainContext | None,
     ) -> ClassifierStage:
         """Seed this rank and read ``inputs['dataset']``'s description."""
         out = Path(out_dir)
         ctx = ctx or LocalContext(out / "checkpoints")
-        seed_everything(cfg.supervised_seed * 100 + ctx.rank)
+        seed_everything(cfg.seed * 100 + ctx.rank)
         ds = inputs["dataset"]
         info = read_info(ds)
-        return cls(cfg, ds, out, ctx, info, view_size(cfg, info), not use_memory(cfg, info))
+        size, streaming = view_size(cfg.image_size, info), not use_memory(cfg.data, info)
+        return cls(cfg, ds, out, ctx, info, size, streaming)
 
     @property
     def channels(self) -> int:
@@ -64,7 +70,10 @@ class ClassifierStage:
 
     def train_stream(self) -> StreamSplit:
         """The train split as this rank's stream."""
-        return StreamSplit(self.cfg, self.dataset, "train", self.ctx.rank, self.ctx.world_size)
+        c = self.cfg
+        return StreamSplit(
+            c.data, c.seed, self.dataset, "train", self.ctx.rank, self.ctx.world_size
+        )
 
     def prepare(self, model: Classifier) -> Classifier:
         """``model`` with synchronised BatchNorm when the stage runs on several ranks."""
@@ -76,7 +85,7 @@ class ClassifierStage:
         """The validation hook: top-1 (%) on the val split (none when the split is empty)."""
         size = self.size
         if self.streaming:
-            stream = StreamSplit(self.cfg, self.dataset, "val")
+            stream = StreamSplit(self.cfg.data, self.cfg.seed, self.dataset, "val")
 
             def streamed(m: nn.Module) -> dict[str, float]:
                 logits, labels, _ = stream.features(m, size)

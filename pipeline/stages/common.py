@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.atomic import atomic_write_text
-from pipeline.config import Config
 from pipeline.data import dataset_info, load_split, load_subset, make_loader
 from pipeline.data.loader import ShardDataset, decoded_bytes
 from pipeline.data.transforms import BatchTwoViewAugment, normalize_batch
 from pipeline.models import ContrastiveModel, load_model
+from pipeline.slices import DataRead
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +78,10 @@ def load_contrastive(path: str, map_location: str | torch.device = "cpu") -> Con
     return model
 
 
-def view_size(cfg: Config, info: DatasetInfo) -> int:
-    """The side of the views the networks see: ``augment.image_size``, else the images' height."""
-    return int(cfg.augment.image_size or info["height"])
+def view_size(image_size: int | None, info: DatasetInfo) -> int:
+    """The side of the views the networks see: ``image_size`` (``augment.image_size``), else the
+    images' height."""
+    return int(image_size or info["height"])
 
 
 @dataclass
@@ -395,13 +396,13 @@ def out_path(out_dir: str | os.PathLike[str], name: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def use_memory(cfg: Config, info: DatasetInfo) -> bool:
+def use_memory(data: DataRead, info: DatasetInfo) -> bool:
     """Whether the stages hold the decoded splits in memory (``data.in_memory``; ``auto``: when
     all splits' decoded bytes fit in ``data.memory_budget_mb``) or stream the shards."""
-    mode = cfg.data.in_memory
+    mode = data.in_memory
     if isinstance(mode, bool):
         return mode
-    return decoded_bytes(dict(info)) <= cfg.data.memory_budget_mb * 2**20
+    return decoded_bytes(dict(info)) <= data.memory_budget_mb * 2**20
 
 
 #: A batch of views: one tensor, or several (a decoder's tuple of views, collated as a list).
@@ -452,9 +453,15 @@ class StreamSplit:
     """
 
     def __init__(
-        self, cfg: Config, dataset_dir: str, split: str, rank: int = 0, world: int = 1
+        self,
+        data: DataRead,
+        seed: int,
+        dataset_dir: str,
+        split: str,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
-        self.cfg, self.dataset_dir, self.split = cfg, dataset_dir, split
+        self.data, self.seed, self.dataset_dir, self.split = data, seed, dataset_dir, split
         self.rank, self.world = rank, world
         self.info = read_info(dataset_dir)
         self.count = int(self.info["counts"].get(split, 0))
@@ -472,7 +479,7 @@ class StreamSplit:
         rank: int | None = None,
         world: int | None = None,
     ) -> torch.utils.data.DataLoader[StreamBatch]:
-        d = self.cfg.data
+        d = self.data
         loader = make_loader(
             self.dataset_dir,
             self.split,
@@ -482,7 +489,7 @@ class StreamSplit:
             world_size=self.world if world is None else world,
             num_workers=d.loader_workers,
             shuffle=shuffle,
-            seed=self.cfg.seed * 1_000_003 + 17,
+            seed=self.seed * 1_000_003 + 17,
             with_keys=True,
             decoder=decoder,
             buffer_size=d.shuffle_buffer,

@@ -21,7 +21,6 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from pipeline.config import Config, ModelConfig
 from pipeline.data import load_subset
 from pipeline.data.transforms import BatchTwoViewAugment
 from pipeline.losses import DistillationLoss
@@ -33,21 +32,16 @@ from pipeline.models import (
     load_model,
 )
 from pipeline.runtime import StageResult, TrainContext
+from pipeline.slices import DistillSlice
 from pipeline.stages.classifier import ClassifierStage
 from pipeline.stages.common import encode, load_data, single_view_augment
 from pipeline.stages.supervised import InMemory, Streamed, SupervisedPlan, Targets, fit
 
-__all__ = ["run", "student_model_config"]
-
-
-def student_model_config(cfg: Config) -> ModelConfig:
-    """The teacher's model section with the student's arch, width and (when set) stem stride."""
-    student = cfg.distill.student.model_dump(exclude_none=True)
-    return cfg.model.model_copy(update=student)
+__all__ = ["run"]
 
 
 def run(
-    cfg: Config,
+    cfg: DistillSlice,
     inputs: dict[str, str],
     out_dir: str,
     ctx: TrainContext | None = None,
@@ -60,12 +54,11 @@ def run(
     teacher = load_model(inputs["teacher"], map_location=stage.ctx.device)
     teacher_params = count_params(teacher)
     if stage.streaming:
-        data: InMemory | Streamed = _streamed(stage, teacher, fraction)
+        data: InMemory | Streamed = _streamed(stage, cfg, teacher, fraction)
     else:
-        data = _in_memory(stage, teacher, fraction)
+        data = _in_memory(stage, cfg, teacher, fraction)
     del teacher
-    smodel_cfg = student_model_config(cfg)
-    backbone, feat_dim = backbone_from(build_contrastive_model(smodel_cfg, stage.channels), 0)
+    backbone, feat_dim = backbone_from(build_contrastive_model(cfg.student, stage.channels), 0)
     student = stage.prepare(Classifier(backbone, feat_dim, stage.n_classes))
     d = cfg.distill
     loss = DistillationLoss(temperature=d.temperature, label_weight=d.label_weight)
@@ -74,10 +67,10 @@ def run(
         "student_params": float(count_params(student)),
         "teacher_params": float(teacher_params),
     }
-    return stage.finish(history, student, smodel_cfg, 0, extra)
+    return stage.finish(history, student, cfg.student, 0, extra)
 
 
-def _plan(cfg: Config, fraction: float) -> SupervisedPlan:
+def _plan(cfg: DistillSlice, fraction: float) -> SupervisedPlan:
     d = cfg.distill
     return SupervisedPlan(
         epochs=d.epochs,
@@ -85,21 +78,16 @@ def _plan(cfg: Config, fraction: float) -> SupervisedPlan:
         lr=d.lr,
         weight_decay=d.weight_decay,
         optimizer="adamw",
-        seed=cfg.supervised_seed,
-        bf16=cfg.pretrain.bf16,
+        seed=cfg.seed,
+        bf16=cfg.bf16,
         name=f"distill@{fraction:g}",
     )
 
 
-def _crop_scale(cfg: Config) -> float:
-    d = cfg.distill
-    return d.crop_min_scale if d.crop_min_scale is not None else cfg.finetune.crop_min_scale
-
-
-def _known_labels(stage: ClassifierStage, fraction: float) -> dict[str, int]:
+def _known_labels(stage: ClassifierStage, fraction: float, label_weight: float) -> dict[str, int]:
     """Key -> label of the ``fraction`` % labeled subset when the loss mixes in cross-entropy
-    (``distill.label_weight > 0``), else empty."""
-    if stage.cfg.distill.label_weight <= 0:
+    (``label_weight > 0``), else empty."""
+    if label_weight <= 0:
         return {}
     keys, labels = load_subset(stage.dataset, fraction)
     return dict(zip(keys, labels.tolist(), strict=True))
@@ -110,30 +98,34 @@ def _hard_labels(keys: list[str], known: dict[str, int]) -> Tensor:
     return torch.tensor([known.get(k, -1) for k in keys], dtype=torch.long)
 
 
-def _in_memory(stage: ClassifierStage, teacher: nn.Module, fraction: float) -> InMemory:
+def _in_memory(
+    stage: ClassifierStage, cfg: DistillSlice, teacher: nn.Module, fraction: float
+) -> InMemory:
     """Every train image with the teacher's logits on it (computed once, on the clean images)
     and, with ``distill.label_weight``, the labeled subset's hard labels."""
     train = load_data(stage.dataset, "train")
     teacher_logits = encode(teacher, train.images, size=stage.size)  # (N, K)
-    known = _known_labels(stage, fraction)
+    known = _known_labels(stage, fraction, cfg.distill.label_weight)
     targets: Targets = (teacher_logits,)
     if known:
         targets = (teacher_logits, _hard_labels(train.keys, known))
-    augment = single_view_augment(stage.channels, stage.size, _crop_scale(stage.cfg))
+    augment = single_view_augment(stage.channels, stage.size, cfg.crop_min_scale)
     return InMemory(train.images, targets, augment)
 
 
-def _streamed(stage: ClassifierStage, teacher: nn.Module, fraction: float) -> Streamed:
+def _streamed(
+    stage: ClassifierStage, cfg: DistillSlice, teacher: nn.Module, fraction: float
+) -> Streamed:
     """The train split as a stream of the student's cropped views with the teacher's logits on
     their clean views (and the hard labels, as in :func:`_in_memory`)."""
     from pipeline.data.decode import CropViews
 
     size, channels, device = stage.size, stage.channels, stage.ctx.device
     train = stage.train_stream()
-    known = _known_labels(stage, fraction)
+    known = _known_labels(stage, fraction, cfg.distill.label_weight)
     teacher.eval()
     finish = BatchTwoViewAugment(size=size, channels=channels, strength=0.0).colour
-    crops = CropViews(size, channels, (_crop_scale(stage.cfg),), eval_view=True)
+    crops = CropViews(size, channels, (cfg.crop_min_scale,), eval_view=True)
 
     def batches(epoch: int, batch: int, steps: int) -> Iterator[tuple[Tensor, Targets]]:
         for (crop, clean), _y, keys in train.batches(crops, batch, steps, epoch=epoch):

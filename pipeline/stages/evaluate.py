@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from pipeline.atomic import atomic_write_text
-from pipeline.config import Config
 from pipeline.data import format_fraction
 from pipeline.models import count_params, load_model
 from pipeline.runtime import StageResult, TrainContext
+from pipeline.slices import EvaluateSlice
 from pipeline.stages.common import (
     StreamSplit,
     accuracy,
@@ -61,9 +61,14 @@ class _Features:
     outputs_on_test: Callable[[nn.Module], torch.Tensor]
 
 
-def _features(cfg: Config, ds: str, encoder: nn.Module, size: int, streaming: bool) -> _Features:
+def _features(
+    cfg: EvaluateSlice, ds: str, encoder: nn.Module, size: int, streaming: bool
+) -> _Features:
     if streaming:  # features batch by batch; no image is held
-        train_s, test_s = StreamSplit(cfg, ds, "train"), StreamSplit(cfg, ds, "test")
+        train_s, test_s = (
+            StreamSplit(cfg.data, cfg.seed, ds, "train"),
+            StreamSplit(cfg.data, cfg.seed, ds, "test"),
+        )
         f_train, train_labels, train_keys = train_s.features(encoder, size)
         f_test, test_labels, _ = test_s.features(encoder, size)
         return _Features(
@@ -81,7 +86,7 @@ def _features(cfg: Config, ds: str, encoder: nn.Module, size: int, streaming: bo
     )
 
 
-def _probe_top1(cfg: Config, feats: _Features, idx: torch.Tensor | None, k: int) -> float:
+def _probe_top1(cfg: EvaluateSlice, feats: _Features, idx: torch.Tensor | None, k: int) -> float:
     """Top-1 (%) on test of a linear probe fit on the train rows ``idx`` (all when None)."""
     e = cfg.evaluate
     x = feats.train if idx is None else feats.train[idx]
@@ -92,7 +97,7 @@ def _probe_top1(cfg: Config, feats: _Features, idx: torch.Tensor | None, k: int)
 
 
 def _fraction_row(
-    cfg: Config,
+    cfg: EvaluateSlice,
     inputs: dict[str, str],
     feats: _Features,
     p: float,
@@ -125,7 +130,7 @@ def _fraction_row(
 
 
 def run(
-    cfg: Config,
+    cfg: EvaluateSlice,
     inputs: dict[str, str],
     out_dir: str,
     ctx: TrainContext | None = None,
@@ -141,11 +146,11 @@ def run(
     seed_everything(cfg.seed)
     e = cfg.evaluate
     info = read_info(ds)
-    size, classes = view_size(cfg, info), list(info["classes"])
+    size, classes = view_size(cfg.image_size, info), list(info["classes"])
     k = len(classes)
-    streaming = not use_memory(cfg, info)
+    streaming = not use_memory(cfg.data, info)
     report: dict[str, Any] = {
-        "dataset": info.get("name", cfg.data.source),
+        "dataset": info.get("name", cfg.header.source),
         "digest": info.get("digest"),
     }
     device = ctx.device if ctx is not None else torch.device("cpu")  # where the models run
@@ -159,7 +164,7 @@ def run(
     report["encoder_params"] = count_params(encoder)
     fractions = {
         format_fraction(p): _fraction_row(cfg, inputs, feats, p, k, device)
-        for p in cfg.finetune.label_fractions
+        for p in cfg.label_fractions
     }
     report["fractions"] = fractions
     report["test_images"] = len(feats.test_labels)
@@ -177,7 +182,7 @@ def run(
 
 
 def _write(
-    cfg: Config,
+    cfg: EvaluateSlice,
     inputs: dict[str, str],
     report: dict[str, Any],
     feats: _Features,
@@ -207,32 +212,36 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def render_markdown(report: dict[str, Any], cfg: Config | None = None) -> str:
+def _header_lines(cfg: EvaluateSlice) -> list[str]:
+    """The report's lines on the encoder, its pretraining and the consistency phase."""
+    h = cfg.header
+    lines = [
+        f"Encoder {h.arch} ×{h.width:g}"
+        + (f" (stem stride {h.stem_stride})" if h.stem_stride != 1 else "")
+        + f", head depth {h.head_depth}, pretrain {h.method} τ={h.temperature:g}"
+        + (
+            f" (pseudo-labels from epoch {h.pseudo_label_from_epoch}, "
+            f"{h.pseudo_label_fraction:.0%} of the unlabeled images)"
+            if h.pseudo_label_from_epoch
+            else ""
+        )
+        + f" for {h.epochs} epochs, batch {h.batch_size}; seed {cfg.seed}.",
+    ]
+    if h.consistency_epochs:
+        lines.append(
+            f"Fine-tuning then trains {h.consistency_epochs} epochs on the unlabeled images too "
+            f"(FixMatch, threshold {h.consistency_threshold:g}); the baseline "
+            + ("does the same." if h.consistency_baseline else "sees only its labeled subset.")
+        )
+    return [*lines, ""]
+
+
+def render_markdown(report: dict[str, Any], cfg: EvaluateSlice | None = None) -> str:
     """The label-efficiency table: rows = label fraction, columns = baseline, SSL fine-tuned,
     student, linear probe, kNN, parameter counts."""
     lines = [f"# Label-efficiency report — {report['dataset']}", ""]
     if cfg is not None:
-        lines += [
-            f"Encoder {cfg.model.arch} ×{cfg.model.width:g}"
-            + (f" (stem stride {cfg.model.stem_stride})" if cfg.model.stem_stride != 1 else "")
-            + f", head depth {cfg.model.head_depth}, "
-            f"pretrain {cfg.pretrain.method} τ={cfg.pretrain.temperature:g}"
-            + (
-                f" (pseudo-labels from epoch {cfg.pretrain.pseudo_label_from_epoch}, "
-                f"{cfg.pretrain.pseudo_label_fraction:.0%} of the unlabeled images)"
-                if cfg.pretrain.pseudo_label_from_epoch
-                else ""
-            )
-            + f" for {cfg.pretrain.epochs} epochs, batch {cfg.pretrain.batch_size}; seed {cfg.seed}.",
-        ]
-        c = cfg.finetune.consistency
-        if c.epochs:
-            lines.append(
-                f"Fine-tuning then trains {c.epochs} epochs on the unlabeled images too (FixMatch, "
-                f"threshold {c.threshold:g}); the baseline "
-                + ("does the same." if c.baseline else "sees only its labeled subset.")
-            )
-        lines.append("")
+        lines += _header_lines(cfg)
     lines += [
         f"Top-1 accuracy (%) on the test split ({report.get('test_images', '?')} images).",
         "",
@@ -264,7 +273,7 @@ def render_markdown(report: dict[str, Any], cfg: Config | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_html(report: dict[str, Any], cfg: Config | None, folder: Path) -> str:
+def render_html(report: dict[str, Any], cfg: EvaluateSlice | None, folder: Path) -> str:
     """The report as one self-contained HTML page (plots embedded), which MLflow's artifact
     viewer and any browser show as it is."""
     import base64
@@ -348,7 +357,7 @@ def plot_label_efficiency(report: dict[str, Any], path: Path) -> str:
 
 
 def _plots(
-    cfg: Config,
+    cfg: EvaluateSlice,
     inputs: dict[str, str],
     report: dict[str, Any],
     f_test: torch.Tensor,

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.config import Config
+from pipeline.config import ConsistencyConfig
 from pipeline.data import load_split
 from pipeline.data.transforms import BatchTwoViewAugment
 from pipeline.models import (
@@ -27,6 +27,7 @@ from pipeline.models import (
     count_params,
 )
 from pipeline.runtime import StageResult, TrainContext
+from pipeline.slices import SupervisedSlice
 from pipeline.stages.classifier import ClassifierStage
 from pipeline.stages.common import (
     SplitData,
@@ -48,13 +49,15 @@ from pipeline.stages.supervised import InMemory, SupervisedPlan, fit
 __all__ = ["build_network", "plan_for", "run"]
 
 
-def plan_for(cfg: Config, name: str, fraction: float, baseline: bool = False) -> SupervisedPlan:
+def plan_for(
+    cfg: SupervisedSlice, name: str, fraction: float, baseline: bool = False
+) -> SupervisedPlan:
     """The supervised plan of a fine-tuning run at ``fraction`` % labels, or of the baseline
     (``finetune.baseline_lr`` when set, one value or one per fraction: a network from random init
     usually wants a larger step than a pretrained one, and a larger one still on six images per
     class)."""
     f = cfg.finetune
-    lr = f.baseline_lr_for(fraction) if baseline else f.lr
+    lr = cfg.lr_for(fraction, baseline)
     return SupervisedPlan(
         epochs=f.epochs,
         batch_size=f.batch_size,
@@ -62,13 +65,15 @@ def plan_for(cfg: Config, name: str, fraction: float, baseline: bool = False) ->
         weight_decay=f.weight_decay,
         optimizer=f.optimizer,
         min_steps=f.min_steps,
-        seed=cfg.supervised_seed,
-        bf16=cfg.pretrain.bf16,
+        seed=cfg.seed,
+        bf16=cfg.bf16,
         name=name,
     )
 
 
-def build_network(cfg: Config, channels: int, n_classes: int, pretrained: str | None) -> Classifier:
+def build_network(
+    cfg: SupervisedSlice, channels: int, n_classes: int, pretrained: str | None
+) -> Classifier:
     """Encoder + first j head layers + linear classifier; from ``pretrained`` (a 'contrastive'
     model file) or randomly initialised (the baseline)."""
     j = cfg.finetune.from_head_layer
@@ -81,7 +86,7 @@ def build_network(cfg: Config, channels: int, n_classes: int, pretrained: str | 
 
 
 def run(
-    cfg: Config,
+    cfg: SupervisedSlice,
     inputs: dict[str, str],
     out_dir: str,
     ctx: TrainContext | None = None,
@@ -100,8 +105,8 @@ def run(
     evaluate = stage.val_top1()
     augment = single_view_augment(stage.channels, stage.size, cfg.finetune.crop_min_scale)
     data = InMemory(labeled.images, (labeled.labels,), augment)
-    c = cfg.finetune.consistency
-    if not (c.epochs > 0 and (c.baseline or not baseline)):
+    c = cfg.consistency
+    if c is None or c.epochs == 0:
         history = fit(
             model,
             data,
@@ -118,13 +123,9 @@ def run(
                 model, data, F.cross_entropy, plan_for(cfg, name, fraction, baseline), stage.ctx
             )
         plan = ConsistencyPlan.from_config(
-            c,
-            weight_decay=cfg.finetune.weight_decay,
-            seed=cfg.supervised_seed,
-            bf16=cfg.pretrain.bf16,
-            name=name,
+            c, weight_decay=cfg.finetune.weight_decay, seed=cfg.seed, bf16=cfg.bf16, name=name
         )
-        unlabeled = _unlabeled(stage, train, keys, augment)
+        unlabeled = _unlabeled(stage, cfg, c, train, keys, augment)
         history = fit_consistency(
             model, data, unlabeled, plan, stage.ctx, history=history, resume=ckpt, evaluate=evaluate
         )
@@ -143,11 +144,16 @@ def _labeled(stage: ClassifierStage, keys: list[str]) -> tuple[SplitData, SplitD
 
 
 def _unlabeled(
-    stage: ClassifierStage, train: SplitData | None, keys: list[str], weak: Augment
+    stage: ClassifierStage,
+    cfg: SupervisedSlice,
+    c: ConsistencyConfig,
+    train: SplitData | None,
+    keys: list[str],
+    weak: Augment,
 ) -> UnlabeledMemory | UnlabeledStream:
     """The train images outside the labeled subset, with the consistency phase's weak (fine-tuning's
     crop + flip) and strong (colour jitter, crop) views."""
-    cfg, c, size, channels = stage.cfg, stage.cfg.finetune.consistency, stage.size, stage.channels
+    size, channels = stage.size, stage.channels
     strong = BatchTwoViewAugment(
         size=size, channels=channels, strength=c.strength, crop_min_scale=c.crop_min_scale
     )

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.config import Config, PretrainConfig
+from pipeline.config import PretrainConfig
 from pipeline.data import load_split, load_subset
 from pipeline.data.transforms import BatchTwoViewAugment
 from pipeline.distributed import convert_sync_batchnorm
@@ -30,6 +30,7 @@ from pipeline.losses import SupConLoss
 from pipeline.models import ContrastiveModel, build_contrastive_model, count_params, save_model
 from pipeline.optim import build_optimizer, scale_lr, warmup_cosine
 from pipeline.runtime import LocalContext, StageResult, TrainContext
+from pipeline.slices import PretrainSlice
 from pipeline.stages.common import (
     DatasetInfo,
     SplitData,
@@ -62,7 +63,7 @@ __all__ = ["pretrain_labels", "pseudo_labels", "run", "view_size"]
 ViewBatch = tuple[Tensor, Tensor, Tensor | None]
 
 
-def pretrain_labels(cfg: Config, dataset_dir: str, train: SplitData) -> torch.Tensor | None:
+def pretrain_labels(cfg: PretrainSlice, dataset_dir: str, train: SplitData) -> torch.Tensor | None:
     """The labels the loss sees: None (SimCLR), all (SupCon), or the labeled subset with -1
     elsewhere (semi-supervised; the subset is ``pretrain.label_fraction``, by default the smallest
     fine-tuning fraction, so no evaluated fraction sees more labels than it is credited with)."""
@@ -71,7 +72,7 @@ def pretrain_labels(cfg: Config, dataset_dir: str, train: SplitData) -> torch.Te
         return None
     if method == "supcon":
         return train.labels.clone()
-    keep = set(subset_keys(dataset_dir, cfg.pretrain_label_fraction))
+    keep = set(subset_keys(dataset_dir, _subset_fraction(cfg)))
     mask = torch.tensor([k in keep for k in train.keys], dtype=torch.bool)
     labels = torch.full_like(train.labels, -1)
     labels[mask] = train.labels[mask]
@@ -130,7 +131,14 @@ def pseudo_labels(
     return out
 
 
-def _lr(cfg: Config) -> float:
+def _subset_fraction(cfg: PretrainSlice) -> float:
+    """The labeled subset (percent) of semi-supervised pretraining."""
+    if cfg.label_fraction is None:
+        raise ValueError(f"pretrain.method {cfg.pretrain.method} reads no labeled subset")
+    return cfg.label_fraction
+
+
+def _lr(cfg: PretrainSlice) -> float:
     p = cfg.pretrain
     if p.lr is not None:
         return p.lr
@@ -154,7 +162,7 @@ def _check_batch(p: PretrainConfig, count: int) -> None:
         raise ValueError(f"pretrain.batch_size {p.batch_size} exceeds the {count} train images")
 
 
-def _mix_count(cfg: Config, world: int) -> int:
+def _mix_count(cfg: PretrainSlice, world: int) -> int:
     """Labeled images drawn into every batch of a rank (``pretrain.labeled_per_batch``, semisup
     only; with 60 labels among 57k images a batch of 256 holds 0.3 of them on average, too few
     for the class positives to matter)."""
@@ -162,7 +170,7 @@ def _mix_count(cfg: Config, world: int) -> int:
     return max(0, p.labeled_per_batch // world) if p.method == "semisup" else 0
 
 
-def _check_mix(cfg: Config, world: int) -> None:
+def _check_mix(cfg: PretrainSlice, world: int) -> None:
     p = cfg.pretrain
     if _mix_count(cfg, world) >= p.batch_size // world:
         raise ValueError(
@@ -175,7 +183,7 @@ def _check_mix(cfg: Config, world: int) -> None:
 class _Setting:
     """What both data paths need: the config, this rank, the view size and the augmentation."""
 
-    cfg: Config
+    cfg: PretrainSlice
     dataset: str
     rank: int
     world: int
@@ -280,18 +288,18 @@ class _Streamed:
         from pipeline.data.decode import CropViews
 
         cfg, p = s.cfg, s.cfg.pretrain
-        train = StreamSplit(cfg, s.dataset, "train", s.rank, s.world)
+        train = StreamSplit(cfg.data, cfg.seed, s.dataset, "train", s.rank, s.world)
         _check_batch(p, train.count)
         known: dict[str, int] = {}
         pool: SplitData | None = None
         if p.method == "semisup":
-            keys, sub_labels = load_subset(s.dataset, cfg.pretrain_label_fraction)
+            keys, sub_labels = load_subset(s.dataset, _subset_fraction(cfg))
             known = dict(zip(keys, sub_labels.tolist(), strict=True))
             if _mix_count(cfg, s.world) and keys:
                 _check_mix(cfg, s.world)
                 images, labels_l, keys_l = load_split(s.dataset, "train", keys=keys)
                 pool = SplitData(images, labels_l, keys_l)
-        val = StreamSplit(cfg, s.dataset, "val") if p.knn_every else None
+        val = StreamSplit(cfg.data, cfg.seed, s.dataset, "val") if p.knn_every else None
         crops = CropViews(s.size, s.aug.channels, (cfg.augment.crop_min_scale,) * 2)
         return cls(s, train, crops, known, pool, val)
 
@@ -352,7 +360,7 @@ class _Streamed:
     def knn(self, encoder: nn.Module) -> float | None:
         if self.val is None:
             return None
-        p, e = self.s.cfg.pretrain, self.s.cfg.evaluate
+        p, e = self.s.cfg.pretrain, self.s.cfg.knn
         f_bank, y_bank, _ = self.train.features(encoder, self.s.size, limit=p.knn_bank)
         f_q, y_q, _ = self.val.features(encoder, self.s.size, limit=p.knn_queries)
         scores = knn_predict(
@@ -365,7 +373,7 @@ class _Streamed:
 class _Loop:
     """The model, its optimiser and schedule, and the loss: what every epoch steps."""
 
-    cfg: Config
+    cfg: PretrainSlice
     model: ContrastiveModel
     net: nn.Module
     opt: torch.optim.Optimizer
@@ -411,7 +419,7 @@ class _Loop:
         }
 
 
-def _build(cfg: Config, channels: int, world: int) -> ContrastiveModel:
+def _build(cfg: PretrainSlice, channels: int, world: int) -> ContrastiveModel:
     model = build_contrastive_model(cfg.model, in_channels=channels)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -420,7 +428,7 @@ def _build(cfg: Config, channels: int, world: int) -> ContrastiveModel:
     return model
 
 
-def _loop(cfg: Config, model: ContrastiveModel, ctx: TrainContext, count: int) -> _Loop:
+def _loop(cfg: PretrainSlice, model: ContrastiveModel, ctx: TrainContext, count: int) -> _Loop:
     p, world = cfg.pretrain, ctx.world_size
     steps = count // world // (p.batch_size // world)
     if p.max_steps_per_epoch:
@@ -436,8 +444,8 @@ def _loop(cfg: Config, model: ContrastiveModel, ctx: TrainContext, count: int) -
     return _Loop(cfg, model, net, opt, sched, loss_fn, ctx.device, steps)
 
 
-def _setting(cfg: Config, dataset: str, ctx: TrainContext, info: DatasetInfo) -> _Setting:
-    size, channels = view_size(cfg, info), int(info["channels"])
+def _setting(cfg: PretrainSlice, dataset: str, ctx: TrainContext, info: DatasetInfo) -> _Setting:
+    size, channels = view_size(cfg.augment.image_size, info), int(info["channels"])
     aug = BatchTwoViewAugment(
         size=size,
         channels=channels,
@@ -448,7 +456,7 @@ def _setting(cfg: Config, dataset: str, ctx: TrainContext, info: DatasetInfo) ->
 
 
 def run(
-    cfg: Config,
+    cfg: PretrainSlice,
     inputs: dict[str, str],
     out_dir: str,
     ctx: TrainContext | None = None,
@@ -467,7 +475,7 @@ def run(
     seed_everything(cfg.seed * 100 + ctx.rank)
     info = read_info(inputs["dataset"])
     s = _setting(cfg, inputs["dataset"], ctx, info)
-    streaming = not use_memory(cfg, info)
+    streaming = not use_memory(cfg.data, info)
     data = _Streamed.load(s) if streaming else _InMemory.load(s)
     model = _build(cfg, int(info["channels"]), world)
     n_params = count_params(model)
@@ -507,7 +515,7 @@ def _log_epoch(metrics: dict[str, Any], epochs: int, streaming: bool) -> None:
 
 
 def _finish(
-    cfg: Config,
+    cfg: PretrainSlice,
     out: Path,
     model: nn.Module,
     channels: int,
@@ -535,7 +543,7 @@ def _finish(
 
 
 def knn_accuracy(
-    cfg: Config,
+    cfg: PretrainSlice,
     encoder: nn.Module,
     train: SplitData,
     val: SplitData,
@@ -552,8 +560,8 @@ def knn_accuracy(
         bank.labels,
         f_q,
         n_classes,
-        k=cfg.evaluate.knn_k,
-        temperature=cfg.evaluate.knn_temperature,
+        k=cfg.knn.knn_k,
+        temperature=cfg.knn.knn_temperature,
     )
     return accuracy(scores, query.labels)
 

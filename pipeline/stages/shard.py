@@ -1,6 +1,6 @@
 """The ``shard`` stage: source -> WebDataset tar shards + manifests + subsets + dataset.json.
 
-``run(cfg, out_dir, map_fn=map)`` runs in one process with the builtin ``map``;
+``run(ShardSlice.of(cfg), out_dir, map_fn=map)`` runs in one process with the builtin ``map``;
 ``workflows.sharding.shard_with_ray`` passes a ``map_fn`` that runs one Ray task per shard. For
 ``data.source: webdataset`` the user's shards are not copied: each task indexes one of them
 (:func:`pipeline.data.external.index_webdataset`).
@@ -14,27 +14,22 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config, subset_fractions
 from pipeline.data.shards import DATASET_JSON, MANIFEST, SKIPPED_JSON, build_dataset
 from pipeline.data.sources import prepare_splits
 from pipeline.runtime import StageResult
+from pipeline.slices import ShardSlice
 
-__all__ = ["label_fractions", "run"]
-
-
-def label_fractions(cfg: Config) -> list[float]:
-    """The label percentages that need subsets: ``finetune.label_fractions`` and, when set,
-    ``pretrain.label_fraction`` (duplicates removed, order kept)."""
-    return subset_fractions(cfg)
+__all__ = ["run"]
 
 
 def run(
-    cfg: Config,
+    cfg: ShardSlice,
     out_dir: str | os.PathLike[str],
     map_fn: Callable[..., Iterable[Any]] = map,
     fashion_mnist_dirs: Sequence[str | os.PathLike[str]] | None = None,
 ) -> StageResult:
-    """Shard ``cfg.data.source`` into ``out_dir``.
+    """Shard ``cfg.data.source`` into ``out_dir``, with a class-balanced subset for each of
+    ``cfg.fractions`` (percent).
 
     ``map_fn(fn, specs)`` writes (or, for external shards, indexes) one shard per call (any
     ``map``-like callable, e.g. Ray tasks).
@@ -43,7 +38,7 @@ def run(
     """
     out = Path(out_dir)
     t0 = time.perf_counter()
-    fractions = label_fractions(cfg)
+    fractions = list(cfg.fractions)
     if cfg.data.source == "webdataset":
         from pipeline.data.external import index_webdataset
 

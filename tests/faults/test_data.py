@@ -16,6 +16,7 @@ from PIL import Image
 from pipeline.config import ConfigError, parse_config
 from pipeline.data.shards import SampleTable, ShardRow, finish_dataset, subset_path
 from pipeline.data.sources import DataError, load_image_folder
+from pipeline.slices import ShardSlice
 from pipeline.stages import shard as shard_stage
 from workflows.dag import build_graph, compute_keys
 
@@ -109,7 +110,7 @@ def test_fewer_than_two_classes_is_an_error(tmp_path: Path):
 
 def test_every_shard_has_its_sha256_recorded(tmp_path: Path):
     cfg = parse_config({"data": {"source": "digits", "shard_size": 400}})
-    shard_stage.run(cfg, tmp_path)
+    shard_stage.run(ShardSlice.of(cfg), tmp_path)
     info = json.loads((tmp_path / "dataset.json").read_text())
     rows = pq.read_table(tmp_path / "shards.parquet").to_pylist()
     names = [n for s in ("train", "val", "test") for n in info["shards"][s]]

@@ -155,11 +155,12 @@ def test_stage_executor_hands_each_stage_its_own_resources(monkeypatch, tmp_path
 
     seen: dict[str, tuple[float, int | None]] = {}
 
-    def fake(fn, cfg, inputs, out_dir, **kw):  # records what the stage would have run with
-        seen[out_dir] = (
-            cfg.resources.cpus_per_worker,
-            cfg.resources.torch_threads,
-        )
+    def fake(fn, settings, resources, inputs, out_dir, **kw):  # records what it would run with
+        seen[out_dir] = (resources.cpus_per_worker, resources.torch_threads)
+        # the stage function's slice holds the same resolved resources
+        assert (settings.resources.cpus_per_worker, settings.resources.torch_threads) == seen[
+            out_dir
+        ]
         raise RuntimeError("stop here")
 
     monkeypatch.setattr(workflows.train, "run_training_stage", fake)

@@ -251,17 +251,15 @@ def test_cache_key_includes_version_params_and_upstream():
     assert k == cache_key(n, c, ups, version="1")
     assert k != cache_key(n, c, ups, version="2")
     assert k != cache_key(n, c, {"dataset": "k1", "pretrain": "k3"}, version="1")
-    other = StageNode(n.name, n.kind, n.deps, {"fraction": 2.0}, n.sections, n.training)
+    other = StageNode(n.name, n.kind, n.deps, {"fraction": 2.0}, n.training)
     assert k != cache_key(other, c, ups, version="1")
     with pytest.raises(GraphError, match="no cache key for upstream 'pretrain'"):
         cache_key(n, c, {"dataset": "k1"})
 
 
-def test_a_stage_kind_without_a_declaration_reads_its_sections():
+def test_a_stage_kind_without_a_slice_reads_no_config():
     c = cfg_with()
     assert stage_config(StageNode("x", "x"), c) == {}
-    assert stage_config(StageNode("x", "x", sections=("evaluate.knn_k",)), c) == {
-        "evaluate": {"knn_k": 200}
-    }
-    with pytest.raises(GraphError, match="stage 'x'.*unknown config field 'nowhere'"):
-        stage_config(StageNode("x", "x", sections=("nowhere",)), c)
+    # a pipeline kind's key hashes its slice
+    got = stage_config(StageNode("p", "pretrain"), c)
+    assert got["pretrain"]["temperature"] == c.pretrain.temperature and "finetune" not in got

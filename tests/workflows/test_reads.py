@@ -20,8 +20,9 @@ import pytest
 from pydantic import BaseModel
 
 from pipeline.config import Config, ConfigError, StageKind, StageResources, parse_config
+from pipeline.slices import SLICE_KINDS, slice_for
 from workflows.dag import build_graph, compute_keys
-from workflows.reads import NOT_RESULTS, RESOLVED, STAGE_READS, UNKEYED_READS, config_slice
+from workflows.reads import NOT_RESULTS, RESOLVED, config_slice
 
 TRAIN = {"pretrain", "finetune", "baseline", "distill"}
 SUPERVISED = {"finetune", "baseline", "distill"}
@@ -80,6 +81,10 @@ READERS: dict[str, set[str]] = {
     "resources.max_failures": set(),
     "resources.env": set(),  # read by workflows/ (the Ray runtime env), no stage function
 }
+
+# Reads deliberately left out of a kind's key: pretraining's online val kNN is a monitor in
+# history.json only (never the weights), so a new evaluation k does not re-run pretraining.
+MONITOR_ONLY: dict[str, set[str]] = {"pretrain": {"evaluate.knn_k", "evaluate.knn_temperature"}}
 
 # Fields whose shard effect is only which label subsets it writes: the shard's own key changes,
 # the key its dependants fold in does not (each reads only its own subset).
@@ -207,7 +212,7 @@ def readers(path: str, cfg: Config) -> set[str]:
 
 def keyed_readers(path: str, cfg: Config) -> set[str]:
     """The readers whose key must follow the field (minus declared monitor-only reads)."""
-    return {k for k in readers(path, cfg) if path not in UNKEYED_READS.get(k, {})}
+    return {k for k in readers(path, cfg) if path not in MONITOR_ONLY.get(k, set())}
 
 
 def expected_changes(cfg: Config, path: str, kinds: set[str]) -> set[str]:
@@ -277,21 +282,17 @@ def test_every_field_reaches_exactly_its_stages(base_name, path, raw, mutated) -
 
 
 def test_every_field_is_declared() -> None:
-    """Each leaf field is read by some kind's declaration or declared as no result (exactly one),
-    and every declared path is a config field."""
+    """The fields no slice keys are exactly the ones this test's table says no stage reads, and
+    every declared path is a config field; every kind's slice builds on every base."""
     fields = [p for p, _ in leaf_fields()]
-    declared_paths = {p for r in STAGE_READS.values() for p in r.paths}
-    for p in fields:
-        # (a section's path covers its fields; NOT_RESULTS are dropped from every slice)
-        read = p not in NOT_RESULTS and any(p == d or p.startswith(d + ".") for d in declared_paths)
-        unkeyed = any(p in u for u in UNKEYED_READS.values())
-        assert (p in NOT_RESULTS) + (p in RESOLVED) + (read or unkeyed) == 1, p
-    for p in [*NOT_RESULTS, *RESOLVED, *(q for u in UNKEYED_READS.values() for q in u)]:
+    for p in [*NOT_RESULTS, *RESOLVED]:
         assert p in fields, f"{p}: declared but not a config field"
+    assert not set(NOT_RESULTS) & set(RESOLVED)
+    for raw in BASES.values():
+        cfg = parse_config(raw)
+        for kind in SLICE_KINDS:
+            assert isinstance(config_slice(kind, cfg), dict)
     cfg = parse_config(BASES["consistency"])
-    for kind in STAGE_READS:
-        config_slice(kind, cfg)  # every path resolves
-    # this test's table and the declarations agree on which fields nobody reads
     unread = {p for p in fields if not readers(p, cfg) and p not in RESOLVED}
     assert unread == set(NOT_RESULTS)
 
@@ -312,6 +313,7 @@ def test_threads_override_for_one_kind_keys_that_kind_only() -> None:
     k1, k2 = compute_keys(build_graph(cfg), cfg), compute_keys(build_graph(other), other)
     assert {n for n in k1 if k1[n] != k2[n]} == {"baseline@1", "baseline@10", "evaluate"}
     # the slice holds the resolved value
+    assert slice_for("baseline", other).resources.torch_threads == 4
     assert config_slice("baseline", other)["resources"]["torch_threads"] == 4
     assert config_slice("finetune", other)["resources"]["torch_threads"] is None
 
@@ -363,26 +365,51 @@ class _Reads:
         return type(self._obj)
 
 
-def _covered(path: str, declared: tuple[str, ...]) -> bool:
-    return any(path == d or path.startswith(d + ".") for d in declared)
+def _leaves(d: Any, prefix: str = "") -> set[str]:
+    """The dotted paths of a nested dict's leaves."""
+    if not isinstance(d, dict) or not d:
+        return {prefix}
+    return {p for k, v in d.items() for p in _leaves(v, f"{prefix}.{k}" if prefix else k)}
 
 
-def test_stage_functions_read_only_what_their_kind_declares(tmp_path, monkeypatch) -> None:
-    """Run the whole graph on digits with every config read recorded per stage kind: each read
-    is in that kind's declared slice, a declared monitor-only read, or a field that shapes the
-    graph. (Resources are read by workflows/, not the stage functions.)"""
+# Keyed slice fields the recorded run below does not read, and why they are keyed all the same.
+_STREAMED = {
+    "data.loader_workers": "read when the splits are streamed (the run holds them in memory)",
+    "data.shuffle_buffer": "read when the splits are streamed (the run holds them in memory)",
+}
+NOT_READ_IN_THE_RUN: dict[str, dict[str, str]] = {
+    "pretrain": {
+        **_STREAMED,
+        "pretrain.base_lr": "read when pretrain.lr is None (the run sets it)",
+        "pretrain.lr_scaling": "read when pretrain.lr is None (the run sets it)",
+        "pretrain.label_fraction": "resolved into the slice's label_fraction, which is read",
+    },
+    "finetune": _STREAMED,
+    "baseline": _STREAMED,
+    "distill": _STREAMED,
+    "evaluate": _STREAMED,
+}
+
+
+def test_stage_functions_read_what_their_keys_hash(tmp_path, monkeypatch) -> None:
+    """Run the whole graph on digits with every read of each stage function's slice recorded:
+    every field the stage's key hashes is read (``resources.*`` is read by workflows/, which
+    runs the stage with those threads, workers and device), or listed above with the reason the
+    run does not read it. A stage cannot read outside its slice: the slice has no such field."""
     import torch
 
     import workflows.local as local
 
     seen: dict[str, set[str]] = {}
+    keyed: dict[str, set[str]] = {}
     real = local.stage_function
 
     def recording(kind: str):
         fn = real(kind)
 
-        def run(cfg, *args, **kwargs):
-            return fn(_Reads(cfg, "", seen.setdefault(kind, set())), *args, **kwargs)
+        def run(settings, *args, **kwargs):
+            keyed[kind] = _leaves(settings.key_dict())
+            return fn(_Reads(settings, "", seen.setdefault(kind, set())), *args, **kwargs)
 
         return run
 
@@ -417,13 +444,15 @@ def test_stage_functions_read_only_what_their_kind_declares(tmp_path, monkeypatc
     finally:
         torch.set_num_threads(threads)
     assert set(seen) == {"pretrain", "finetune", "baseline", "distill", "evaluate"}
-    # A stage may look at the fields that shape the graph (evaluate lists the fractions); any other
-    # field declared as changing no result must not be read by a stage function at all.
-    shape = ("finetune.label_fractions", "finetune.baseline", "distill.enabled", "tune.enabled")
-    stray = {
-        kind: sorted(p for p in paths if not _covered(p, allowed))
-        for kind, paths in seen.items()
-        if (allowed := (*STAGE_READS[kind].paths, *UNKEYED_READS.get(kind, {}), *shape))
+    unread = {
+        kind: sorted(
+            p
+            for p in keyed[kind]
+            if not p.startswith("resources.")
+            and not any(p == r or p.startswith(r + ".") for r in seen[kind])
+            and p not in NOT_READ_IN_THE_RUN.get(kind, {})
+        )
+        for kind in seen
     }
-    assert not {k: v for k, v in stray.items() if v}, f"reads outside the declared slices: {stray}"
-    assert "pretrain.bf16" in seen["baseline"]  # the read the keys once missed
+    assert not {k: v for k, v in unread.items() if v}, f"keyed but never read: {unread}"
+    assert "bf16" in seen["baseline"]  # the read the keys once missed

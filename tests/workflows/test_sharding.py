@@ -8,6 +8,7 @@ import pytest
 
 from pipeline.config import parse_config
 from pipeline.data import load_split
+from pipeline.slices import ShardSlice
 from pipeline.stages import shard as shard_stage
 
 pytestmark = pytest.mark.slow
@@ -27,7 +28,7 @@ def test_shard_with_ray_matches_local_and_ray_data_reads_it(ray_local, tmp_path)
 
     local = tmp_path / "local"
     remote = tmp_path / "ray"
-    shard_stage.run(_cfg(), local)
+    shard_stage.run(ShardSlice.of(_cfg()), local)
     res = shard_with_ray(_cfg(), remote, max_in_flight=2)
     assert res.metrics["num_images"] == 360
     a = json.loads((local / "dataset.json").read_text())
@@ -78,7 +79,7 @@ def test_external_shards_indexed_by_ray_tasks_and_a_bad_one_named(ray_local, tmp
         "finetune": {"label_fractions": [50]},
     }
     res = shard_with_ray(parse_config(raw), tmp_path / "a", max_in_flight=2)
-    shard_stage.run(parse_config(raw), tmp_path / "b")
+    shard_stage.run(ShardSlice.of(parse_config(raw)), tmp_path / "b")
     a = json.loads((tmp_path / "a" / "dataset.json").read_text())
     b = json.loads((tmp_path / "b" / "dataset.json").read_text())
     assert res.metrics["num_images"] == 36 and a["digest"] == b["digest"]

@@ -10,6 +10,7 @@ import torch
 from ray import tune
 
 from pipeline.config import Config
+from pipeline.slices import PretrainSlice
 from pipeline.stages import pretrain
 from workflows.tune.space import trial_config, trial_resources
 
@@ -66,7 +67,9 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], dataset_dir: str) ->
     ctx = TuneTrialContext(cfg.resources.use_gpu)
     # Tune stops a trial at its last report (ASHA's max_t), so the stage's own outputs are not
     # relied on: the weights live in the trial's Tune checkpoints.
-    pretrain.run(cfg, {"dataset": dataset_dir}, tune.get_context().get_trial_dir(), ctx)
+    pretrain.run(
+        PretrainSlice.of(cfg), {"dataset": dataset_dir}, tune.get_context().get_trial_dir(), ctx
+    )
 
 
 def trainable(base: dict[str, Any], dataset_dir: str, cfg: Config) -> Any:

@@ -17,6 +17,7 @@ from pipeline.config import parse_config
 from pipeline.data.external import IndexSpec, expand_urls, index_shard
 from pipeline.data.shards import is_val_key
 from pipeline.data.sources import DataError
+from pipeline.slices import ShardSlice
 from pipeline.stages import shard as shard_stage
 
 
@@ -71,7 +72,7 @@ def _cfg(train, test, **data):
 
 
 def _run(cfg, out: Path) -> dict:
-    shard_stage.run(cfg, out)
+    shard_stage.run(ShardSlice.of(cfg), out)
     return json.loads((out / "dataset.json").read_text())
 
 
@@ -230,7 +231,7 @@ def test_image_folder_keeps_the_original_bytes_and_resizes_only_beyond_max_side(
     (src / "b" / "x.png").write_bytes(_png(3))
     cfg = parse_config({"data": {"source": "image-folder", "root": str(src), "val_fraction": 0.0}})
     out = tmp_path / "out"
-    shard_stage.run(cfg, out)
+    shard_stage.run(ShardSlice.of(cfg), out)
     info = json.loads((out / "dataset.json").read_text())
     m = pq.read_table(out / "manifest.parquet").to_pylist()
     by_sha = {hashlib.sha256(b).hexdigest() for b in files.values()}
@@ -249,7 +250,7 @@ def test_image_folder_keeps_the_original_bytes_and_resizes_only_beyond_max_side(
     cfg2 = parse_config(
         {"data": {"source": "image-folder", "root": str(src), "val_fraction": 0.0, "max_side": 60}}
     )
-    shard_stage.run(cfg2, tmp_path / "out2")
+    shard_stage.run(ShardSlice.of(cfg2), tmp_path / "out2")
     info2 = json.loads((tmp_path / "out2" / "dataset.json").read_text())
     m2 = pq.read_table(tmp_path / "out2" / "manifest.parquet").to_pylist()
     changed = [r for r in m2 if r["sha256"] not in by_sha]
@@ -270,8 +271,8 @@ def test_image_folder_shards_are_byte_identical_on_reruns_and_on_ray(tmp_path: P
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_bytes(_jpeg(10 * ci + i))
     cfg = parse_config({"data": {"source": "image-folder", "root": str(src), "shard_size": 3}})
-    shard_stage.run(cfg, tmp_path / "a")
-    shard_stage.run(cfg, tmp_path / "b", map_fn=ray_map())
+    shard_stage.run(ShardSlice.of(cfg), tmp_path / "a")
+    shard_stage.run(ShardSlice.of(cfg), tmp_path / "b", map_fn=ray_map())
     a = json.loads((tmp_path / "a" / "dataset.json").read_text())
     b = json.loads((tmp_path / "b" / "dataset.json").read_text())
     assert a["digest"] == b["digest"] and a["shard_sha256"] == b["shard_sha256"]

@@ -13,6 +13,7 @@ from pipeline.config import parse_config
 from pipeline.data import dataset_info, iter_samples, load_split, make_loader, shard_paths
 from pipeline.data.sources import DataError
 from pipeline.data.transforms import EvalTransform
+from pipeline.slices import ShardSlice
 from pipeline.stages import shard as shard_stage
 
 
@@ -29,7 +30,7 @@ def _make(out, shard_size: int, max_train: int = 200):
             "finetune": {"label_fractions": [10]},
         }
     )
-    shard_stage.run(cfg, out)
+    shard_stage.run(ShardSlice.of(cfg), out)
     return out
 
 

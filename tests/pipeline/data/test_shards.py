@@ -17,6 +17,7 @@ from pipeline.config import parse_config
 from pipeline.data import format_fraction, load_split, load_subset
 from pipeline.data.shards import encode_png, label_subset, tar_info, write_tar
 from pipeline.data.sources import DataError, prepare_splits
+from pipeline.slices import ShardSlice
 from pipeline.stages import shard as shard_stage
 
 
@@ -35,7 +36,7 @@ def _cfg(**data):
 @pytest.fixture(scope="module")
 def digits_ds(tmp_path_factory):
     out = tmp_path_factory.mktemp("digits")
-    res = shard_stage.run(_cfg(), out)
+    res = shard_stage.run(ShardSlice.of(_cfg()), out)
     return out, res
 
 
@@ -95,7 +96,7 @@ def test_manifest_matches_shards(digits_ds):
 
 def test_reshard_is_byte_identical(digits_ds, tmp_path):
     out, _ = digits_ds
-    shard_stage.run(_cfg(), tmp_path)
+    shard_stage.run(ShardSlice.of(_cfg()), tmp_path)
     a = json.loads((out / "dataset.json").read_text())
     b = json.loads((tmp_path / "dataset.json").read_text())
     assert a["digest"] == b["digest"]
@@ -103,14 +104,14 @@ def test_reshard_is_byte_identical(digits_ds, tmp_path):
         assert (tmp_path / p.name).read_bytes() == p.read_bytes(), p.name
     assert (tmp_path / "manifest.parquet").read_bytes() == (out / "manifest.parquet").read_bytes()
     # a different seed gives a different split, hence a different digest
-    shard_stage.run(_cfg(seed=1), tmp_path / "s1")
+    shard_stage.run(ShardSlice.of(_cfg(seed=1)), tmp_path / "s1")
     assert json.loads((tmp_path / "s1" / "dataset.json").read_text())["digest"] != a["digest"]
 
 
 def test_rerun_removes_stale_shards(tmp_path):
-    shard_stage.run(_cfg(shard_size=64), tmp_path)
+    shard_stage.run(ShardSlice.of(_cfg(shard_size=64)), tmp_path)
     n_small = len(list(tmp_path.glob("train-*.tar")))
-    shard_stage.run(_cfg(shard_size=512), tmp_path)
+    shard_stage.run(ShardSlice.of(_cfg(shard_size=512)), tmp_path)
     assert len(list(tmp_path.glob("train-*.tar"))) == 3 < n_small
     assert (
         load_split(tmp_path, "train")[0].shape[0]
@@ -128,7 +129,7 @@ def test_subsets_balanced_nested_deterministic(digits_ds, tmp_path):
     assert np.bincount(y05.numpy(), minlength=10).tolist() == [1] * 10  # at least 1 per class
     assert np.bincount(y10.numpy(), minlength=10).tolist() == [round(0.1 * n_train / 10)] * 10
     assert set(k1) <= set(k10) <= train_keys and set(k05) <= set(k1)
-    shard_stage.run(_cfg(), tmp_path)
+    shard_stage.run(ShardSlice.of(_cfg()), tmp_path)
     assert load_subset(tmp_path, 10)[0] == k10
     keys = [f"k{i}" for i in range(200)]
     labels = [i % 4 for i in range(200)]
@@ -188,7 +189,7 @@ def test_rgb_source_round_trip(tmp_path: Path):
     cfg = parse_config(
         {"data": {"source": "image-folder", "root": str(tmp_path / "src"), "val_fraction": 0.0}}
     )
-    shard_stage.run(cfg, tmp_path / "out")
+    shard_stage.run(ShardSlice.of(cfg), tmp_path / "out")
     images, labels, keys = load_split(tmp_path / "out", "train")
     assert images.shape == (8, 3, 6, 9)
     k = keys[0]  # e.g. "x_0_png"

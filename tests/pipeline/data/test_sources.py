@@ -22,6 +22,7 @@ from pipeline.data.sources import (
     stratified_indices,
     stratified_split,
 )
+from pipeline.slices import ShardSlice
 from pipeline.stages import shard as shard_stage
 
 FM_SYSTEM = Path("/usr/share/datasets/fashion-mnist")
@@ -76,7 +77,7 @@ def _shard_folder(root: Path, out: Path, **data) -> dict:
             "finetune": {"label_fractions": [50]},
         }
     )
-    shard_stage.run(cfg, out)
+    shard_stage.run(ShardSlice.of(cfg), out)
     return json.loads((out / "dataset.json").read_text())
 
 
@@ -135,7 +136,7 @@ def test_image_folder_corrupt_counted_in_skipped_json(tmp_path: Path):
             "finetune": {"label_fractions": [50]},
         }
     )
-    res = shard_stage.run(cfg, tmp_path / "out")
+    res = shard_stage.run(ShardSlice.of(cfg), tmp_path / "out")
     skipped = json.loads((tmp_path / "out" / "skipped.json").read_text())
     assert skipped["count"] == 1 and skipped["skipped"][0]["path"].endswith("corrupt.jpg")
     assert res.metrics["num_skipped"] == 1 and res.metrics["num_images"] == 12

@@ -20,6 +20,7 @@ from pipeline.config import parse_config
 from pipeline.data import DataError, dataset_info, load_split
 from pipeline.data.decode import CropViews, ResizeView, TensorDecoder
 from pipeline.data.loader import make_loader, split_dataset
+from pipeline.slices import DataRead
 from pipeline.stages.common import StreamSplit, use_memory
 
 CLASSES = ["a", "b", "c"]
@@ -127,7 +128,7 @@ def test_stream_batches_fixed_steps_and_disjoint_ranks(jpegs):
     steps, b = 60 // 2 // 8, 8  # as the in-memory path: count // world // batch
     seen = []
     for rank in range(2):
-        s = StreamSplit(cfg, str(jpegs), "train", rank, 2)
+        s = StreamSplit(DataRead.pick(cfg.data), cfg.seed, str(jpegs), "train", rank, 2)
         got = list(s.batches(crops, b, steps, epoch=3))
         assert len(got) == steps and all(len(k) == b and len(x[0]) == b for x, _, k in got)
         seen.append({k for _, _, keys in got for k in keys})
@@ -136,7 +137,11 @@ def test_stream_batches_fixed_steps_and_disjoint_ranks(jpegs):
         assert again == [k for _, _, keys in got for k in keys] and again != other
     assert not seen[0] & seen[1] and len(seen[0]) == len(seen[1]) == steps * b
     # more steps than a rank's share: the share is read again, never a short epoch
-    long = list(StreamSplit(cfg, str(jpegs), "train", 0, 2).batches(crops, b, 6, epoch=0))
+    long = list(
+        StreamSplit(DataRead.pick(cfg.data), cfg.seed, str(jpegs), "train", 0, 2).batches(
+            crops, b, 6, epoch=0
+        )
+    )
     assert len(long) == 6
 
 
@@ -167,14 +172,19 @@ def test_variable_size_in_memory_resizes_to_nominal(jpegs):
     assert images.shape == (60, 3, 24, 32) and len(set(keys)) == 60
 
 
+def _data(raw: dict) -> DataRead:
+    """How a stage of the config ``raw`` reads the shards."""
+    return DataRead.pick(parse_config(raw).data)
+
+
 def test_in_memory_auto_picks_each_path(jpegs):
     info = dataset_info(jpegs)
     need = 75 * 3 * 24 * 32  # all splits, decoded at the nominal size
     mb = need / 2**20
-    assert use_memory(parse_config({"data": {"memory_budget_mb": mb * 1.01}}), info)
-    assert not use_memory(parse_config({"data": {"memory_budget_mb": mb * 0.99}}), info)
-    assert use_memory(parse_config({"data": {"in_memory": "true", "memory_budget_mb": 1e-6}}), info)
-    assert not use_memory(parse_config({"data": {"in_memory": False}}), info)
+    assert use_memory(_data({"data": {"memory_budget_mb": mb * 1.01}}), info)
+    assert not use_memory(_data({"data": {"memory_budget_mb": mb * 0.99}}), info)
+    assert use_memory(_data({"data": {"in_memory": "true", "memory_budget_mb": 1e-6}}), info)
+    assert not use_memory(_data({"data": {"in_memory": False}}), info)
 
 
 def test_altered_and_short_shards_are_named(jpegs, tmp_path):
@@ -283,30 +293,43 @@ def _tiny_cfg(in_memory):
 
 
 def test_smoke_stages_stream_from_s3(s3_bucket, tmp_path):
+    from pipeline.slices import (
+        DistillSlice,
+        EvaluateSlice,
+        PretrainSlice,
+        ShardSlice,
+        SupervisedSlice,
+    )
     from pipeline.stages import distill, evaluate, finetune, pretrain
     from pipeline.stages import shard as shard_stage
 
     cfg = _tiny_cfg(False)
     local = tmp_path / "ds"
-    shard_stage.run(cfg, local)
+    shard_stage.run(ShardSlice.of(cfg), local)
     uri = f"{s3_bucket}/runs/x/stages/shard/out"
     _upload(local, uri)
     torch.set_num_threads(1)
     inputs = {"dataset": uri}
-    pre = pretrain.run(cfg, inputs, str(tmp_path / "pre"))
+    pre = pretrain.run(PretrainSlice.of(cfg), inputs, str(tmp_path / "pre"))
     assert pre.metrics["data_streaming"] == 1.0 and "val_knn_top1" in pre.metrics
     assert pre.history[-1]["pseudo_labels"] >= 0
     ft = finetune.run(
-        cfg, {**inputs, "pretrain": pre.outputs["model"]}, str(tmp_path / "ft"), fraction=10
+        SupervisedSlice.of(cfg),
+        {**inputs, "pretrain": pre.outputs["model"]},
+        str(tmp_path / "ft"),
+        fraction=10,
     )
     assert ft.metrics["data_streaming"] == 1.0 and "val_top1" in ft.metrics
     assert "pseudo_label_acc" in ft.history[-1]
     st = distill.run(
-        cfg, {**inputs, "teacher": ft.outputs["model"]}, str(tmp_path / "st"), fraction=10
+        DistillSlice.of(cfg),
+        {**inputs, "teacher": ft.outputs["model"]},
+        str(tmp_path / "st"),
+        fraction=10,
     )
     assert st.metrics["data_streaming"] == 1.0 and "val_top1" in st.metrics
     ev = evaluate.run(
-        cfg,
+        EvaluateSlice.of(cfg),
         {**inputs, "pretrain": pre.outputs["model"], "finetune@10": ft.outputs["model"]},
         str(tmp_path / "ev"),
     )

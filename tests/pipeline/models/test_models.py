@@ -105,18 +105,20 @@ def test_stem_stride_two_quarters_the_positions_with_the_same_parameters() -> No
 
 def test_stem_stride_from_config_and_student_default() -> None:
     from pipeline.config import Config
-    from pipeline.stages.distill import student_model_config
+    from pipeline.slices import DistillSlice
 
     model = build_contrastive_model(ModelConfig(width=0.125, stem_stride=2), in_channels=1)
     assert model.encoder.conv1.stride == (2, 2)
     cfg = Config.model_validate(
         {"model": {"stem_stride": 2}, "distill": {"student": {"width": 0.06}}}
     )
-    assert student_model_config(cfg).stem_stride == 2  # the teacher's by default
+    assert DistillSlice.of(cfg).student.stem_stride == 2  # the teacher's by default
     cfg = Config.model_validate(
         {"model": {"stem_stride": 2}, "distill": {"student": {"width": 0.06, "stem_stride": 1}}}
     )
-    assert student_model_config(cfg).stem_stride == 1 and student_model_config(cfg).width == 0.06
+    assert (
+        DistillSlice.of(cfg).student.stem_stride == 1 and DistillSlice.of(cfg).student.width == 0.06
+    )
     with pytest.raises(ValueError, match="stem_stride"):
         Config.model_validate({"model": {"stem_stride": 4}})
     with pytest.raises(ValueError, match="CIFAR stem only"):

@@ -13,6 +13,13 @@ from pipeline.config import Config, ConfigError, load_config
 from pipeline.data import load_subset
 from pipeline.models import count_params, load_model
 from pipeline.runtime import LocalContext
+from pipeline.slices import (
+    DistillSlice,
+    EvaluateSlice,
+    PretrainSlice,
+    ShardSlice,
+    SupervisedSlice,
+)
 from pipeline.stages import distill, evaluate, finetune, pretrain
 from pipeline.stages import shard as shard_stage
 from pipeline.stages.common import knn_predict, load_data
@@ -42,14 +49,14 @@ def cfg(tmp_path_factory: pytest.TempPathFactory) -> Config:
 @pytest.fixture(scope="module")
 def dataset(cfg: Config, tmp_path_factory: pytest.TempPathFactory) -> str:
     out = tmp_path_factory.mktemp("dataset")
-    result = shard_stage.run(cfg, str(out))
+    result = shard_stage.run(ShardSlice.of(cfg), str(out))
     return result.outputs["dataset"]
 
 
 @pytest.fixture(scope="module")
 def pretrained(cfg: Config, dataset: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     out = tmp_path_factory.mktemp("pretrain")
-    result = pretrain.run(cfg, {"dataset": dataset}, str(out))
+    result = pretrain.run(PretrainSlice.of(cfg), {"dataset": dataset}, str(out))
     return result.outputs["model"]
 
 
@@ -78,11 +85,13 @@ class _StopAfter(LocalContext):
 def test_pretrain_resumes_from_checkpoint(cfg: Config, dataset: str, tmp_path: Path) -> None:
     ckpt = tmp_path / "ckpt"
     with pytest.raises(_Interrupt):
-        pretrain.run(cfg, {"dataset": dataset}, str(tmp_path / "out"), _StopAfter(ckpt))
+        pretrain.run(
+            PretrainSlice.of(cfg), {"dataset": dataset}, str(tmp_path / "out"), _StopAfter(ckpt)
+        )
     saved = torch.load(ckpt / "latest.pt", weights_only=False)
     assert saved["epoch"] == 0
     ctx = LocalContext(ckpt)
-    result = pretrain.run(cfg, {"dataset": dataset}, str(tmp_path / "out"), ctx)
+    result = pretrain.run(PretrainSlice.of(cfg), {"dataset": dataset}, str(tmp_path / "out"), ctx)
     # Only the second epoch ran after the restart; the history still holds both.
     assert [m["epoch"] for m in ctx.reports] == [2]
     assert [h["epoch"] for h in result.history] == [1, 2]
@@ -104,7 +113,7 @@ def test_finetune_consistency_trains_on_the_unlabeled_images(
     frac = cfg.finetune.label_fractions[0]
     inputs = {"dataset": dataset, "pretrain": pretrained}
     c = _with_consistency(cfg)
-    result = finetune.run(c, inputs, str(tmp_path / "c"), fraction=frac)
+    result = finetune.run(SupervisedSlice.of(c), inputs, str(tmp_path / "c"), fraction=frac)
     hist = result.history
     assert [h["epoch"] for h in hist] == [1, 2, 3, 4]
     assert [h.get("consistency_epoch") for h in hist] == [None, None, 1, 2]
@@ -115,15 +124,27 @@ def test_finetune_consistency_trains_on_the_unlabeled_images(
     assert "val_top1" in hist[-1] and "val_top1" not in hist[1]  # evaluated once, at the end
     assert result.metrics["val_top1"] == hist[-1]["val_top1"]
     # The same seed without the phase gives other weights.
-    plain = finetune.run(cfg, inputs, str(tmp_path / "plain"), fraction=frac)
+    plain = finetune.run(SupervisedSlice.of(cfg), inputs, str(tmp_path / "plain"), fraction=frac)
     a = load_model(result.outputs["model"]).state_dict()
     b = load_model(plain.outputs["model"]).state_dict()
     assert any(not torch.equal(a[k], b[k]) for k in a)
     # The baseline keeps to its labeled subset unless consistency.baseline says otherwise.
-    base = finetune.run(c, inputs, str(tmp_path / "b"), fraction=frac, baseline=True)
+    base = finetune.run(
+        SupervisedSlice.of(c, baseline=True),
+        inputs,
+        str(tmp_path / "b"),
+        fraction=frac,
+        baseline=True,
+    )
     assert len(base.history) == 2
     c_base = _with_consistency(cfg, baseline=True)
-    base = finetune.run(c_base, inputs, str(tmp_path / "cb"), fraction=frac, baseline=True)
+    base = finetune.run(
+        SupervisedSlice.of(c_base, baseline=True),
+        inputs,
+        str(tmp_path / "cb"),
+        fraction=frac,
+        baseline=True,
+    )
     assert [h.get("consistency_epoch") for h in base.history] == [None, None, 1, 2]
 
 
@@ -144,16 +165,26 @@ def test_finetune_consistency_resumes_without_redoing_the_supervised_part(
     c = _with_consistency(cfg, align=True)  # the alignment's running mean is checkpointed too
     ckpt = tmp_path / "ckpt"
     with pytest.raises(_Interrupt):
-        finetune.run(c, inputs, str(tmp_path / "out"), _StopAtConsistencyEpoch(ckpt), fraction=frac)
+        finetune.run(
+            SupervisedSlice.of(c),
+            inputs,
+            str(tmp_path / "out"),
+            _StopAtConsistencyEpoch(ckpt),
+            fraction=frac,
+        )
     saved = torch.load(ckpt / "latest.pt", weights_only=False)
     assert saved["phase"] == "consistency" and saved["align_running"].shape == (10,)
     ctx = LocalContext(ckpt)
-    result = finetune.run(c, inputs, str(tmp_path / "out"), ctx, fraction=frac)
+    result = finetune.run(SupervisedSlice.of(c), inputs, str(tmp_path / "out"), ctx, fraction=frac)
     assert [m["epoch"] for m in ctx.reports] == [4]  # only the last consistency epoch re-ran
     assert [h["epoch"] for h in result.history] == [1, 2, 3, 4]
     # Bit for bit the run that was never interrupted.
     whole = finetune.run(
-        c, inputs, str(tmp_path / "whole"), LocalContext(tmp_path / "ck2"), fraction=frac
+        SupervisedSlice.of(c),
+        inputs,
+        str(tmp_path / "whole"),
+        LocalContext(tmp_path / "ck2"),
+        fraction=frac,
     )
     a = load_model(result.outputs["model"]).state_dict()
     b = load_model(whole.outputs["model"]).state_dict()
@@ -164,17 +195,17 @@ def test_semisup_labels_only_on_the_subset(cfg: Config, dataset: str) -> None:
     semi = cfg.model_copy(deep=True)
     semi.pretrain.method = "semisup"
     train = load_data(dataset, "train")
-    labels = pretrain.pretrain_labels(semi, dataset, train)
+    labels = pretrain.pretrain_labels(PretrainSlice.of(semi), dataset, train)
     keys, _ = load_subset(dataset, min(cfg.finetune.label_fractions))
     labeled = {k for k, y in zip(train.keys, labels.tolist(), strict=False) if y >= 0}
     assert labeled == set(keys)
-    assert pretrain.pretrain_labels(cfg, dataset, train) is None  # simclr
+    assert pretrain.pretrain_labels(PretrainSlice.of(cfg), dataset, train) is None  # simclr
 
 
 def test_finetune_starts_from_pretrained_weights(
     cfg: Config, dataset: str, pretrained: str
 ) -> None:
-    net = finetune.build_network(cfg, 1, 10, pretrained)
+    net = finetune.build_network(SupervisedSlice.of(cfg), 1, 10, pretrained)
     source = load_model(pretrained)
     src = source.encoder.state_dict()
     got = {
@@ -183,7 +214,7 @@ def test_finetune_starts_from_pretrained_weights(
         if k.startswith("backbone.encoder.")
     }
     assert got and all(torch.equal(got[k], src[k]) for k in src)
-    scratch = finetune.build_network(cfg, 1, 10, None)
+    scratch = finetune.build_network(SupervisedSlice.of(cfg), 1, 10, None)
     assert count_params(scratch) == count_params(net)
 
 
@@ -193,7 +224,7 @@ def test_finetune_and_baseline_train_a_classifier(
 ) -> None:
     frac = cfg.finetune.label_fractions[0]
     result = finetune.run(
-        cfg,
+        SupervisedSlice.of(cfg, baseline=baseline),
         {"dataset": dataset, "pretrain": pretrained},
         str(tmp_path),
         fraction=frac,
@@ -211,10 +242,13 @@ def test_distill_student_is_smaller_than_teacher(
 ) -> None:
     frac = cfg.finetune.label_fractions[0]
     teacher = finetune.run(
-        cfg, {"dataset": dataset, "pretrain": pretrained}, str(tmp_path / "t"), fraction=frac
+        SupervisedSlice.of(cfg),
+        {"dataset": dataset, "pretrain": pretrained},
+        str(tmp_path / "t"),
+        fraction=frac,
     )
     result = distill.run(
-        cfg,
+        DistillSlice.of(cfg),
         {"dataset": dataset, "teacher": teacher.outputs["model"]},
         str(tmp_path / "s"),
         fraction=frac,
@@ -231,16 +265,20 @@ def test_evaluate_report_has_every_number(
     for p in cfg.finetune.label_fractions:
         name = f"{p:g}"
         ft = finetune.run(
-            cfg,
+            SupervisedSlice.of(cfg),
             {"dataset": dataset, "pretrain": pretrained},
             str(tmp_path / f"ft{name}"),
             fraction=p,
         )
         bl = finetune.run(
-            cfg, {"dataset": dataset}, str(tmp_path / f"bl{name}"), fraction=p, baseline=True
+            SupervisedSlice.of(cfg, baseline=True),
+            {"dataset": dataset},
+            str(tmp_path / f"bl{name}"),
+            fraction=p,
+            baseline=True,
         )
         st = distill.run(
-            cfg,
+            DistillSlice.of(cfg),
             {"dataset": dataset, "teacher": ft.outputs["model"]},
             str(tmp_path / f"st{name}"),
             fraction=p,
@@ -250,7 +288,7 @@ def test_evaluate_report_has_every_number(
             f"baseline@{name}": bl.outputs["model"],
             f"distill@{name}": st.outputs["model"],
         }
-    result = evaluate.run(cfg, inputs, str(tmp_path / "eval"))
+    result = evaluate.run(EvaluateSlice.of(cfg), inputs, str(tmp_path / "eval"))
     report = json.loads(Path(result.outputs["report_json"]).read_text())
     assert report["dataset"] == "digits"
     for key in ("linear_full_top1", "knn_top1", "wall_seconds"):
@@ -269,18 +307,22 @@ def test_evaluate_report_has_every_number(
 def test_report_header_names_the_pseudo_labels() -> None:
     report = {"dataset": "digits", "fractions": {}, "test_images": 10}
     plain = evaluate.render_markdown(
-        report, load_config("demo", ["pretrain.pseudo_label_from_epoch=0"])
+        report, EvaluateSlice.of(load_config("demo", ["pretrain.pseudo_label_from_epoch=0"]))
     )
     assert "pretrain semisup τ=0.2 for 5 epochs" in plain and "pseudo" not in plain
-    md = evaluate.render_markdown(report, load_config("demo"))
+    md = evaluate.render_markdown(report, EvaluateSlice.of(load_config("demo")))
     assert "pretrain semisup τ=0.2 (pseudo-labels from epoch 2, 60% of the unlabeled images)" in md
 
 
 def test_report_header_names_the_consistency_phase() -> None:
     report = {"dataset": "digits", "fractions": {}, "test_images": 10}
-    md = evaluate.render_markdown(report, load_config("demo", ["finetune.consistency.epochs=0"]))
+    md = evaluate.render_markdown(
+        report, EvaluateSlice.of(load_config("demo", ["finetune.consistency.epochs=0"]))
+    )
     assert "FixMatch" not in md
-    md = evaluate.render_markdown(report, load_config("demo", ["finetune.consistency.epochs=3"]))
+    md = evaluate.render_markdown(
+        report, EvaluateSlice.of(load_config("demo", ["finetune.consistency.epochs=3"]))
+    )
     assert "trains 3 epochs on the unlabeled images too (FixMatch, threshold 0.95)" in md
     assert "the baseline sees only its labeled subset" in md
 
@@ -342,11 +384,11 @@ def test_pretrain_pseudo_labels_from_the_chosen_epoch(dataset: str, tmp_path: Pa
         "smoke",
         [*FAST, "pretrain.method=semisup", "pretrain.pseudo_label_from_epoch=2"],
     )
-    result = pretrain.run(semi, {"dataset": dataset}, str(tmp_path))
+    result = pretrain.run(PretrainSlice.of(semi), {"dataset": dataset}, str(tmp_path))
     first, second = result.history
     assert "pseudo_labels" not in first
     train = load_data(dataset, "train")
-    n_labeled = int((pretrain.pretrain_labels(semi, dataset, train) >= 0).sum())
+    n_labeled = int((pretrain.pretrain_labels(PretrainSlice.of(semi), dataset, train) >= 0).sum())
     n_unlabeled = len(train) - n_labeled
     share = semi.pretrain.pseudo_label_fraction
     # Class-balanced: at most share x unlabeled rows, at least half of it (digits' prototypes).
@@ -414,10 +456,14 @@ def test_baseline_lr_applies_to_the_baseline_only(cfg: Config) -> None:
     from pipeline.stages.finetune import plan_for
 
     same = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"lr": 1e-3})})
-    assert plan_for(same, "b", 5.0, baseline=True).lr == plan_for(same, "f", 5.0).lr == 1e-3
+    assert (
+        plan_for(SupervisedSlice.of(same, baseline=True), "b", 5.0, baseline=True).lr
+        == plan_for(SupervisedSlice.of(same), "f", 5.0).lr
+        == 1e-3
+    )
     own = load_config("smoke", ["finetune.lr=0.001", "finetune.baseline_lr=0.03"])
-    assert plan_for(own, "f", 5.0).lr == 1e-3
-    assert plan_for(own, "b", 5.0, baseline=True).lr == 0.03
+    assert plan_for(SupervisedSlice.of(own), "f", 5.0).lr == 1e-3
+    assert plan_for(SupervisedSlice.of(own, baseline=True), "b", 5.0, baseline=True).lr == 0.03
     with pytest.raises(ValueError, match="baseline_lr"):
         load_config("smoke", ["finetune.baseline_lr=-1"])
 
@@ -429,9 +475,13 @@ def test_baseline_lr_per_label_fraction() -> None:
         "smoke",
         ["finetune.label_fractions=[0.1, 1]", "finetune.baseline_lr={0.1: 0.1, 1: 0.03}"],
     )
-    assert plan_for(c, "b", 0.1, baseline=True).lr == 0.1
-    assert plan_for(c, "b", 1.0, baseline=True).lr == 0.03
-    assert plan_for(c, "f", 0.1).lr == plan_for(c, "f", 1.0).lr == c.finetune.lr
+    assert plan_for(SupervisedSlice.of(c, baseline=True), "b", 0.1, baseline=True).lr == 0.1
+    assert plan_for(SupervisedSlice.of(c, baseline=True), "b", 1.0, baseline=True).lr == 0.03
+    assert (
+        plan_for(SupervisedSlice.of(c), "f", 0.1).lr
+        == plan_for(SupervisedSlice.of(c), "f", 1.0).lr
+        == c.finetune.lr
+    )
     fr = "finetune.label_fractions=[0.1, 1]"
     for bad, words in [
         ("{0.1: 0.1}", "missing [1.0]"),
@@ -441,9 +491,9 @@ def test_baseline_lr_per_label_fraction() -> None:
             load_config("smoke", [fr, f"finetune.baseline_lr={bad}"])
     # a rate for a fraction that does not run is ignored: the demo with one of its two fractions
     one = load_config("demo", ["finetune.label_fractions=[0.1]"])
-    assert plan_for(one, "b", 0.1, baseline=True).lr == 0.1
+    assert plan_for(SupervisedSlice.of(one, baseline=True), "b", 0.1, baseline=True).lr == 0.1
     extra = load_config("smoke", [fr, "finetune.baseline_lr={0.1: 0.1, 1: 0.03, 10: 0.01}"])
-    assert plan_for(extra, "b", 1.0, baseline=True).lr == 0.03
+    assert plan_for(SupervisedSlice.of(extra, baseline=True), "b", 1.0, baseline=True).lr == 0.03
 
 
 def test_distill_hard_labels_are_int64_with_minus_one_for_unlabeled() -> None:

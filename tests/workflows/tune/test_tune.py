@@ -22,6 +22,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.config import load_config, parse_config
+from pipeline.slices import ShardSlice
 from pipeline.stages import shard as shard_stage
 from workflows import tune as tune_mod
 from workflows.cli import main
@@ -43,7 +44,9 @@ FAST = [
 def shared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """One MLflow store and one digits shard folder for the module (each costs seconds)."""
     root = tmp_path_factory.mktemp("tune-shared")
-    dataset = shard_stage.run(load_config("smoke"), root / "dataset").outputs["dataset"]
+    dataset = shard_stage.run(ShardSlice.of(load_config("smoke")), root / "dataset").outputs[
+        "dataset"
+    ]
     return {"uri": f"sqlite:///{root / 'mlflow.db'}", "dataset": dataset}
 
 
