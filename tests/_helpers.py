@@ -1,10 +1,11 @@
 """Helpers shared by several test modules (imported as ``_helpers``: tests/conftest.py puts tests/ on
 ``sys.path``): free ports, a private ``ray start --head`` in its own session, killing a process
-with everything it started, and waiting for a condition."""
+with everything it started, waiting for a condition, and seeded JPEG/PNG bytes."""
 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import shutil
 import signal
@@ -17,7 +18,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
+from PIL import Image
 
 RAY = str(Path(sys.executable).with_name("ray"))
 _PORT_FLAGS = ["port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port",
@@ -149,3 +152,19 @@ def wait_for_job(client: Any, job_id: str, timeout: float) -> object:
         return s if s in ended else None
 
     return wait_for(status, timeout, f"job {job_id} ending", every=0.25)
+
+
+def jpeg_bytes(seed: int, size: tuple[int, int] = (40, 30)) -> bytes:
+    """A JPEG (quality 90) of random RGB noise, ``size`` = (width, height), the same for a seed."""
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def png_bytes(seed: int) -> bytes:
+    """A 40 x 30 greyscale PNG filled with the value ``seed``."""
+    buf = io.BytesIO()
+    Image.fromarray(np.full((30, 40), seed, np.uint8)).save(buf, "PNG")
+    return buf.getvalue()

@@ -195,3 +195,27 @@ def test_finetune_classifier_init_is_removed(value: str) -> None:
         parse_config({"finetune": {"classifier_init": value}})
     msg = str(e.value)
     assert msg.startswith("config error: finetune.classifier_init: removed;") and "\n" not in msg
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"source": "webdataset", "test_urls": "t.tar"}, "data.train_urls: required"),
+        ({"source": "webdataset", "train_urls": "a.tar"}, "data.test_urls: required"),
+        ({"source": "webdataset", "train_urls": [], "test_urls": "t"}, "at least one shard URL"),
+        ({"train_urls": "a.tar"}, "data.train_urls: only for source webdataset"),
+        ({"label_key": "json:"}, "data.label_key: json: needs a field name"),
+        ({"image_keys": ["a.b"]}, "data.image_keys: 'a.b' is not a member extension"),
+        ({"max_side": 64}, "data.max_side: only for source image-folder"),
+        (
+            {"source": "webdataset", "train_urls": "a", "test_urls": "b", "max_train": 9},
+            "data.max_train: not supported for source webdataset",
+        ),
+    ],
+)
+def test_webdataset_config_errors_are_one_line(data, message):
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message) as ei:
+        parse_config({"data": data})
+    assert "\n" not in str(ei.value)

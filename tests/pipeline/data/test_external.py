@@ -1,4 +1,5 @@
-"""External WebDataset input (indexed in place, never copied) and original image bytes kept."""
+"""pipeline.data.external: external WebDataset shards indexed in place (never copied), junk
+skipped and counted, local, piped and S3 URLs, JSON labels and validation shards."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from _helpers import jpeg_bytes, png_bytes
 from PIL import Image
 
 from pipeline.config import parse_config
@@ -19,14 +21,6 @@ from pipeline.data.shards import is_val_key
 from pipeline.data.sources import DataError
 from pipeline.slices import ShardSlice
 from pipeline.stages import shard as shard_stage
-
-
-def _jpeg(seed: int, size: tuple[int, int] = (40, 30)) -> bytes:
-    rng = np.random.default_rng(seed)
-    arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
 
 
 def _tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> bytes:
@@ -48,7 +42,9 @@ def _shards(root: Path, n_train: int = 3, per: int = 8) -> dict[str, list[str]]:
         for s in range(n):
             samples = []
             for _ in range(per):
-                samples.append((f"{split}/s{i:05d}", {"jpg": _jpeg(i), "cls": str(i % 3).encode()}))
+                samples.append(
+                    (f"{split}/s{i:05d}", {"jpg": jpeg_bytes(i), "cls": str(i % 3).encode()})
+                )
                 i += 1
             p = root / f"{split}-{s:06d}.tar"
             _tar(p, samples)
@@ -117,17 +113,17 @@ def test_external_shards_are_indexed_in_place_with_val_by_key_hash(tmp_path: Pat
 
 
 def test_external_junk_is_skipped_and_counted(tmp_path: Path):
-    good = [(f"g{i}", {"jpg": _jpeg(i), "cls": str(i % 2).encode()}) for i in range(6)]
-    truncated = _jpeg(99)[:300]
+    good = [(f"g{i}", {"jpg": jpeg_bytes(i), "cls": str(i % 2).encode()}) for i in range(6)]
+    truncated = jpeg_bytes(99)[:300]
     junk = [
         ("bad_jpeg", {"jpg": truncated, "cls": b"1"}),
-        ("bad_label", {"jpg": _jpeg(7), "cls": b"cat"}),
-        ("no_label", {"jpg": _jpeg(8)}),
-        ("far_label", {"jpg": _jpeg(9), "cls": b"5"}),
+        ("bad_label", {"jpg": jpeg_bytes(7), "cls": b"cat"}),
+        ("no_label", {"jpg": jpeg_bytes(8)}),
+        ("far_label", {"jpg": jpeg_bytes(9), "cls": b"5"}),
         ("no_image", {"txt": b"hello", "cls": b"0"}),
     ]
     _tar(tmp_path / "train.tar", good[:3] + junk + good[3:])
-    _tar(tmp_path / "test.tar", [(f"t{i}", {"png": _png(i), "cls": b"0"}) for i in range(2)])
+    _tar(tmp_path / "test.tar", [(f"t{i}", {"png": png_bytes(i), "cls": b"0"}) for i in range(2)])
     cfg = _cfg(str(tmp_path / "train.tar"), str(tmp_path / "test.tar"), classes=["a", "b"])
     info = _run(cfg, tmp_path / "out")
     assert info["skipped"] == 5 and info["counts"]["train"] + info["counts"]["val"] == 6
@@ -142,14 +138,8 @@ def test_external_junk_is_skipped_and_counted(tmp_path: Path):
     assert info["skipped_keys"] == {str(tmp_path / "train.tar"): [k for k, _ in junk]}
 
 
-def _png(seed: int) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.full((30, 40), seed, np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
-
-
 def test_truncated_or_missing_shard_is_one_line_naming_its_url(tmp_path: Path):
-    samples = [(f"k{i}", {"jpg": _jpeg(i), "cls": b"0"}) for i in range(4)]
+    samples = [(f"k{i}", {"jpg": jpeg_bytes(i), "cls": b"0"}) for i in range(4)]
     data = _tar(tmp_path / "a.tar", samples)
     cut = tmp_path / "cut.tar"
     cut.write_bytes(data[: len(data) // 2])
@@ -218,72 +208,6 @@ def test_external_shards_on_the_s3_test_server_are_indexed(tmp_path: Path, s3_bu
         index_shard(IndexSpec(f"{s3_bucket}/data/nope.tar", "train"))
 
 
-def test_image_folder_keeps_the_original_bytes_and_resizes_only_beyond_max_side(tmp_path: Path):
-    src = tmp_path / "src"
-    files = {}
-    for ci, cls in enumerate(("a", "b")):
-        for i in range(4):
-            p = src / cls / f"{i}.jpg"
-            p.parent.mkdir(parents=True, exist_ok=True)
-            size = (120, 80) if i == 0 else (40, 30)
-            p.write_bytes(_jpeg(10 * ci + i, size))
-            files[p] = p.read_bytes()
-    (src / "b" / "x.png").write_bytes(_png(3))
-    cfg = parse_config({"data": {"source": "image-folder", "root": str(src), "val_fraction": 0.0}})
-    out = tmp_path / "out"
-    shard_stage.run(ShardSlice.of(cfg), out)
-    info = json.loads((out / "dataset.json").read_text())
-    m = pq.read_table(out / "manifest.parquet").to_pylist()
-    by_sha = {hashlib.sha256(b).hexdigest() for b in files.values()}
-    by_sha.add(hashlib.sha256((src / "b" / "x.png").read_bytes()).hexdigest())
-    assert {r["sha256"] for r in m} <= by_sha and len(m) == 9
-    for name in info["shards"]["train"]:
-        with tarfile.open(out / name) as tf:
-            exts = sorted({n.split(".", 1)[1] for n in tf.getnames()})
-            assert exts == ["cls", "jpg", "png"] or exts == ["cls", "jpg"]
-            for mem in tf.getmembers():
-                if mem.name.endswith(".jpg"):
-                    data = tf.extractfile(mem).read()
-                    assert hashlib.sha256(data).hexdigest() in by_sha
-    assert info["fixed_size"] is False and info["max_side"] is None
-    # with max_side, only the images whose longer side exceeds it are resized (re-encoded)
-    cfg2 = parse_config(
-        {"data": {"source": "image-folder", "root": str(src), "val_fraction": 0.0, "max_side": 60}}
-    )
-    shard_stage.run(ShardSlice.of(cfg2), tmp_path / "out2")
-    info2 = json.loads((tmp_path / "out2" / "dataset.json").read_text())
-    m2 = pq.read_table(tmp_path / "out2" / "manifest.parquet").to_pylist()
-    changed = [r for r in m2 if r["sha256"] not in by_sha]
-    assert len(changed) == 2 and info2["source_info"]["resized"] == 2 and info2["max_side"] == 60
-    row = changed[0]
-    with tarfile.open(tmp_path / "out2" / row["shard"]) as tf:
-        im = Image.open(io.BytesIO(tf.extractfile(f"{row['key']}.jpg").read()))
-        assert im.size == (60, 40)
-
-
-def test_image_folder_shards_are_byte_identical_on_reruns_and_on_ray(tmp_path: Path, ray_local):
-    from workflows.sharding import ray_map
-
-    src = tmp_path / "src"
-    for ci, cls in enumerate(("a", "b")):
-        for i in range(7):
-            p = src / cls / f"{i}.jpg"
-            p.parent.mkdir(parents=True, exist_ok=True)
-            p.write_bytes(_jpeg(10 * ci + i))
-    cfg = parse_config({"data": {"source": "image-folder", "root": str(src), "shard_size": 3}})
-    shard_stage.run(ShardSlice.of(cfg), tmp_path / "a")
-    shard_stage.run(ShardSlice.of(cfg), tmp_path / "b", map_fn=ray_map())
-    a = json.loads((tmp_path / "a" / "dataset.json").read_text())
-    b = json.loads((tmp_path / "b" / "dataset.json").read_text())
-    assert a["digest"] == b["digest"] and a["shard_sha256"] == b["shard_sha256"]
-    names = sorted(p.name for p in (tmp_path / "a").glob("*.tar"))
-    assert len(names) >= 4
-    for name in names:
-        data = (tmp_path / "a" / name).read_bytes()
-        assert (tmp_path / "b" / name).read_bytes() == data
-        assert a["shard_sha256"][name] == hashlib.sha256(data).hexdigest()
-
-
 @pytest.mark.skipif(
     not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="Fashion-MNIST not installed"
 )
@@ -303,27 +227,3 @@ def test_benchmark_jpeg_generator_output_is_indexed(tmp_path: Path):
     assert len(info["shards"]["train"]) == 2
     files = sorted((tmp_path / "d" / "folder" / "train").rglob("*.jpg"))
     assert len(files) == 30
-
-
-@pytest.mark.parametrize(
-    ("data", "message"),
-    [
-        ({"source": "webdataset", "test_urls": "t.tar"}, "data.train_urls: required"),
-        ({"source": "webdataset", "train_urls": "a.tar"}, "data.test_urls: required"),
-        ({"source": "webdataset", "train_urls": [], "test_urls": "t"}, "at least one shard URL"),
-        ({"train_urls": "a.tar"}, "data.train_urls: only for source webdataset"),
-        ({"label_key": "json:"}, "data.label_key: json: needs a field name"),
-        ({"image_keys": ["a.b"]}, "data.image_keys: 'a.b' is not a member extension"),
-        ({"max_side": 64}, "data.max_side: only for source image-folder"),
-        (
-            {"source": "webdataset", "train_urls": "a", "test_urls": "b", "max_train": 9},
-            "data.max_train: not supported for source webdataset",
-        ),
-    ],
-)
-def test_webdataset_config_errors_are_one_line(data, message):
-    from pipeline.config import ConfigError
-
-    with pytest.raises(ConfigError, match=message) as ei:
-        parse_config({"data": data})
-    assert "\n" not in str(ei.value)

@@ -1,4 +1,6 @@
-"""Shards: round trip, byte-identical re-shard, digest, manifest, subsets, atomic layout."""
+"""pipeline.data.shards: round trip, byte-identical re-shard (in one process and on Ray), digest,
+manifest, subsets, atomic layout; image files kept as their original bytes, resized only beyond
+``max_side``."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from _helpers import jpeg_bytes, png_bytes
 from PIL import Image
 
 from pipeline.config import parse_config
@@ -196,3 +199,69 @@ def test_rgb_source_round_trip(tmp_path: Path):
     cls, stem = k.split("_")[0], k.split("_")[1]
     src = np.asarray(Image.open(tmp_path / "src" / cls / f"{stem}.png"))
     assert np.array_equal(images[0].permute(1, 2, 0).numpy(), src)
+
+
+def test_image_folder_keeps_the_original_bytes_and_resizes_only_beyond_max_side(tmp_path: Path):
+    src = tmp_path / "src"
+    files = {}
+    for ci, cls in enumerate(("a", "b")):
+        for i in range(4):
+            p = src / cls / f"{i}.jpg"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            size = (120, 80) if i == 0 else (40, 30)
+            p.write_bytes(jpeg_bytes(10 * ci + i, size))
+            files[p] = p.read_bytes()
+    (src / "b" / "x.png").write_bytes(png_bytes(3))
+    cfg = parse_config({"data": {"source": "image-folder", "root": str(src), "val_fraction": 0.0}})
+    out = tmp_path / "out"
+    shard_stage.run(ShardSlice.of(cfg), out)
+    info = json.loads((out / "dataset.json").read_text())
+    m = pq.read_table(out / "manifest.parquet").to_pylist()
+    by_sha = {hashlib.sha256(b).hexdigest() for b in files.values()}
+    by_sha.add(hashlib.sha256((src / "b" / "x.png").read_bytes()).hexdigest())
+    assert {r["sha256"] for r in m} <= by_sha and len(m) == 9
+    for name in info["shards"]["train"]:
+        with tarfile.open(out / name) as tf:
+            exts = sorted({n.split(".", 1)[1] for n in tf.getnames()})
+            assert exts == ["cls", "jpg", "png"] or exts == ["cls", "jpg"]
+            for mem in tf.getmembers():
+                if mem.name.endswith(".jpg"):
+                    data = tf.extractfile(mem).read()
+                    assert hashlib.sha256(data).hexdigest() in by_sha
+    assert info["fixed_size"] is False and info["max_side"] is None
+    # with max_side, only the images whose longer side exceeds it are resized (re-encoded)
+    cfg2 = parse_config(
+        {"data": {"source": "image-folder", "root": str(src), "val_fraction": 0.0, "max_side": 60}}
+    )
+    shard_stage.run(ShardSlice.of(cfg2), tmp_path / "out2")
+    info2 = json.loads((tmp_path / "out2" / "dataset.json").read_text())
+    m2 = pq.read_table(tmp_path / "out2" / "manifest.parquet").to_pylist()
+    changed = [r for r in m2 if r["sha256"] not in by_sha]
+    assert len(changed) == 2 and info2["source_info"]["resized"] == 2 and info2["max_side"] == 60
+    row = changed[0]
+    with tarfile.open(tmp_path / "out2" / row["shard"]) as tf:
+        im = Image.open(io.BytesIO(tf.extractfile(f"{row['key']}.jpg").read()))
+        assert im.size == (60, 40)
+
+
+def test_image_folder_shards_are_byte_identical_on_reruns_and_on_ray(tmp_path: Path, ray_local):
+    from workflows.sharding import ray_map
+
+    src = tmp_path / "src"
+    for ci, cls in enumerate(("a", "b")):
+        for i in range(7):
+            p = src / cls / f"{i}.jpg"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(jpeg_bytes(10 * ci + i))
+    cfg = parse_config({"data": {"source": "image-folder", "root": str(src), "shard_size": 3}})
+    shard_stage.run(ShardSlice.of(cfg), tmp_path / "a")
+    shard_stage.run(ShardSlice.of(cfg), tmp_path / "b", map_fn=ray_map())
+    a = json.loads((tmp_path / "a" / "dataset.json").read_text())
+    b = json.loads((tmp_path / "b" / "dataset.json").read_text())
+    assert a["digest"] == b["digest"] and a["shard_sha256"] == b["shard_sha256"]
+    names = sorted(p.name for p in (tmp_path / "a").glob("*.tar"))
+    assert len(names) >= 4
+    for name in names:
+        data = (tmp_path / "a" / name).read_bytes()
+        assert (tmp_path / "b" / name).read_bytes() == data
+        assert a["shard_sha256"][name] == hashlib.sha256(data).hexdigest()
