@@ -165,6 +165,27 @@ def test_corrupt_shard_names_the_file(few_shards, tmp_path):
         list(iter_samples([str(shard)]))
 
 
+def _edit_info(ds, edit) -> None:
+    info = json.loads((ds / "dataset.json").read_text())
+    edit(info)
+    (ds / "dataset.json").write_text(json.dumps(info))
+
+
+def test_load_split_checks_counts_keys_and_labels(few_shards, tmp_path):
+    with pytest.raises(DataError, match=r"load_split\(train\): key 'k' requested twice"):
+        load_split(few_shards, "train", keys=["k", "k"])
+    ds = _copy(few_shards, tmp_path / "ds")
+    _edit_info(ds, lambda i: (i["counts"].update(train=199), i.pop("shard_counts")))
+    with pytest.raises(DataError, match=r"more samples than dataset.json counts for train \(199\)"):
+        load_split(ds, "train")
+    _edit_info(ds, lambda i: i["counts"].update(train=201))
+    with pytest.raises(DataError, match="200 samples in shards, dataset.json says 201"):
+        load_split(ds, "train")
+    _edit_info(ds, lambda i: (i["counts"].update(train=200), i.update(classes=i["classes"][:1])))
+    with pytest.raises(DataError, match=r"sample \w+: label [1-9] outside \[0, 1\) of dataset"):
+        load_split(ds, "train")
+
+
 def test_missing_shard_and_unfinished_folder(few_shards, tmp_path):
     ds = _copy(few_shards, tmp_path / "ds")
     (ds / "test-000000.tar").unlink()
