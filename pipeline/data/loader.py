@@ -37,10 +37,10 @@ import re
 import struct
 import tarfile
 import zlib
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict, cast
 
 import numpy as np
 import torch
@@ -53,6 +53,7 @@ from pipeline.data.sources import DataError
 
 __all__ = [
     "DEFAULT_IMAGE_KEYS",
+    "DatasetInfo",
     "ShardDataset",
     "ShardRef",
     "dataset_info",
@@ -79,12 +80,46 @@ _ZERO = bytes(_BLOCK)
 # --------------------------------------------------------------------------------------------
 
 
+class _InfoRequired(TypedDict):
+    classes: list[str]
+    channels: int
+    height: int
+    width: int
+    counts: dict[str, int]  # samples per split
+    shards: dict[str, list[str]]  # shard refs per split
+
+
+class DatasetInfo(_InfoRequired, total=False):
+    """``dataset.json``: what the shard stage records about a dataset folder
+    (:func:`pipeline.data.shards.finish_dataset` writes it; :func:`dataset_info` reads it and checks
+    that the required fields are there)."""
+
+    name: str
+    digest: str
+    num_classes: int
+    fixed_size: bool  # every image is height x width
+    max_side: int | None
+    decoded_bytes: dict[str, int]  # per split, what the in-memory path holds
+    shard_counts: dict[str, int]  # samples per shard ref
+    shard_sha256: dict[str, str]
+    shard_size: int | None
+    fractions: dict[str, Any]  # val, labels
+    val_from_train: dict[str, Any] | None  # fraction: val carved out of train shards
+    skipped_keys: dict[str, list[str]]  # per shard ref
+    subsets: dict[str, dict[str, Any]]  # label subsets per fraction
+    skipped: int
+    seed: int
+    format: dict[str, Any]  # image_keys, label_key
+    source_info: dict[str, Any]
+    external: bool
+
+
 def _where(dataset_dir: Any, name: str) -> str:
     return store.join(str(dataset_dir), name)
 
 
 @lru_cache(maxsize=16)
-def _info_cached(location: str, mtime_key: Any) -> dict[str, Any]:
+def _info_cached(location: str, mtime_key: Any) -> DatasetInfo:
     try:
         raw = store.read_bytes(location)
     except DataError:
@@ -100,10 +135,10 @@ def _info_cached(location: str, mtime_key: Any) -> dict[str, Any]:
     for fld in ("classes", "channels", "height", "width", "counts", "shards"):
         if fld not in info:
             raise DataError(f"{location}: no field {fld!r}")
-    return info
+    return cast(DatasetInfo, info)
 
 
-def dataset_info(dataset_dir: Any) -> dict[str, Any]:
+def dataset_info(dataset_dir: Any) -> DatasetInfo:
     """The content of ``<dataset_dir>/dataset.json`` (written last by the shard stage)."""
     location = _where(dataset_dir, DATASET_JSON)
     stamp: Any = None
@@ -118,7 +153,7 @@ def dataset_info(dataset_dir: Any) -> dict[str, Any]:
                 f"{location}: missing; the folder is not a finished dataset (run the shard stage)"
             ) from None
     # remote: read once per process (a finished dataset folder is not rewritten in place)
-    return dict(_info_cached(location, stamp))
+    return _info_cached(location, stamp).copy()
 
 
 def _check_split(split: str) -> None:
@@ -126,7 +161,7 @@ def _check_split(split: str) -> None:
         raise DataError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
 
 
-def decoded_bytes(info: dict[str, Any], split: str | None = None) -> int:
+def decoded_bytes(info: Mapping[str, Any], split: str | None = None) -> int:
     """Bytes the in-memory path holds for ``split`` (all splits when None): ``dataset.json``'s
     ``decoded_bytes`` when recorded, else ``count x channels x height x width``."""
     splits = [split] if split is not None else list(SPLITS)
@@ -185,7 +220,7 @@ def _manifest_counts_cached(location: str, digest: str) -> dict[str, int]:
     return out
 
 
-def _skipped(info: dict[str, Any]) -> dict[str, set[str]]:
+def _skipped(info: DatasetInfo) -> dict[str, set[str]]:
     """``dataset.json``'s ``skipped_keys``: per shard ref, the samples readers leave out."""
     raw = info.get("skipped_keys") or {}
     return {str(k): {str(x) for x in v} for k, v in raw.items()} if isinstance(raw, dict) else {}

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from torch import nn
 from pipeline.atomic import atomic_write_text
 from pipeline.config import Config
 from pipeline.data import dataset_info, load_split, load_subset, make_loader
-from pipeline.data.loader import ShardDataset, decoded_bytes
+from pipeline.data.loader import DatasetInfo, ShardDataset, decoded_bytes
 from pipeline.data.transforms import BatchTwoViewAugment, normalize_batch
 from pipeline.models import ContrastiveModel, load_model
 
@@ -48,26 +48,9 @@ __all__ = [
 ]
 
 
-class _InfoRequired(TypedDict):
-    name: str
-    classes: list[str]
-    channels: int
-    height: int
-    width: int
-    counts: dict[str, int]
-
-
-class DatasetInfo(_InfoRequired, total=False):
-    """What the stages read from a dataset folder's ``dataset.json`` (the shard stage writes more:
-    shard lists, hashes, subsets)."""
-
-    digest: str
-    decoded_bytes: dict[str, int]
-
-
 def read_info(dataset_dir: str) -> DatasetInfo:
     """``dataset.json`` of ``dataset_dir``."""
-    return dataset_info(dataset_dir)  # type: ignore[return-value]
+    return dataset_info(dataset_dir)
 
 
 def load_contrastive(path: str, map_location: str | torch.device = "cpu") -> ContrastiveModel:
