@@ -599,8 +599,8 @@ class ShardDataset(IterableDataset):
     """Samples ``(x, label)`` (``(x, label, key)`` with ``with_keys``) from tar shards, split
     over ranks and DataLoader workers (module docstring).
 
-    ``x`` is ``decoder(image_bytes, where)`` (default: the uint8 ``C x H x W`` tensor), then
-    ``transform(x)`` when given. With ``shuffle`` the shard order is permuted per epoch
+    ``x`` is ``decoder(image_bytes, where)`` (default: the uint8 ``C x H x W`` tensor). With
+    ``shuffle`` the shard order is permuted per epoch
     (``set_epoch``) with the same seed on every consumer, and samples pass a shuffle buffer of
     ``buffer_size`` (still encoded: the buffer holds file bytes, not pixels). ``exclude``: keys to
     leave out (e.g. a labelled subset); ``num_classes``: range-check the labels.
@@ -611,7 +611,6 @@ class ShardDataset(IterableDataset):
         shard_paths: Sequence[ShardRef | str],
         rank: int = 0,
         world_size: int = 1,
-        transform: Callable[[Any], Any] | None = None,
         mode: Literal["auto", "shard", "sample"] = "auto",
         shuffle: bool = False,
         seed: int = 0,
@@ -633,7 +632,6 @@ class ShardDataset(IterableDataset):
             raise DataError(f"buffer_size: must be >= 1 (got {buffer_size})")
         self.shards = [_as_ref(p) for p in shard_paths]
         self.rank, self.world_size = rank, world_size
-        self.transform = transform
         self.mode = mode
         self.shuffle, self.seed, self.buffer_size = shuffle, seed, buffer_size
         self.with_keys = with_keys
@@ -710,8 +708,6 @@ class ShardDataset(IterableDataset):
             )
         for ref, key, parts in it:
             x, label = _decode(ref, key, parts, self.decoder, self.num_classes)
-            if self.transform is not None:
-                x = self.transform(x)
             yield (x, label, key) if self.with_keys else (x, label)
 
 
@@ -738,7 +734,6 @@ def iter_samples(
     shard_paths: Sequence[ShardRef | str],
     rank: int = 0,
     world_size: int = 1,
-    transform: Callable[[Any], Any] | None = None,
     mode: Literal["auto", "shard", "sample"] = "auto",
     shuffle: bool = False,
     seed: int = 0,
@@ -748,7 +743,7 @@ def iter_samples(
     """A :class:`ShardDataset` of ``(uint8 CxHxW tensor, label)`` from the shards (``(x, label,
     key)`` with ``with_keys``)."""
     return ShardDataset(
-        shard_paths, rank, world_size, transform, mode, shuffle, seed, with_keys=with_keys, **kwargs
+        shard_paths, rank, world_size, mode, shuffle, seed, with_keys=with_keys, **kwargs
     )
 
 
@@ -764,7 +759,8 @@ def split_dataset(dataset_dir: Any, split: str, **kwargs: Any) -> ShardDataset:
 def make_loader(
     dataset_dir: Any,
     split: str,
-    transform: Callable[[Any], Any] | None,
+    no_transform: None = None,
+    *,
     batch_size: int,
     rank: int = 0,
     world_size: int = 1,
@@ -777,7 +773,13 @@ def make_loader(
     **kwargs: Any,
 ) -> DataLoader:
     """A DataLoader over ``split`` of a dataset folder, this rank's share of it (``kwargs`` go to
-    :class:`ShardDataset`: ``decoder``, ``buffer_size``, ``exclude``, ``min_per_rank``...)."""
+    :class:`ShardDataset`: ``decoder``, ``buffer_size``, ``exclude``, ``min_per_rank``...).
+
+    Batches hold what ``decoder`` (the per-sample hook) returns, by default uint8 ``C x H x W``
+    tensors; the loader applies no transform: the caller transforms the batches.
+    ``no_transform``, the one positional argument after ``split``, must be None."""
+    if no_transform is not None:
+        raise TypeError("make_loader: no transform argument (transform the batches it yields)")
     if batch_size < 1:
         raise DataError(f"batch_size: must be >= 1 (got {batch_size})")
     if num_workers < 0:
@@ -788,7 +790,6 @@ def make_loader(
         split,
         rank=rank,
         world_size=world_size,
-        transform=transform,
         mode=mode,
         shuffle=shuffle,
         seed=seed,

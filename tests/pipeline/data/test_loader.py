@@ -12,7 +12,6 @@ import torch
 from pipeline.config import parse_config
 from pipeline.data import dataset_info, iter_samples, load_split, make_loader, shard_paths
 from pipeline.data.sources import DataError
-from pipeline.data.transforms import EvalTransform
 from pipeline.stages import shard as shard_stage
 
 
@@ -49,7 +48,6 @@ def _epoch_keys(ds_dir, num_workers: int, world: int, mode: str = "auto") -> lis
         loader = make_loader(
             ds_dir,
             "train",
-            None,
             batch_size=16,
             rank=rank,
             world_size=world,
@@ -100,15 +98,9 @@ def test_shuffle_is_a_seeded_permutation(many_shards):
     )
 
 
-def _two_views(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    view = EvalTransform(8)(image)
-    return view, view.flip(-1)
-
-
-def test_loader_with_two_view_transform(few_shards):
-    loader = make_loader(few_shards, "test", _two_views, batch_size=10)
-    (v1, v2), y = next(iter(loader))
-    assert v1.shape == v2.shape == (10, 1, 8, 8) and v1.dtype == torch.float32 and y.shape == (10,)
+def test_loader_batches_decoded_images(few_shards):
+    x, y = next(iter(make_loader(few_shards, "test", batch_size=10)))
+    assert x.shape == (10, 1, 8, 8) and x.dtype == torch.uint8 and y.shape == (10,)
 
 
 def test_load_split_keys_and_info(few_shards):
