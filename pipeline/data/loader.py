@@ -600,10 +600,10 @@ class ShardDataset(IterableDataset):
     over ranks and DataLoader workers (module docstring).
 
     ``x`` is ``decoder(image_bytes, where)`` (default: the uint8 ``C x H x W`` tensor). With
-    ``shuffle`` the shard order is permuted per epoch
-    (``set_epoch``) with the same seed on every consumer, and samples pass a shuffle buffer of
-    ``buffer_size`` (still encoded: the buffer holds file bytes, not pixels). ``exclude``: keys to
-    leave out (e.g. a labelled subset); ``num_classes``: range-check the labels.
+    ``shuffle`` the shard order is permuted per epoch (``set_epoch``) with the same seed on every
+    consumer, and samples pass a shuffle buffer of ``buffer_size`` (still encoded: the buffer
+    holds file bytes, not pixels). ``exclude``: keys to leave out (e.g. a labelled subset);
+    ``num_classes``: range-check the labels.
     """
 
     def __init__(
