@@ -759,7 +759,6 @@ def split_dataset(dataset_dir: Any, split: str, **kwargs: Any) -> ShardDataset:
 def make_loader(
     dataset_dir: Any,
     split: str,
-    no_transform: None = None,
     *,
     batch_size: int,
     rank: int = 0,
@@ -776,10 +775,7 @@ def make_loader(
     :class:`ShardDataset`: ``decoder``, ``buffer_size``, ``exclude``, ``min_per_rank``...).
 
     Batches hold what ``decoder`` (the per-sample hook) returns, by default uint8 ``C x H x W``
-    tensors; the loader applies no transform: the caller transforms the batches.
-    ``no_transform``, the one positional argument after ``split``, must be None."""
-    if no_transform is not None:
-        raise TypeError("make_loader: no transform argument (transform the batches it yields)")
+    tensors; the loader applies no transform: the caller transforms the batches."""
     if batch_size < 1:
         raise DataError(f"batch_size: must be >= 1 (got {batch_size})")
     if num_workers < 0:

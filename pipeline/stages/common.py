@@ -459,7 +459,6 @@ class StreamSplit:
         loader = make_loader(
             self.dataset_dir,
             self.split,
-            None,
             batch_size=batch,
             rank=self.rank if rank is None else rank,
             world_size=self.world if world is None else world,
