@@ -6,8 +6,9 @@ Each result is one JSON line, ``{"benchmark", "value", "unit": "images/s", "base
 * ``shard_write``: the shard stage's shard writes (PNG + tar + hashes) vs encoding the same PNGs
   with PIL in a plain loop;
 * ``load_split``: decoding a whole split into a uint8 tensor vs decoding the PNGs with PIL in a loop;
-* ``loader_torchvision_two_view``: DataLoader over the shards with the per-sample torchvision
-  two-view transform vs that transform on an in-memory tensor;
+* ``loader_torchvision_two_view``: DataLoader over the shards, each image of its batches through
+  the per-sample torchvision two-view transform and the views collated, vs that transform on an
+  in-memory tensor;
 * ``batched_two_view``: ``BatchTwoViewAugment`` on batches of 256 vs the per-sample torchvision
   transform on the same in-memory images (the speed-up the batched path buys).
 
@@ -27,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import default_collate
 
 from pipeline.config import parse_config
 from pipeline.data.loader import load_split, make_loader
@@ -171,11 +173,12 @@ def main(argv: list[str] | None = None) -> None:
                 tv(sub[i])
 
         tv_base = _rate(m, tv_memory)
-        loader = make_loader(tmp, "train", tv, batch_size=256, num_workers=0)
+        loader = make_loader(tmp, "train", batch_size=256, num_workers=0)
 
         def tv_loader() -> None:
             seen = 0
-            for _views, y in loader:
+            for x, y in loader:
+                default_collate([tv(image) for image in x])  # two (B, C, H, W) view batches
                 seen += len(y)
                 if seen >= m:
                     break

@@ -4,6 +4,7 @@ No Ray, no MLflow here: ``workflows.sharding`` runs the shard writes as Ray task
 """
 
 from pipeline.data.loader import (
+    DatasetInfo,
     ShardDataset,
     dataset_info,
     iter_samples,
@@ -23,6 +24,7 @@ from pipeline.data.sources import DataError, Record, Skip, SourceData, load_sour
 
 __all__ = [
     "DataError",
+    "DatasetInfo",
     "Record",
     "ShardDataset",
     "Skip",

@@ -37,10 +37,10 @@ import re
 import struct
 import tarfile
 import zlib
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict, cast
 
 import numpy as np
 import torch
@@ -53,6 +53,7 @@ from pipeline.data.sources import DataError
 
 __all__ = [
     "DEFAULT_IMAGE_KEYS",
+    "DatasetInfo",
     "ShardDataset",
     "ShardRef",
     "dataset_info",
@@ -79,12 +80,46 @@ _ZERO = bytes(_BLOCK)
 # --------------------------------------------------------------------------------------------
 
 
+class _InfoRequired(TypedDict):
+    classes: list[str]
+    channels: int
+    height: int
+    width: int
+    counts: dict[str, int]  # samples per split
+    shards: dict[str, list[str]]  # shard refs per split
+
+
+class DatasetInfo(_InfoRequired, total=False):
+    """``dataset.json``: what the shard stage records about a dataset folder
+    (:func:`pipeline.data.shards.finish_dataset` writes it; :func:`dataset_info` reads it and checks
+    that the required fields are there)."""
+
+    name: str
+    digest: str
+    num_classes: int
+    fixed_size: bool  # every image is height x width
+    max_side: int | None
+    decoded_bytes: dict[str, int]  # per split, what the in-memory path holds
+    shard_counts: dict[str, int]  # samples per shard ref
+    shard_sha256: dict[str, str]
+    shard_size: int | None
+    fractions: dict[str, Any]  # val, labels
+    val_from_train: dict[str, Any] | None  # fraction: val carved out of train shards
+    skipped_keys: dict[str, list[str]]  # per shard ref
+    subsets: dict[str, dict[str, Any]]  # label subsets per fraction
+    skipped: int
+    seed: int
+    format: dict[str, Any]  # image_keys, label_key
+    source_info: dict[str, Any]
+    external: bool
+
+
 def _where(dataset_dir: Any, name: str) -> str:
     return store.join(str(dataset_dir), name)
 
 
 @lru_cache(maxsize=16)
-def _info_cached(location: str, mtime_key: Any) -> dict[str, Any]:
+def _info_cached(location: str, mtime_key: Any) -> DatasetInfo:
     try:
         raw = store.read_bytes(location)
     except DataError:
@@ -100,10 +135,10 @@ def _info_cached(location: str, mtime_key: Any) -> dict[str, Any]:
     for fld in ("classes", "channels", "height", "width", "counts", "shards"):
         if fld not in info:
             raise DataError(f"{location}: no field {fld!r}")
-    return info
+    return cast(DatasetInfo, info)
 
 
-def dataset_info(dataset_dir: Any) -> dict[str, Any]:
+def dataset_info(dataset_dir: Any) -> DatasetInfo:
     """The content of ``<dataset_dir>/dataset.json`` (written last by the shard stage)."""
     location = _where(dataset_dir, DATASET_JSON)
     stamp: Any = None
@@ -118,7 +153,7 @@ def dataset_info(dataset_dir: Any) -> dict[str, Any]:
                 f"{location}: missing; the folder is not a finished dataset (run the shard stage)"
             ) from None
     # remote: read once per process (a finished dataset folder is not rewritten in place)
-    return dict(_info_cached(location, stamp))
+    return _info_cached(location, stamp).copy()
 
 
 def _check_split(split: str) -> None:
@@ -126,7 +161,7 @@ def _check_split(split: str) -> None:
         raise DataError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
 
 
-def decoded_bytes(info: dict[str, Any], split: str | None = None) -> int:
+def decoded_bytes(info: Mapping[str, Any], split: str | None = None) -> int:
     """Bytes the in-memory path holds for ``split`` (all splits when None): ``dataset.json``'s
     ``decoded_bytes`` when recorded, else ``count x channels x height x width``."""
     splits = [split] if split is not None else list(SPLITS)
@@ -185,7 +220,7 @@ def _manifest_counts_cached(location: str, digest: str) -> dict[str, int]:
     return out
 
 
-def _skipped(info: dict[str, Any]) -> dict[str, set[str]]:
+def _skipped(info: DatasetInfo) -> dict[str, set[str]]:
     """``dataset.json``'s ``skipped_keys``: per shard ref, the samples readers leave out."""
     raw = info.get("skipped_keys") or {}
     return {str(k): {str(x) for x in v} for k, v in raw.items()} if isinstance(raw, dict) else {}
@@ -419,9 +454,38 @@ def _tarfile_members(stream: Any, tap: _Tap, path: str, base: int) -> _Members:
             yield m.name, (fobj.read if fobj is not None else bytes)
 
 
-def _iter_raw(
-    shard: ShardRef | str, select: Callable[[int], bool] | None = None
-) -> Iterator[tuple[int, str, dict[str, bytes] | None]]:
+_Raw = tuple[int, str, dict[str, bytes] | None]
+
+
+class _Count:
+    """The running sample count of one pass over a shard: which samples are usable, which belong
+    to the split (their ``index``) and which ``select`` keeps."""
+
+    __slots__ = ("ref", "select", "index", "usable")
+
+    def __init__(self, ref: ShardRef, select: Callable[[int], bool] | None) -> None:
+        self.ref, self.select = ref, select
+        self.index = -1  # samples of this split
+        self.usable = 0  # samples not skipped (all splits: what shard_counts counts)
+
+    def wants(self, key: str) -> bool:
+        """Whether the sample that starts now needs its bytes (``select`` sees its index)."""
+        return self.ref.takes(key) and (self.select is None or self.select(self.index + 1))
+
+    def finish(self, key: str, parts: dict[str, bytes]) -> _Raw | None:
+        """Count the sample ``key`` read to its end; what :func:`_iter_raw` yields for it (None
+        when it is skipped or not of the split)."""
+        if key in self.ref.skip:
+            return None
+        self.usable += 1
+        if not self.ref.takes(key):
+            return None
+        self.index += 1
+        want = self.select is None or self.select(self.index)
+        return self.index, key, (parts if want else None)
+
+
+def _iter_raw(shard: ShardRef | str, select: Callable[[int], bool] | None = None) -> Iterator[_Raw]:
     """Yield ``(index, key, {ext: bytes})`` per usable sample of a shard (``index`` counts them);
     ``None`` instead of the dict for samples ``select(index)`` rejects (their bytes are read
     through, not kept). Verifies the shard when read to its end (module docstring)."""
@@ -429,23 +493,10 @@ def _iter_raw(
     path = ref.url
     with store.open_stream(path, "shard listed in dataset.json is missing") as f:
         tap = _Tap(f)
-        index = -1  # samples of this split
-        usable = 0  # samples not skipped (all splits: what shard_counts counts)
+        count = _Count(ref, select)
         key: str | None = None
-        parts: dict[str, bytes] | None = None
+        parts: dict[str, bytes] = {}
         keep = True
-
-        def flush() -> Iterator[tuple[int, str, dict[str, bytes] | None]]:
-            nonlocal index, usable
-            if key is None or key in ref.skip:
-                return
-            usable += 1
-            if not ref.takes(key):
-                return
-            index += 1
-            want = select is None or select(index)
-            yield index, key, (parts if want else None)
-
         members = _members(tap, path)
         try:
             while True:
@@ -459,37 +510,50 @@ def _iter_raw(
                     continue
                 k, ext = match.group(1), match.group(2).lower()
                 if k != key:
-                    yield from flush()
+                    if key is not None and (done := count.finish(key, parts)) is not None:
+                        yield done
                     key, parts = k, {}
-                    # whether this sample's bytes are needed (select sees the next index)
-                    keep = ref.takes(k) and (select is None or select(index + 1))
+                    keep = count.wants(k)  # whether this sample's bytes are needed
                 if keep:
-                    assert parts is not None
                     parts[ext] = body()
         except tarfile.TarError as err:
             raise DataError(f"{path}: truncated shard (ends inside a member: {err})") from None
-        marker = tap.block_at(end)
-        while tap.read(1 << 20):  # the rest (end marker, padding): hashed too
-            pass
-        if tap.pos < end + 512:
-            raise DataError(f"{path}: truncated shard (no end-of-archive marker)")
-        if marker is not None and any(marker):
-            raise DataError(f"{path}: corrupt shard (bad tar header at byte {end})")
-        got = usable + (1 if key is not None and key not in ref.skip else 0)
-        if ref.count is not None and got != ref.count:
-            raise DataError(
-                f"{path}: truncated shard ({got} samples, dataset.json says {ref.count})"
-                if got < ref.count
-                else f"{path}: {got} samples, dataset.json says {ref.count}"
-            )
-        if ref.sha256 and tap.sha.hexdigest() != ref.sha256:
-            raise DataError(
-                f"{path}: sha256 {tap.sha.hexdigest()[:16]}... differs from dataset.json's "
-                f"{ref.sha256[:16]}... (the shard changed since it was indexed)"
-            )
+        _check_end(tap, path, end)
+        last = 1 if key is not None and key not in ref.skip else 0  # the sample not yet finished
+        _check_whole(ref, tap, count.usable + last)
         # the last sample only now: a shard cut inside it is named as truncated, not as a
         # sample with a missing member
-        yield from flush()
+        if key is not None and (done := count.finish(key, parts)) is not None:
+            yield done
+
+
+def _check_end(tap: _Tap, path: str, end: int) -> None:
+    """Read the rest of the shard through ``tap`` (hashed too); DataError unless an
+    end-of-archive marker starts at ``end``."""
+    marker = tap.block_at(end)
+    while tap.read(1 << 20):
+        pass
+    if tap.pos < end + 512:
+        raise DataError(f"{path}: truncated shard (no end-of-archive marker)")
+    if marker is not None and any(marker):
+        raise DataError(f"{path}: corrupt shard (bad tar header at byte {end})")
+
+
+def _check_whole(ref: ShardRef, tap: _Tap, got: int) -> None:
+    """DataError unless a shard read to its end holds the sample count and the sha256
+    ``dataset.json`` records for it (when it does)."""
+    path = ref.url
+    if ref.count is not None and got != ref.count:
+        raise DataError(
+            f"{path}: truncated shard ({got} samples, dataset.json says {ref.count})"
+            if got < ref.count
+            else f"{path}: {got} samples, dataset.json says {ref.count}"
+        )
+    if ref.sha256 and tap.sha.hexdigest() != ref.sha256:
+        raise DataError(
+            f"{path}: sha256 {tap.sha.hexdigest()[:16]}... differs from dataset.json's "
+            f"{ref.sha256[:16]}... (the shard changed since it was indexed)"
+        )
 
 
 def _decode(
@@ -499,12 +563,20 @@ def _decode(
     decoder: Callable[[bytes, str], Any],
     num_classes: int | None,
 ) -> tuple[Any, int]:
+    label = _checked_label(ref, key, parts, num_classes)
+    return decoder(_image(ref, key, parts), f"{ref.url}: sample {key}"), label
+
+
+def _checked_label(
+    ref: ShardRef, key: str, parts: dict[str, bytes], num_classes: int | None
+) -> int:
+    """The sample's label, in ``[0, num_classes)`` when that is given (else DataError)."""
     label = _label(ref, key, parts)
     if num_classes is not None and not 0 <= label < num_classes:
         raise DataError(
             f"{ref.url}: sample {key}: label {label} outside [0, {num_classes}) of dataset.json"
         )
-    return decoder(_image(ref, key, parts), f"{ref.url}: sample {key}"), label
+    return label
 
 
 def read_shard(path: ShardRef | str) -> list[tuple[str, np.ndarray, int]]:
@@ -527,11 +599,11 @@ class ShardDataset(IterableDataset):
     """Samples ``(x, label)`` (``(x, label, key)`` with ``with_keys``) from tar shards, split
     over ranks and DataLoader workers (module docstring).
 
-    ``x`` is ``decoder(image_bytes, where)`` (default: the uint8 ``C x H x W`` tensor), then
-    ``transform(x)`` when given. With ``shuffle`` the shard order is permuted per epoch
-    (``set_epoch``) with the same seed on every consumer, and samples pass a shuffle buffer of
-    ``buffer_size`` (still encoded: the buffer holds file bytes, not pixels). ``exclude``: keys to
-    leave out (e.g. a labelled subset); ``num_classes``: range-check the labels.
+    ``x`` is ``decoder(image_bytes, where)`` (default: the uint8 ``C x H x W`` tensor). With
+    ``shuffle`` the shard order is permuted per epoch (``set_epoch``) with the same seed on every
+    consumer, and samples pass a shuffle buffer of ``buffer_size`` (still encoded: the buffer
+    holds file bytes, not pixels). ``exclude``: keys to leave out (e.g. a labelled subset);
+    ``num_classes``: range-check the labels.
     """
 
     def __init__(
@@ -539,7 +611,6 @@ class ShardDataset(IterableDataset):
         shard_paths: Sequence[ShardRef | str],
         rank: int = 0,
         world_size: int = 1,
-        transform: Callable[[Any], Any] | None = None,
         mode: Literal["auto", "shard", "sample"] = "auto",
         shuffle: bool = False,
         seed: int = 0,
@@ -561,7 +632,6 @@ class ShardDataset(IterableDataset):
             raise DataError(f"buffer_size: must be >= 1 (got {buffer_size})")
         self.shards = [_as_ref(p) for p in shard_paths]
         self.rank, self.world_size = rank, world_size
-        self.transform = transform
         self.mode = mode
         self.shuffle, self.seed, self.buffer_size = shuffle, seed, buffer_size
         self.with_keys = with_keys
@@ -638,8 +708,6 @@ class ShardDataset(IterableDataset):
             )
         for ref, key, parts in it:
             x, label = _decode(ref, key, parts, self.decoder, self.num_classes)
-            if self.transform is not None:
-                x = self.transform(x)
             yield (x, label, key) if self.with_keys else (x, label)
 
 
@@ -666,7 +734,6 @@ def iter_samples(
     shard_paths: Sequence[ShardRef | str],
     rank: int = 0,
     world_size: int = 1,
-    transform: Callable[[Any], Any] | None = None,
     mode: Literal["auto", "shard", "sample"] = "auto",
     shuffle: bool = False,
     seed: int = 0,
@@ -676,7 +743,7 @@ def iter_samples(
     """A :class:`ShardDataset` of ``(uint8 CxHxW tensor, label)`` from the shards (``(x, label,
     key)`` with ``with_keys``)."""
     return ShardDataset(
-        shard_paths, rank, world_size, transform, mode, shuffle, seed, with_keys=with_keys, **kwargs
+        shard_paths, rank, world_size, mode, shuffle, seed, with_keys=with_keys, **kwargs
     )
 
 
@@ -692,7 +759,7 @@ def split_dataset(dataset_dir: Any, split: str, **kwargs: Any) -> ShardDataset:
 def make_loader(
     dataset_dir: Any,
     split: str,
-    transform: Callable[[Any], Any] | None,
+    *,
     batch_size: int,
     rank: int = 0,
     world_size: int = 1,
@@ -705,7 +772,10 @@ def make_loader(
     **kwargs: Any,
 ) -> DataLoader:
     """A DataLoader over ``split`` of a dataset folder, this rank's share of it (``kwargs`` go to
-    :class:`ShardDataset`: ``decoder``, ``buffer_size``, ``exclude``, ``min_per_rank``...)."""
+    :class:`ShardDataset`: ``decoder``, ``buffer_size``, ``exclude``, ``min_per_rank``...).
+
+    Batches hold what ``decoder`` (the per-sample hook) returns, by default uint8 ``C x H x W``
+    tensors; the loader applies no transform: the caller transforms the batches."""
     if batch_size < 1:
         raise DataError(f"batch_size: must be >= 1 (got {batch_size})")
     if num_workers < 0:
@@ -716,7 +786,6 @@ def make_loader(
         split,
         rank=rank,
         world_size=world_size,
-        transform=transform,
         mode=mode,
         shuffle=shuffle,
         seed=seed,
@@ -747,6 +816,122 @@ def _memory_samples(ref: ShardRef) -> Iterator[tuple[str, dict[str, bytes]]]:
 _PNG_CHANNELS = {1: 0, 3: 2}  # channels -> PNG colour type (grey, RGB)
 
 
+class _MemorySplit:
+    """A split being read into memory, per slot: the image as PNG rows (a filter byte, then
+    ``W x C`` bytes each), its label and key; images the PNG fast path does not take wait in
+    ``pending`` for PIL."""
+
+    def __init__(self, n: int, c: int, h: int, w: int) -> None:
+        self.c, self.h, self.w = c, h, w
+        self.stride = 1 + w * c
+        self.rows = np.zeros((n, h, self.stride), dtype=np.uint8)
+        self.labels = np.empty(n, dtype=np.int64)
+        self.keys: list[str] = [""] * n
+        self.pending: dict[int, tuple[ShardRef, str, bytes]] = {}  # slot -> PIL decodes it
+        self.ihdr = b"IHDR" + struct.pack(">IIBBBBB", w, h, 8, _PNG_CHANNELS[c], 0, 0, 0)
+
+    def images(self) -> torch.Tensor:
+        """The uint8 ``N x C x H x W`` batch: the rows without their filter bytes, then PIL's
+        decodes (resized to ``H x W``) of the pending images."""
+        n, c, h, w = len(self.keys), self.c, self.h, self.w
+        images = torch.from_numpy(
+            np.ascontiguousarray(self.rows[:, :, 1:].reshape(n, h, w, c).transpose(0, 3, 1, 2))
+        )
+        decoder = TensorDecoder(c, size=(h, w))
+        for slot, (ref, key, img) in self.pending.items():
+            images[slot] = decoder(img, f"{ref.url}: sample {key}")
+        return images
+
+
+def _png_rows(img: bytes, ihdr: bytes, raw_len: int, stride: int, h: int) -> bytes | None:
+    """The inflated rows of ``img`` when it is a PNG with the IHDR ``ihdr`` (size, 8 bits,
+    colour type), one IDAT chunk right after it and filter 0 on every row; else None."""
+    if img[12:29] != ihdr or img[37:41] != b"IDAT":
+        return None
+    m = int.from_bytes(img[33:37], "big")
+    if img[49 + m : 53 + m] != b"IEND":
+        return None
+    try:
+        raw = zlib.decompress(img[41 : 41 + m])
+    except zlib.error:
+        return None
+    return raw if len(raw) == raw_len and raw[::stride].count(0) == h else None
+
+
+def _key_slots(split: str, keys: Sequence[str] | None) -> dict[str, int] | None:
+    """Each requested key's slot (its place in ``keys``); None without ``keys``."""
+    if keys is None:
+        return None
+    want: dict[str, int] = {}
+    for i, k in enumerate(keys):
+        if k in want:
+            raise DataError(f"load_split({split}): key {k!r} requested twice")
+        want[k] = i
+    return want
+
+
+def _fill(
+    out: _MemorySplit,
+    refs: Sequence[ShardRef],
+    split: str,
+    want: dict[str, int] | None,
+    n_classes: int,
+) -> tuple[int, int]:
+    """Read the samples of ``refs`` into ``out``: in shard order, or (``want``) into their key's
+    slot, passing the others over. Returns ``(slots filled, samples read)``."""
+    n, h, stride, ihdr = len(out.keys), out.h, out.stride, out.ihdr
+    rows, labels, out_keys, pending = out.rows, out.labels, out.keys, out.pending
+    raw_len = h * stride
+    filled = total = 0
+    for ref in refs:
+        for key, parts in _memory_samples(ref):
+            total += 1
+            if want is None:
+                slot = filled
+                if slot >= n:
+                    raise DataError(
+                        f"{ref.url}: more samples than dataset.json counts for {split} ({n})"
+                    )
+            else:
+                got = want.get(key)
+                if got is None:
+                    continue
+                slot = got
+            label = _checked_label(ref, key, parts, n_classes)
+            img = _image(ref, key, parts)
+            raw = _png_rows(img, ihdr, raw_len, stride, h)
+            if raw is not None:
+                rows[slot] = np.frombuffer(raw, dtype=np.uint8).reshape(h, stride)
+            else:
+                pending[slot] = (ref, key, img)
+            labels[slot] = label
+            out_keys[slot] = key
+            filled += 1
+    return filled, total
+
+
+def _check_complete(
+    dataset_dir: Any,
+    split: str,
+    want: dict[str, int] | None,
+    out: _MemorySplit,
+    read: tuple[int, int],
+) -> None:
+    """DataError unless the split held ``dataset.json``'s count of samples (or every requested
+    key), ``read`` being :func:`_fill`'s ``(filled, total)``."""
+    filled, total = read
+    n = len(out.keys)
+    if want is None and total != n:
+        raise DataError(
+            f"split {split} of {dataset_dir}: {total} samples in shards, dataset.json says {n}"
+        )
+    if want is not None and filled != n:
+        missing = next(k for k in want if not out.keys[want[k]])
+        raise DataError(
+            f"load_split({split}): key {missing!r} is not in {dataset_dir} ({n - filled} missing)"
+        )
+
+
 def load_split(
     dataset_dir: Any, split: str, keys: Sequence[str] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -768,76 +953,12 @@ def load_split(
     c, h, w = int(info["channels"]), int(info["height"]), int(info["width"])
     if c not in (1, 3):
         raise DataError(f"{_where(dataset_dir, DATASET_JSON)}: channels {c} not in (1, 3)")
-    want: dict[str, int] | None = None
-    if keys is not None:
-        want = {}
-        for i, k in enumerate(keys):
-            if k in want:
-                raise DataError(f"load_split({split}): key {k!r} requested twice")
-            want[k] = i
+    want = _key_slots(split, keys)
     n = int(info["counts"].get(split, 0)) if want is None else len(want)
-    stride = 1 + w * c
-    rows = np.zeros((n, h, stride), dtype=np.uint8)
-    labels = np.empty(n, dtype=np.int64)
-    out_keys: list[str] = [""] * n
-    pending: dict[int, tuple[ShardRef, str, bytes]] = {}  # slot -> PIL decodes it
-    ihdr = b"IHDR" + struct.pack(">IIBBBBB", w, h, 8, _PNG_CHANNELS[c], 0, 0, 0)
-    raw_len = h * stride
-    n_classes = len(info["classes"])
-    decompress = zlib.decompress
-    filled = total = 0
-    for ref in refs:
-        for key, parts in _memory_samples(ref):
-            total += 1
-            if want is None:
-                slot = filled
-                if slot >= n:
-                    raise DataError(
-                        f"{ref.url}: more samples than dataset.json counts for {split} ({n})"
-                    )
-            else:
-                got = want.get(key)
-                if got is None:
-                    continue
-                slot = got
-            label = _label(ref, key, parts)
-            if not 0 <= label < n_classes:
-                raise DataError(
-                    f"{ref.url}: sample {key}: label {label} outside [0, {n_classes}) of "
-                    "dataset.json"
-                )
-            img = _image(ref, key, parts)
-            raw = None
-            if img[12:29] == ihdr and img[37:41] == b"IDAT":
-                m = int.from_bytes(img[33:37], "big")
-                if img[49 + m : 53 + m] == b"IEND":
-                    try:
-                        raw = decompress(img[41 : 41 + m])
-                    except zlib.error:
-                        raw = None
-            if raw is not None and len(raw) == raw_len and raw[::stride].count(0) == h:
-                rows[slot] = np.frombuffer(raw, dtype=np.uint8).reshape(h, stride)
-            else:
-                pending[slot] = (ref, key, img)
-            labels[slot] = label
-            out_keys[slot] = key
-            filled += 1
-    if want is None and total != n:
-        raise DataError(
-            f"split {split} of {dataset_dir}: {total} samples in shards, dataset.json says {n}"
-        )
-    if want is not None and filled != n:
-        missing = next(k for k in want if not out_keys[want[k]])
-        raise DataError(
-            f"load_split({split}): key {missing!r} is not in {dataset_dir} ({n - filled} missing)"
-        )
-    images = torch.from_numpy(
-        np.ascontiguousarray(rows[:, :, 1:].reshape(n, h, w, c).transpose(0, 3, 1, 2))
-    )
-    decoder = TensorDecoder(c, size=(h, w))
-    for slot, (ref, key, img) in pending.items():
-        images[slot] = decoder(img, f"{ref.url}: sample {key}")
-    return images, torch.from_numpy(labels), out_keys
+    out = _MemorySplit(n, c, h, w)
+    read = _fill(out, refs, split, want, len(info["classes"]))
+    _check_complete(dataset_dir, split, want, out, read)
+    return out.images(), torch.from_numpy(out.labels), out.keys
 
 
 def load_subset(dataset_dir: Any, fraction: float) -> tuple[list[str], torch.Tensor]:

@@ -68,6 +68,23 @@ def distillation(
     """
     tau = check_temperature(temperature)
     w = _check_weight(label_weight)
+    _check_logits(student_logits, teacher_logits)
+    if labels is not None:
+        _check_labels(labels, student_logits.shape)
+    dtype = compute_dtype(student_logits)
+
+    with torch.autocast(device_type=student_logits.device.type, enabled=False):
+        s = student_logits.to(dtype)  # (B, C)
+        p_teacher = F.softmax(teacher_logits.detach().to(dtype) / tau, dim=1)  # (B, C)
+        log_p_student = F.log_softmax(s / tau, dim=1)  # (B, C)
+        kd = -(p_teacher * log_p_student).sum(dim=1).mean()  # ()
+        if labels is None or w == 0.0:
+            return kd
+        return (1.0 - w) * kd + w * _labeled_cross_entropy(s, labels)
+
+
+def _check_logits(student_logits: Tensor, teacher_logits: Tensor) -> None:
+    """ValueError unless both logits are tensors of one non-empty ``(B, C)`` shape."""
     if not isinstance(student_logits, Tensor) or not isinstance(teacher_logits, Tensor):
         raise ValueError("distillation expects student_logits and teacher_logits tensors (B, C)")
     if student_logits.dim() != 2 or student_logits.shape != teacher_logits.shape:
@@ -80,35 +97,32 @@ def distillation(
         raise ValueError(
             f"distillation needs a non-empty batch, got logits {tuple(student_logits.shape)}"
         )
-    if labels is not None:
-        if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.shape[0] != b:
-            shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
-            raise ValueError(
-                f"distillation expects labels of shape (B,) = ({b},) for logits "
-                f"{tuple(student_logits.shape)}, got {shape}"
-            )
-        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            raise ValueError(f"distillation expects integer labels, got dtype {labels.dtype}")
-        if labels.numel() and int(labels.max()) >= c:
-            raise ValueError(
-                f"distillation labels must be < {c} classes, got max {int(labels.max())}"
-            )
-    dtype = compute_dtype(student_logits)
 
-    with torch.autocast(device_type=student_logits.device.type, enabled=False):
-        s = student_logits.to(dtype)  # (B, C)
-        p_teacher = F.softmax(teacher_logits.detach().to(dtype) / tau, dim=1)  # (B, C)
-        log_p_student = F.log_softmax(s / tau, dim=1)  # (B, C)
-        kd = -(p_teacher * log_p_student).sum(dim=1).mean()  # ()
-        if labels is None or w == 0.0:
-            return kd
-        labels = labels.to(device=s.device, dtype=torch.long)
-        labeled = labels >= 0  # (B,)
-        if bool(labeled.any()):
-            ce = F.cross_entropy(s[labeled], labels[labeled])  # () mean over labeled entries
-        else:
-            ce = s.sum() * 0.0  # no labeled entry: 0, graph kept
-        return (1.0 - w) * kd + w * ce
+
+def _check_labels(labels: Tensor, logits_shape: torch.Size) -> None:
+    """ValueError unless ``labels`` is a ``(B,)`` integer tensor of classes below ``C``, for
+    ``(B, C)`` logits."""
+    b, c = logits_shape
+    if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.shape[0] != b:
+        shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+        raise ValueError(
+            f"distillation expects labels of shape (B,) = ({b},) for logits "
+            f"{tuple(logits_shape)}, got {shape}"
+        )
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"distillation expects integer labels, got dtype {labels.dtype}")
+    if labels.numel() and int(labels.max()) >= c:
+        raise ValueError(f"distillation labels must be < {c} classes, got max {int(labels.max())}")
+
+
+def _labeled_cross_entropy(s: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy of logits ``s`` over the entries with label >= 0 (0, graph kept, when
+    there is none)."""
+    labels = labels.to(device=s.device, dtype=torch.long)
+    labeled = labels >= 0  # (B,)
+    if bool(labeled.any()):
+        return F.cross_entropy(s[labeled], labels[labeled])  # () mean over labeled entries
+    return s.sum() * 0.0  # no labeled entry: 0, graph kept
 
 
 class DistillationLoss(nn.Module):

@@ -10,17 +10,16 @@ from pathlib import Path
 from torch import nn
 
 from pipeline.config import ModelConfig
+from pipeline.data import DatasetInfo, dataset_info
 from pipeline.distributed import convert_sync_batchnorm
 from pipeline.models import Classifier, save_model
 from pipeline.runtime import LocalContext, StageResult, TrainContext
 from pipeline.slices import DistillSlice, SupervisedSlice
 from pipeline.stages.common import (
-    DatasetInfo,
     StreamSplit,
     accuracy,
     encode,
     load_data,
-    read_info,
     seed_everything,
     use_memory,
     view_size,
@@ -56,7 +55,7 @@ class ClassifierStage:
         ctx = ctx or LocalContext(out / "checkpoints")
         seed_everything(cfg.seed * 100 + ctx.rank)
         ds = inputs["dataset"]
-        info = read_info(ds)
+        info = dataset_info(ds)
         size, streaming = view_size(cfg.image_size, info), not use_memory(cfg.data, info)
         return cls(cfg, ds, out, ctx, info, size, streaming)
 

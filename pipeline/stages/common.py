@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ from torch import nn
 
 from pipeline.atomic import atomic_write_text
 from pipeline.data import dataset_info, load_split, load_subset, make_loader
-from pipeline.data.loader import ShardDataset, decoded_bytes
+from pipeline.data.loader import DatasetInfo, ShardDataset, decoded_bytes
 from pipeline.data.transforms import BatchTwoViewAugment, normalize_batch
 from pipeline.models import ContrastiveModel, load_model
 from pipeline.slices import DataRead
@@ -28,7 +28,6 @@ from pipeline.slices import DataRead
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "DatasetInfo",
     "SplitData",
     "StreamSplit",
     "accuracy",
@@ -37,7 +36,6 @@ __all__ = [
     "knn_predict",
     "load_contrastive",
     "load_data",
-    "read_info",
     "rng_state",
     "seed_everything",
     "set_rng_state",
@@ -46,28 +44,6 @@ __all__ = [
     "view_size",
     "write_json",
 ]
-
-
-class _InfoRequired(TypedDict):
-    name: str
-    classes: list[str]
-    channels: int
-    height: int
-    width: int
-    counts: dict[str, int]
-
-
-class DatasetInfo(_InfoRequired, total=False):
-    """What the stages read from a dataset folder's ``dataset.json`` (the shard stage writes more:
-    shard lists, hashes, subsets)."""
-
-    digest: str
-    decoded_bytes: dict[str, int]
-
-
-def read_info(dataset_dir: str) -> DatasetInfo:
-    """``dataset.json`` of ``dataset_dir``."""
-    return dataset_info(dataset_dir)  # type: ignore[return-value]
 
 
 def load_contrastive(path: str, map_location: str | torch.device = "cpu") -> ContrastiveModel:
@@ -402,7 +378,7 @@ def use_memory(data: DataRead, info: DatasetInfo) -> bool:
     mode = data.in_memory
     if isinstance(mode, bool):
         return mode
-    return decoded_bytes(dict(info)) <= data.memory_budget_mb * 2**20
+    return decoded_bytes(info) <= data.memory_budget_mb * 2**20
 
 
 #: A batch of views: one tensor, or several (a decoder's tuple of views, collated as a list).
@@ -463,7 +439,7 @@ class StreamSplit:
     ) -> None:
         self.data, self.seed, self.dataset_dir, self.split = data, seed, dataset_dir, split
         self.rank, self.world = rank, world
-        self.info = read_info(dataset_dir)
+        self.info = dataset_info(dataset_dir)
         self.count = int(self.info["counts"].get(split, 0))
         self.channels = int(self.info["channels"])
 
@@ -483,7 +459,6 @@ class StreamSplit:
         loader = make_loader(
             self.dataset_dir,
             self.split,
-            None,
             batch_size=batch,
             rank=self.rank if rank is None else rank,
             world_size=self.world if world is None else world,

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from pipeline.atomic import atomic_write_text
-from pipeline.data import format_fraction
+from pipeline.data import dataset_info, format_fraction
 from pipeline.models import count_params, load_model
 from pipeline.runtime import StageResult, TrainContext
 from pipeline.slices import EvaluateSlice
@@ -32,7 +32,6 @@ from pipeline.stages.common import (
     knn_predict,
     load_contrastive,
     load_data,
-    read_info,
     seed_everything,
     subset_keys,
     use_memory,
@@ -145,7 +144,7 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     e = cfg.evaluate
-    info = read_info(ds)
+    info = dataset_info(ds)
     size, classes = view_size(cfg.image_size, info), list(info["classes"])
     k = len(classes)
     streaming = not use_memory(cfg.data, info)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.config import PretrainConfig
-from pipeline.data import load_split, load_subset
+from pipeline.data import DatasetInfo, dataset_info, load_split, load_subset
 from pipeline.data.transforms import BatchTwoViewAugment
 from pipeline.distributed import convert_sync_batchnorm
 from pipeline.losses import SupConLoss
@@ -32,7 +32,6 @@ from pipeline.optim import build_optimizer, scale_lr, warmup_cosine
 from pipeline.runtime import LocalContext, StageResult, TrainContext
 from pipeline.slices import PretrainSlice
 from pipeline.stages.common import (
-    DatasetInfo,
     SplitData,
     StreamSplit,
     Throughput,
@@ -41,7 +40,6 @@ from pipeline.stages.common import (
     encode,
     knn_predict,
     load_data,
-    read_info,
     restore_training_state,
     seed_everything,
     subset_keys,
@@ -473,7 +471,7 @@ def run(
     if p.batch_size % world:
         raise ValueError(f"pretrain.batch_size {p.batch_size} is not divisible by {world} workers")
     seed_everything(cfg.seed * 100 + ctx.rank)
-    info = read_info(inputs["dataset"])
+    info = dataset_info(inputs["dataset"])
     s = _setting(cfg, inputs["dataset"], ctx, info)
     streaming = not use_memory(cfg.data, info)
     data = _Streamed.load(s) if streaming else _InMemory.load(s)

@@ -12,7 +12,6 @@ import torch
 from pipeline.config import parse_config
 from pipeline.data import dataset_info, iter_samples, load_split, make_loader, shard_paths
 from pipeline.data.sources import DataError
-from pipeline.data.transforms import EvalTransform
 from pipeline.slices import ShardSlice
 from pipeline.stages import shard as shard_stage
 
@@ -50,7 +49,6 @@ def _epoch_keys(ds_dir, num_workers: int, world: int, mode: str = "auto") -> lis
         loader = make_loader(
             ds_dir,
             "train",
-            None,
             batch_size=16,
             rank=rank,
             world_size=world,
@@ -101,15 +99,9 @@ def test_shuffle_is_a_seeded_permutation(many_shards):
     )
 
 
-def _two_views(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    view = EvalTransform(8)(image)
-    return view, view.flip(-1)
-
-
-def test_loader_with_two_view_transform(few_shards):
-    loader = make_loader(few_shards, "test", _two_views, batch_size=10)
-    (v1, v2), y = next(iter(loader))
-    assert v1.shape == v2.shape == (10, 1, 8, 8) and v1.dtype == torch.float32 and y.shape == (10,)
+def test_loader_batches_decoded_images(few_shards):
+    x, y = next(iter(make_loader(few_shards, "test", batch_size=10)))
+    assert x.shape == (10, 1, 8, 8) and x.dtype == torch.uint8 and y.shape == (10,)
 
 
 def test_load_split_keys_and_info(few_shards):
@@ -164,6 +156,27 @@ def test_corrupt_shard_names_the_file(few_shards, tmp_path):
         load_split(ds, "train")
     with pytest.raises(DataError, match=r"train-000002\.tar: sample \w+: cannot decode PNG"):
         list(iter_samples([str(shard)]))
+
+
+def _edit_info(ds, edit) -> None:
+    info = json.loads((ds / "dataset.json").read_text())
+    edit(info)
+    (ds / "dataset.json").write_text(json.dumps(info))
+
+
+def test_load_split_checks_counts_keys_and_labels(few_shards, tmp_path):
+    with pytest.raises(DataError, match=r"load_split\(train\): key 'k' requested twice"):
+        load_split(few_shards, "train", keys=["k", "k"])
+    ds = _copy(few_shards, tmp_path / "ds")
+    _edit_info(ds, lambda i: (i["counts"].update(train=199), i.pop("shard_counts")))
+    with pytest.raises(DataError, match=r"more samples than dataset.json counts for train \(199\)"):
+        load_split(ds, "train")
+    _edit_info(ds, lambda i: i["counts"].update(train=201))
+    with pytest.raises(DataError, match="200 samples in shards, dataset.json says 201"):
+        load_split(ds, "train")
+    _edit_info(ds, lambda i: (i["counts"].update(train=200), i.update(classes=i["classes"][:1])))
+    with pytest.raises(DataError, match=r"sample \w+: label [1-9] outside \[0, 1\) of dataset"):
+        load_split(ds, "train")
 
 
 def test_missing_shard_and_unfinished_folder(few_shards, tmp_path):

@@ -99,7 +99,6 @@ def test_jpeg_each_sample_once_two_ranks_two_workers(tmp_path, per_shard):
         loader = make_loader(
             ds,
             "train",
-            None,
             batch_size=7,
             rank=rank,
             world_size=2,
