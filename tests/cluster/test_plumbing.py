@@ -13,7 +13,7 @@ import pytest
 from pipeline.config import ConfigError, load_config
 from workflows import orchestrate
 from workflows import submit as sub
-from workflows.runner import _output_uri
+from workflows.stagetask import _output_uri
 from workflows.state import CODE_ENV, RunStore, StateError
 
 

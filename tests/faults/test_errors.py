@@ -19,7 +19,8 @@ from click.testing import CliRunner
 from pipeline.config import parse_config
 from workflows.cli import main
 from workflows.dag import Graph, StageNode
-from workflows.runner import one_line, run_graph
+from workflows.runner import run_graph
+from workflows.runtypes import one_line
 from workflows.state import RunStore
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])

@@ -131,7 +131,7 @@ def test_credentials_are_redacted_in_ray_job_metadata(tmp_path: Path) -> None:
 
 def test_credentials_in_error_messages_are_redacted() -> None:
     """MLflow's connection errors quote the request URL, password included."""
-    from workflows.runner import one_line
+    from workflows.runtypes import one_line
 
     err = ConnectionError(f"API request to http://alice:{SECRET}@mlflow:5000/api/2.0/runs failed")
     assert one_line(err) == (

@@ -154,9 +154,10 @@ def test_every_one_line_error_is_a_user_error_and_keeps_its_builtin_base() -> No
     from pipeline.data.sources import DataError
     from pipeline.errors import UserError
     from workflows.dag import GraphError
+    from workflows.digests import DigestMismatch
     from workflows.local import LocalRunError
     from workflows.orchestrate import PipelineError
-    from workflows.runner import DigestMismatch, RunError
+    from workflows.runtypes import RunError
     from workflows.state import LeaseHeld, StateError
     from workflows.tracking import TrackingError
     from workflows.tune import TuneError

@@ -11,19 +11,18 @@ import pytest
 
 from pipeline.config import parse_config
 from workflows.dag import Graph, StageNode, build_graph, compute_keys
-from workflows.runner import (
+from workflows.digests import DigestMismatch, output_digest
+from workflows.runtypes import OutcomeStatus
+from workflows.scheduler import (
     DROPPED_METRIC,
     STAGE_COST,
-    DigestMismatch,
-    OutcomeStatus,
     RunContext,
     RunState,
     Scheduler,
-    TaskResult,
     launch_priorities,
-    output_digest,
     stage_cost,
 )
+from workflows.stagetask import TaskResult
 from workflows.state import RunStatus, RunStore, StageState, StageStatus
 
 
@@ -136,7 +135,7 @@ class _Cpus:
 def test_the_cpu_budget_gives_the_critical_path_the_cpus_first(tmp_path, monkeypatch):
     """On 2 CPUs, pretraining (2) goes before two baselines (1 each) that are ready with it; once
     it ends, both baselines run side by side."""
-    import workflows.runner as runner
+    import workflows.scheduler as scheduler
 
     graph = Graph(
         [
@@ -148,7 +147,7 @@ def test_the_cpu_budget_gives_the_critical_path_the_cpus_first(tmp_path, monkeyp
     )
     sched = _scheduler(tmp_path, graph)
     sched.ctx.execute = _Cpus({"pretrain": 2.0, "baseline@1": 1.0, "baseline@10": 1.0})
-    monkeypatch.setattr(runner, "cluster_cpus", lambda: 2.0)
+    monkeypatch.setattr(scheduler, "cluster_cpus", lambda: 2.0)
     sched.settle()
     sched.launch_ready()
     assert [name for name, _ in sched.submitted] == ["pretrain"]
