@@ -166,9 +166,18 @@ class ShardSlice(StageSlice):
 # -- pretrain and tune ------------------------------------------------------------------------
 
 
-def _label_fraction(cfg: Config) -> float | None:
-    """Semi-supervised pretraining's labeled subset (percent), None for the other methods."""
-    return cfg.pretrain_label_fraction if cfg.pretrain.method == "semisup" else None
+def _pretraining(cfg: Config) -> dict[str, Any]:
+    """What pretraining and the Tune search's pretraining trials read (less the resources)."""
+    semisup = cfg.pretrain.method == "semisup"
+    return {
+        "seed": cfg.seed,
+        "augment": cfg.augment,
+        "model": cfg.model,
+        "pretrain": cfg.pretrain,
+        "label_fraction": cfg.pretrain_label_fraction if semisup else None,
+        "knn": KnnMonitor.pick(cfg.evaluate),
+        "data": DataRead.pick(cfg.data),
+    }
 
 
 class PretrainSlice(StageSlice):
@@ -191,17 +200,8 @@ class PretrainSlice(StageSlice):
     }
 
     @classmethod
-    def of(cls, cfg: Config, kind: str = "pretrain") -> PretrainSlice:
-        return cls(
-            seed=cfg.seed,
-            augment=cfg.augment,
-            model=cfg.model,
-            pretrain=cfg.pretrain,
-            label_fraction=_label_fraction(cfg),
-            knn=KnnMonitor.pick(cfg.evaluate),
-            data=DataRead.pick(cfg.data),
-            resources=TrainCompute.pick(_resources(cfg, kind)),
-        )
+    def of(cls, cfg: Config) -> PretrainSlice:
+        return cls(**_pretraining(cfg), resources=TrainCompute.pick(_resources(cfg, "pretrain")))
 
 
 class TuneSlice(StageSlice):
@@ -221,15 +221,7 @@ class TuneSlice(StageSlice):
     @classmethod
     def of(cls, cfg: Config) -> TuneSlice:
         return cls(
-            seed=cfg.seed,
-            augment=cfg.augment,
-            model=cfg.model,
-            pretrain=cfg.pretrain,
-            label_fraction=_label_fraction(cfg),
-            tune=cfg.tune,
-            knn=KnnMonitor.pick(cfg.evaluate),
-            data=DataRead.pick(cfg.data),
-            resources=Compute.pick(_resources(cfg, "tune")),
+            **_pretraining(cfg), tune=cfg.tune, resources=Compute.pick(_resources(cfg, "tune"))
         )
 
 
