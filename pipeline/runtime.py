@@ -27,13 +27,18 @@ __all__ = [
 ]
 
 
+#: One epoch's metrics as a stage reports them and keeps them in ``history.json`` (``epoch`` and
+#: counts are whole numbers; everything is a number).
+HistoryRow = dict[str, float]
+
+
 @dataclass
 class StageResult:
     """What a stage returns: output paths, final metrics (key metric first) and per-epoch history."""
 
     outputs: dict[str, str]
     metrics: dict[str, float] = field(default_factory=dict)
-    history: list[dict[str, Any]] = field(default_factory=list)
+    history: list[HistoryRow] = field(default_factory=list)
 
 
 @runtime_checkable
@@ -42,7 +47,7 @@ class TrainContext(Protocol):
     world_size: int
     device: torch.device
 
-    def report(self, metrics: dict[str, Any], checkpoint: dict[str, Any] | None = None) -> None:
+    def report(self, metrics: HistoryRow, checkpoint: dict[str, Any] | None = None) -> None:
         """Record per-epoch metrics; with ``checkpoint`` (a state dict), persist it as the latest."""
 
     def load_checkpoint(self) -> dict[str, Any] | None:
@@ -77,16 +82,16 @@ class LocalContext:
         self,
         checkpoint_dir: str | os.PathLike[str] | None = None,
         device: str | torch.device = "cpu",
-        on_report: Callable[[dict[str, Any]], None] | None = None,
+        on_report: Callable[[HistoryRow], None] | None = None,
     ) -> None:
         self.rank = 0
         self.world_size = 1
         self.device = torch.device(device)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.on_report = on_report
-        self.reports: list[dict[str, Any]] = []
+        self.reports: list[HistoryRow] = []
 
-    def report(self, metrics: dict[str, Any], checkpoint: dict[str, Any] | None = None) -> None:
+    def report(self, metrics: HistoryRow, checkpoint: dict[str, Any] | None = None) -> None:
         self.reports.append(dict(metrics))
         if checkpoint is not None and self.checkpoint_dir is not None:
             atomic_torch_save(checkpoint, self.checkpoint_dir / "latest.pt")

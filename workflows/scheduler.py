@@ -30,11 +30,12 @@ import time
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import ray
 
 from pipeline.config import Config
+from pipeline.runtime import HistoryRow
 from workflows.dag import Graph, StageNode, stage_config
 from workflows.digests import DigestMismatch, verify_outputs
 from workflows.runtypes import (
@@ -110,7 +111,7 @@ def launch_priorities(
 DROPPED_METRIC = "tracking_dropped_points"
 
 
-def _final_only(metrics: Mapping[str, float], history: list[dict[str, Any]]) -> dict[str, float]:
+def _final_only(metrics: Mapping[str, float], history: list[HistoryRow]) -> dict[str, float]:
     """The final metrics that no history row holds (those were logged per epoch)."""
     seen = {k for row in history for k in row}
     return {k: v for k, v in metrics.items() if k not in seen}

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow.fs as pafs
 import ray
 
+from pipeline.runtime import HistoryRow
 from workflows.dag import StageNode
 from workflows.digests import digest_outputs
 from workflows.runtypes import Execute, Inputs, RunError, one_line
@@ -43,7 +44,7 @@ __all__ = ["TaskResult", "stage_task_body", "submit_stage"]
 
 def _normalize(
     result: object, node: StageNode, out_dir: str
-) -> tuple[dict[str, str], dict[str, float], list[dict[str, Any]]]:
+) -> tuple[dict[str, str], dict[str, float], list[HistoryRow]]:
     """Turn a StageResult-like value into (outputs with absolute paths, metrics, history)."""
     if isinstance(result, Mapping):
         outputs, metrics, history = (
@@ -95,7 +96,7 @@ class TaskResult:
     duration_s: float
     outputs: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
-    history: list[dict[str, Any]] = field(default_factory=list)
+    history: list[HistoryRow] = field(default_factory=list)
     digest: str = ""
     output_digests: dict[str, str] = field(default_factory=dict)
     error: str = ""

@@ -39,7 +39,7 @@ import torch
 
 from pipeline.atomic import atomic_write_text
 from pipeline.config import ResourcesConfig
-from pipeline.runtime import StageResult, load_checkpoint_file
+from pipeline.runtime import HistoryRow, StageResult, load_checkpoint_file
 from pipeline.slices import StageSlice
 from workflows import stageio
 
@@ -79,7 +79,7 @@ class _Durable:
         close = getattr(self.sink, "close", None)
         return int(close()) if callable(close) else 0
 
-    def log(self, metrics: dict[str, Any]) -> None:
+    def log(self, metrics: HistoryRow) -> None:
         # one progress line per epoch; Ray forwards worker output to the driver's terminal
         shown = ", ".join(
             f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
@@ -109,7 +109,7 @@ class TaskContext:
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self._durable = _Durable(checkpoint_dir, sink)
 
-    def report(self, metrics: dict[str, Any], checkpoint: dict[str, Any] | None = None) -> None:
+    def report(self, metrics: HistoryRow, checkpoint: dict[str, Any] | None = None) -> None:
         if checkpoint is not None:
             self._durable.save(checkpoint)
         self._durable.log(metrics)
@@ -133,7 +133,7 @@ class RayTrainContext:
         self.device = ray.train.torch.get_device()
         self._durable = _Durable(checkpoint_dir, sink)
 
-    def report(self, metrics: dict[str, Any], checkpoint: dict[str, Any] | None = None) -> None:
+    def report(self, metrics: HistoryRow, checkpoint: dict[str, Any] | None = None) -> None:
         import ray.train
 
         clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
@@ -174,7 +174,7 @@ def _write_result(out_dir: str, result: StageResult) -> None:
     )
 
 
-def _read_result(out_dir: str, history: list[dict[str, Any]]) -> StageResult:
+def _read_result(out_dir: str, history: list[HistoryRow]) -> StageResult:
     p = Path(out_dir) / RESULT_FILE
     if not p.is_file():
         raise RuntimeError(f"training stage finished without writing {p}")
@@ -295,7 +295,7 @@ def _run_with_ray_train(job: TrainJob, workers: int, stage_dir: str) -> StageRes
         raise result.error
     if job.upload_to is not None:
         stageio.download_dir(job.upload_to, job.out_dir)
-    history: list[dict[str, Any]] = []
+    history: list[HistoryRow] = []
     hist = Path(job.out_dir) / "history.json"
     if hist.is_file():
         history = json.loads(hist.read_text())

@@ -23,6 +23,7 @@ from pipeline.data import dataset_info, load_split, load_subset, make_loader
 from pipeline.data.loader import DatasetInfo, ShardDataset, decoded_bytes
 from pipeline.data.transforms import BatchTwoViewAugment, normalize_batch
 from pipeline.models import ContrastiveModel, load_model
+from pipeline.runtime import HistoryRow
 from pipeline.slices import DataRead
 
 log = logging.getLogger(__name__)
@@ -147,7 +148,7 @@ def training_state(
     opt: torch.optim.Optimizer,
     sched: torch.optim.lr_scheduler.LRScheduler,
     epoch: int,
-    history: list[dict[str, Any]],
+    history: list[HistoryRow],
     **extra: Any,
 ) -> dict[str, Any]:
     """The checkpoint of a training loop after ``epoch``: model, optimiser, scheduler, RNG state
@@ -168,7 +169,7 @@ def restore_training_state(
     model: nn.Module,
     opt: torch.optim.Optimizer,
     sched: torch.optim.lr_scheduler.LRScheduler,
-) -> tuple[int, list[dict[str, Any]]]:
+) -> tuple[int, list[HistoryRow]]:
     """Load a :func:`training_state` checkpoint; returns (first epoch to run, history so far)."""
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])

@@ -31,7 +31,7 @@ from torch import nn
 from pipeline.config import ConsistencyConfig
 from pipeline.losses import align_distribution, confident_targets, fixmatch
 from pipeline.optim import build_optimizer, warmup_cosine
-from pipeline.runtime import TrainContext
+from pipeline.runtime import HistoryRow, TrainContext
 from pipeline.stages.common import (
     Throughput,
     batches,
@@ -254,7 +254,7 @@ class _Phase:
 
     def epoch(
         self, unlabeled: UnlabeledMemory | UnlabeledStream, epoch: int, base_epoch: int
-    ) -> dict[str, Any]:
+    ) -> HistoryRow:
         """Train one epoch; returns its history row (before evaluation)."""
         plan, world, rank = self.plan, self.ctx.world_size, self.ctx.rank
         b_u = max(1, plan.batch_size // world)
@@ -271,7 +271,7 @@ class _Phase:
             sums += step_sums
             meter.add((draw.size + len(li)) * world)
         sup_sum, uns_sum, kept, right_sum = sums.tolist()
-        metrics: dict[str, Any] = {
+        metrics: HistoryRow = {
             "epoch": base_epoch + epoch + 1,
             "consistency_epoch": epoch + 1,
             "loss": loss_sum / steps,

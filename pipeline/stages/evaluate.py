@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -42,6 +42,27 @@ from pipeline.stages.common import (
 log = logging.getLogger(__name__)
 
 __all__ = ["render_markdown", "run"]
+
+
+#: One label fraction's numbers: ``labeled_images``, ``linear_top1`` and, per model trained on it
+#: (``finetune``, ``baseline``, ``student``), ``<role>_top1``, ``<role>_top5``, ``<role>_params``.
+FractionRow = dict[str, float]
+
+
+class Report(TypedDict, total=False):
+    """``report.json``: the label-efficiency report (top-1 in %, parameter counts, seconds)."""
+
+    dataset: str
+    digest: str | None
+    knn_top1: float
+    linear_full_top1: float
+    encoder_params: int
+    fractions: dict[str, FractionRow]  # by formatted fraction, e.g. "0.1"
+    test_images: int
+    train_images: int
+    eval_seconds: float
+    wall_seconds: float
+    plots: dict[str, str]  # plot name -> file name in the stage's folder
 
 
 def _top(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -102,13 +123,13 @@ def _fraction_row(
     p: float,
     k: int,
     device: torch.device,
-) -> dict[str, Any]:
+) -> FractionRow:
     """One label fraction's row: the linear probe on its labels and every model trained on them."""
     name = format_fraction(p)
     keys = subset_keys(inputs["dataset"], p)
     pos = {key: i for i, key in enumerate(feats.train_keys)}
     idx = torch.tensor([pos[x] for x in keys])
-    row: dict[str, Any] = {
+    row: FractionRow = {
         "labeled_images": len(keys),
         "linear_top1": _probe_top1(cfg, feats, idx, k),
     }
@@ -148,7 +169,7 @@ def run(
     size, classes = view_size(cfg.image_size, info), list(info["classes"])
     k = len(classes)
     streaming = not use_memory(cfg.data, info)
-    report: dict[str, Any] = {
+    report: Report = {
         "dataset": info.get("name", cfg.header.source),
         "digest": info.get("digest"),
     }
@@ -183,7 +204,7 @@ def run(
 def _write(
     cfg: EvaluateSlice,
     inputs: dict[str, str],
-    report: dict[str, Any],
+    report: Report,
     feats: _Features,
     classes: list[str],
     out: Path,
@@ -235,7 +256,7 @@ def _header_lines(cfg: EvaluateSlice) -> list[str]:
     return [*lines, ""]
 
 
-def render_markdown(report: dict[str, Any], cfg: EvaluateSlice | None = None) -> str:
+def render_markdown(report: Report, cfg: EvaluateSlice | None = None) -> str:
     """The label-efficiency table: rows = label fraction, columns = baseline, SSL fine-tuned,
     student, linear probe, kNN, parameter counts."""
     lines = [f"# Label-efficiency report — {report['dataset']}", ""]
@@ -272,7 +293,7 @@ def render_markdown(report: dict[str, Any], cfg: EvaluateSlice | None = None) ->
     return "\n".join(lines) + "\n"
 
 
-def render_html(report: dict[str, Any], cfg: EvaluateSlice | None, folder: Path) -> str:
+def render_html(report: Report, cfg: EvaluateSlice | None, folder: Path) -> str:
     """The report as one self-contained HTML page (plots embedded), which MLflow's artifact
     viewer and any browser show as it is."""
     import base64
@@ -320,7 +341,7 @@ def render_html(report: dict[str, Any], cfg: EvaluateSlice | None, folder: Path)
     )
 
 
-def plot_label_efficiency(report: dict[str, Any], path: Path) -> str:
+def plot_label_efficiency(report: Report, path: Path) -> str:
     """Top-1 against the labeled fraction (log axis, ticks in %) for every network, the kNN line."""
     import matplotlib
 
@@ -358,7 +379,7 @@ def plot_label_efficiency(report: dict[str, Any], path: Path) -> str:
 def _plots(
     cfg: EvaluateSlice,
     inputs: dict[str, str],
-    report: dict[str, Any],
+    report: Report,
     f_test: torch.Tensor,
     labels: torch.Tensor,
     classes: list[str],

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ from pipeline.distributed import convert_sync_batchnorm
 from pipeline.losses import SupConLoss
 from pipeline.models import ContrastiveModel, build_contrastive_model, count_params, save_model
 from pipeline.optim import build_optimizer, scale_lr, warmup_cosine
-from pipeline.runtime import LocalContext, StageResult, TrainContext
+from pipeline.runtime import HistoryRow, LocalContext, StageResult, TrainContext
 from pipeline.slices import PretrainSlice
 from pipeline.stages.common import (
     SplitData,
@@ -393,7 +393,7 @@ class _Loop:
 
     def epoch(
         self, data: _InMemory | _Streamed, epoch: int, rank: int, world: int, resumed_from: int
-    ) -> dict[str, Any]:
+    ) -> HistoryRow:
         """Train one epoch; returns its history row (without the kNN monitor)."""
         self.net.train()
         meter = Throughput()
@@ -500,7 +500,7 @@ def run(
     return _finish(cfg, out, model, int(info["channels"]), n_params, history, ctx.rank, streaming)
 
 
-def _log_epoch(metrics: dict[str, Any], epochs: int, streaming: bool) -> None:
+def _log_epoch(metrics: HistoryRow, epochs: int, streaming: bool) -> None:
     log.info(
         "pretrain%s epoch %d/%d loss %.4f %.0f views/s%s",
         " (streaming)" if streaming else "",

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from pipeline.optim import build_optimizer, warmup_cosine
-from pipeline.runtime import TrainContext
+from pipeline.runtime import HistoryRow, TrainContext
 from pipeline.stages.common import Throughput, restore_training_state, training_state
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ Targets = tuple[torch.Tensor, ...]
 #: A validation hook: the metrics of a model (e.g. ``{"val_top1": ...}``).
 Evaluate = Callable[[nn.Module], dict[str, float]]
 #: Per-epoch history rows (JSON-ready: numbers).
-History = list[dict[str, Any]]
+History = list[HistoryRow]
 
 
 #: ``loss_fn(logits, *targets)``: a scalar loss.
@@ -150,7 +150,7 @@ def _epoch(
     opt: torch.optim.Optimizer,
     sched: torch.optim.lr_scheduler.LRScheduler,
     epoch: int,
-) -> dict[str, Any]:
+) -> HistoryRow:
     """Train one epoch; returns its history row (before evaluation)."""
     world, device = ctx.world_size, ctx.device
     steps = plan.steps_per_epoch(data.count, world)

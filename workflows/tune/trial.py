@@ -10,6 +10,7 @@ import torch
 from ray import tune
 
 from pipeline.config import Config
+from pipeline.runtime import HistoryRow
 from pipeline.slices import PretrainSlice
 from pipeline.stages import pretrain
 from workflows.tune.space import trial_config, trial_resources
@@ -28,7 +29,7 @@ class TuneTrialContext:
         self.rank, self.world_size = 0, 1
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
 
-    def report(self, metrics: dict[str, Any], checkpoint: dict[str, Any] | None = None) -> None:
+    def report(self, metrics: HistoryRow, checkpoint: dict[str, Any] | None = None) -> None:
         """Report the numeric metrics (and the state as a checkpoint) to Tune."""
         clean = {
             k: float(v)
