@@ -5,7 +5,8 @@ The folder may be a local path or a URI (``s3://``, ``gs://``, ``file://``; see
 :mod:`pipeline.data.store`); shard refs in ``dataset.json`` are relative to it or absolute URLs
 (external WebDataset shards, ``pipe:`` commands included). Nothing is copied: each shard is read
 once, front to back, as a stream (plain ustar headers parsed here, anything else through
-``tarfile``: :func:`_members`), in webdataset's member convention (``<key>.<ext>``,
+``tarfile``: :func:`_members`; a gzip, bzip2 or xz compressed shard through its decompressor, as
+``tarfile`` and webdataset read them), in webdataset's member convention (``<key>.<ext>``,
 consecutive members with one key form a sample; the image is the first present of
 ``format.image_keys``, the label ``format.label_key``: ``cls`` or ``json:<field>``).
 
@@ -30,9 +31,12 @@ consumers. ``mode="auto"`` (default) uses ``shard`` when there are at least ``C`
 
 from __future__ import annotations
 
+import bz2
 import functools
+import gzip
 import hashlib
 import json
+import lzma
 import re
 import struct
 import tarfile
@@ -40,7 +44,7 @@ import zlib
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Literal, TypedDict, cast
+from typing import Any, Literal, NoReturn, TypedDict, cast
 
 import numpy as np
 import torch
@@ -283,18 +287,21 @@ def _as_ref(s: ShardRef | str) -> ShardRef:
 
 
 class _Tap:
-    """A read-through wrapper that hashes and counts the bytes and keeps the last ones."""
+    """A read-through wrapper that hashes (unless ``hashed`` is false) and counts the bytes and
+    keeps the last ones."""
 
-    def __init__(self, f: Any) -> None:
+    def __init__(self, f: Any, hashed: bool = True) -> None:
         self.f = f
         self.sha = hashlib.sha256()
+        self.hashed = hashed
         self.pos = 0
         self.tail = b""
 
     def read(self, n: int = -1) -> bytes:
         b = self.f.read() if n is None or n < 0 else self.f.read(n)
         if b:
-            self.sha.update(b)
+            if self.hashed:
+                self.sha.update(b)
             self.pos += len(b)
             self.tail = (self.tail + b)[-_TAIL:] if len(b) < _TAIL else b[-_TAIL:]
         return b
@@ -382,7 +389,7 @@ def _slice(data: bytes, a: int, b: int) -> bytes:
 class _Pushback:
     """``head``, then the rest of ``f``: where the fast reader stops, ``tarfile`` goes on."""
 
-    def __init__(self, head: bytes, f: _Tap) -> None:
+    def __init__(self, head: bytes, f: Any) -> None:
         self.head, self.f = head, f
 
     def read(self, n: int = -1) -> bytes:
@@ -485,6 +492,28 @@ class _Count:
         return self.index, key, (parts if want else None)
 
 
+#: The compressions ``tarfile``'s ``r|*`` (and webdataset) read, by their magic bytes.
+_COMPRESSED: tuple[tuple[bytes, Callable[[Any], Any]], ...] = (
+    (b"\x1f\x8b", lambda f: gzip.GzipFile(fileobj=f, mode="rb")),
+    (b"BZh", bz2.BZ2File),
+    (b"\xfd7zXZ\x00", lzma.LZMAFile),
+)
+#: What a damaged compressed stream raises while it is read.
+_DECOMPRESS_ERRORS = (OSError, EOFError, lzma.LZMAError, zlib.error)
+
+
+def _tar_of(f: Any) -> tuple[_Tap, _Tap]:
+    """``(raw, tar)``: a tap over the shard file ``f`` (its sha256 is the file's) and one over
+    the tar it holds, which is ``raw`` itself or, for a compressed shard, the decompressed
+    bytes (counted, not hashed)."""
+    head = _read_full(f, 6)
+    raw = _Tap(_Pushback(head, f) if head else f)
+    for magic, opener in _COMPRESSED:
+        if head.startswith(magic):
+            return raw, _Tap(opener(raw), hashed=False)
+    return raw, raw
+
+
 def _iter_raw(shard: ShardRef | str, select: Callable[[int], bool] | None = None) -> Iterator[_Raw]:
     """Yield ``(index, key, {ext: bytes})`` per usable sample of a shard (``index`` counts them);
     ``None`` instead of the dict for samples ``select(index)`` rejects (their bytes are read
@@ -492,7 +521,7 @@ def _iter_raw(shard: ShardRef | str, select: Callable[[int], bool] | None = None
     ref = _as_ref(shard)
     path = ref.url
     with store.open_stream(path, "shard listed in dataset.json is missing") as f:
-        tap = _Tap(f)
+        raw, tap = _tar_of(f)
         count = _Count(ref, select)
         key: str | None = None
         parts: dict[str, bytes] = {}
@@ -518,20 +547,35 @@ def _iter_raw(shard: ShardRef | str, select: Callable[[int], bool] | None = None
                     parts[ext] = body()
         except tarfile.TarError as err:
             raise DataError(f"{path}: truncated shard (ends inside a member: {err})") from None
-        _check_end(tap, path, end)
+        except _DECOMPRESS_ERRORS as err:
+            _raise_decompress(raw, tap, path, err)
+        _check_end(raw, tap, path, end)
         last = 1 if key is not None and key not in ref.skip else 0  # the sample not yet finished
-        _check_whole(ref, tap, count.usable + last)
+        _check_whole(ref, raw, count.usable + last)
         # the last sample only now: a shard cut inside it is named as truncated, not as a
         # sample with a missing member
         if key is not None and (done := count.finish(key, parts)) is not None:
             yield done
 
 
-def _check_end(tap: _Tap, path: str, end: int) -> None:
-    """Read the rest of the shard through ``tap`` (hashed too); DataError unless an
-    end-of-archive marker starts at ``end``."""
+def _raise_decompress(raw: _Tap, tap: _Tap, path: str, err: BaseException) -> NoReturn:
+    """A decompressor's error as a one-line DataError naming the shard (other errors as they
+    are: a plain shard's OSError is the store's)."""
+    if tap is raw:
+        raise err
+    raise DataError(f"{path}: corrupt compressed shard ({type(err).__name__}: {err})") from None
+
+
+def _check_end(raw: _Tap, tap: _Tap, path: str, end: int) -> None:
+    """Read the rest of the shard (``raw``, hashed) and of the tar in it (``tap``); DataError
+    unless an end-of-archive marker starts at the tar's offset ``end``."""
     marker = tap.block_at(end)
-    while tap.read(1 << 20):
+    try:
+        while tap.read(1 << 20):
+            pass
+    except _DECOMPRESS_ERRORS as err:
+        _raise_decompress(raw, tap, path, err)
+    while raw.read(1 << 20):  # after a compressed stream's end: the file's rest, hashed
         pass
     if tap.pos < end + 512:
         raise DataError(f"{path}: truncated shard (no end-of-archive marker)")
