@@ -19,6 +19,7 @@ import click
 
 from pipeline.config import Config, load_config
 from pipeline.errors import UserError, first_line
+from pipeline.slices import SLICE_KINDS, slice_for
 
 DEFAULT_STORAGE = "runs"
 
@@ -105,10 +106,27 @@ def config_group() -> None:
 
 @config_group.command("show")
 @click.argument("config", required=False)
+@click.option(
+    "--stage",
+    "kind",
+    type=click.Choice(sorted(SLICE_KINDS)),
+    default=None,
+    help="Only what this stage kind reads of the config: the slice its function receives and "
+    "its cache key hashes (less the fields listed as not changing its result).",
+)
 @set_option
-def config_show(config: str | None, overrides: tuple[str, ...]) -> None:
+def config_show(config: str | None, kind: str | None, overrides: tuple[str, ...]) -> None:
     """Print the resolved CONFIG (a path, or a shipped name like 'smoke') as YAML."""
-    click.echo(_load(config, overrides).to_yaml(), nl=False)
+    cfg = _load(config, overrides)
+    if kind is None:
+        click.echo(cfg.to_yaml(), nl=False)
+        return
+    import yaml
+
+    part = slice_for(kind, cfg)
+    click.echo(yaml.safe_dump(part.model_dump(mode="json"), sort_keys=False), nl=False)
+    for path, why in part.UNKEYED.items():
+        click.echo(f"# not in the cache key: {path}: {why}")
 
 
 @main.command()

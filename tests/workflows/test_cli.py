@@ -23,6 +23,19 @@ def test_help_lists_commands() -> None:
         assert f"  {cmd} " in out.output
 
 
+def test_config_show_stage_prints_what_the_kind_reads() -> None:
+    out = CliRunner().invoke(
+        main, ["config", "show", "demo", "--stage", "baseline", "--set", "finetune.seed=7"]
+    )
+    assert out.exit_code == 0, out.output
+    shown = yaml.safe_load(out.output)
+    assert shown["seed"] == 7 and shown["baseline_lr"] == {"0.1": 0.1, "1.0": 0.03}
+    assert "pretrain" not in shown and "tune" not in shown and shown["bf16"] is False
+    assert "# not in the cache key: consistency.baseline:" in out.output
+    bad = CliRunner().invoke(main, ["config", "show", "demo", "--stage", "pretrian"])
+    assert bad.exit_code == 2 and "pretrian" in bad.output
+
+
 def test_config_show_resolves_overrides() -> None:
     out = CliRunner().invoke(main, ["config", "show", "smoke", "--set", "pretrain.epochs=9"])
     assert out.exit_code == 0, out.output
