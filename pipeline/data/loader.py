@@ -1020,10 +1020,12 @@ def load_split(
 
     Shards are read by the same tar reader as the stream (:func:`_members`). One small PNG
     reader stays here, for speed (``benchmarks/read_formats.py``: on this package's 28 px PNG
-    shards ``tarfile`` + PIL take several times as long, and every stage loads its splits): a PNG
-    of the dataset's exact size, 8 bits, filter 0 on every row (what the shard stage writes for
-    decoded arrays) is inflated with one ``zlib.decompress`` straight into the batch; every other
-    image (JPEG, WebP, other PNGs) goes through PIL.
+    shards PIL's decode takes about 3 times as long, and every stage loads its splits): a grey or
+    RGB PNG of the dataset's exact size, 8 bits, not interlaced, its pixels in one IDAT chunk
+    (what the shard stage writes for decoded arrays) is inflated with one ``zlib.decompress``
+    straight into the batch, and its row filters (None, Sub, Up, Average, Paeth; PIL picks one
+    per row) are undone in numpy, one row of all such images at a time (:func:`_unfilter`);
+    every other image (JPEG, WebP, other PNGs) goes through PIL.
     """
     info = dataset_info(dataset_dir)
     refs = shard_refs(dataset_dir, split)
