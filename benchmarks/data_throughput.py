@@ -31,7 +31,8 @@ import torch
 from torch.utils.data import default_collate
 
 from pipeline.config import parse_config
-from pipeline.data.loader import load_split, make_loader
+from pipeline.data.loader import make_loader
+from pipeline.data.memory import load_split
 from pipeline.data.shards import build_dataset
 from pipeline.data.sources import Record, SourceData, prepare_splits
 from pipeline.data.transforms import MEAN, STD, BatchTwoViewAugment

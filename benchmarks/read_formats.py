@@ -18,7 +18,8 @@ from _common import emit
 
 from pipeline.config import parse_config
 from pipeline.data.decode import TensorDecoder
-from pipeline.data.loader import _iter_raw, dataset_info, shard_refs
+from pipeline.data.folder import dataset_info, shard_refs
+from pipeline.data.tarstream import _iter_raw
 
 
 def main() -> None:
@@ -37,7 +38,7 @@ def main() -> None:
         shard_stage.run(ShardSlice.of(cfg), ds)
     info = dataset_info(ds)
     refs = shard_refs(ds, "train")
-    from pipeline.data.loader import load_split
+    from pipeline.data.memory import load_split
 
     load_split(ds, "val")  # warm the imports and caches
     t = time.perf_counter()

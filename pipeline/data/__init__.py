@@ -3,16 +3,9 @@
 No Ray, no MLflow here: ``workflows.sharding`` runs the shard writes as Ray tasks.
 """
 
-from pipeline.data.loader import (
-    DatasetInfo,
-    ShardDataset,
-    dataset_info,
-    iter_samples,
-    load_split,
-    load_subset,
-    make_loader,
-    shard_paths,
-)
+from pipeline.data.folder import DatasetInfo, dataset_info, shard_paths
+from pipeline.data.loader import ShardDataset, iter_samples, make_loader
+from pipeline.data.memory import load_split, load_subset
 from pipeline.data.shards import (
     build_dataset,
     dataset_digest,

@@ -20,7 +20,8 @@ from torch import nn
 
 from pipeline.atomic import atomic_write_text
 from pipeline.data import dataset_info, load_split, load_subset, make_loader
-from pipeline.data.loader import DatasetInfo, ShardDataset, decoded_bytes
+from pipeline.data.folder import DatasetInfo, decoded_bytes
+from pipeline.data.loader import ShardDataset
 from pipeline.data.transforms import BatchTwoViewAugment, normalize_batch
 from pipeline.models import ContrastiveModel, load_model
 from pipeline.runtime import HistoryRow

@@ -226,7 +226,7 @@ def test_tar_reader_reads_every_layout_as_tarfile_does(tmp_path, fmt):
     import random
     import tarfile
 
-    from pipeline.data.loader import _iter_raw, _members, _Tap
+    from pipeline.data.tarstream import _iter_raw, _members, _Tap
 
     rnd = random.Random(0)
     long_dir = "d" * 120  # > 100 characters: a prefix (ustar), an 'L' member (gnu), pax
@@ -264,7 +264,7 @@ def test_tar_reader_names_a_bad_header_after_the_first_by_its_offset(tmp_path):
     import io
     import tarfile
 
-    from pipeline.data.loader import _iter_raw
+    from pipeline.data.tarstream import _iter_raw
 
     members = [(f"s{i}.{e}", bytes([i]) * 700 if e == "png" else b"1") for i in range(4)
                for e in ("png", "cls")]  # fmt: skip
@@ -389,7 +389,7 @@ def _png_dataset(root, pngs: list[bytes], c: int, h: int, w: int):
 @pytest.fixture
 def pil_decodes(monkeypatch):
     """The images ``load_split`` hands to PIL (its fallback), as a list filled while it runs."""
-    from pipeline.data import loader
+    from pipeline.data import memory
     from pipeline.data.decode import TensorDecoder
 
     seen: list[str] = []
@@ -399,7 +399,7 @@ def pil_decodes(monkeypatch):
             seen.append(where.rsplit(" ", 1)[-1])
             return super().__call__(data, where)
 
-    monkeypatch.setattr(loader, "TensorDecoder", Counting)
+    monkeypatch.setattr(memory, "TensorDecoder", Counting)
     return seen
 
 
