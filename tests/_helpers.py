@@ -1,6 +1,7 @@
 """Helpers shared by several test modules (imported as ``_helpers``: tests/conftest.py puts tests/ on
 ``sys.path``): free ports, a private ``ray start --head`` in its own session, killing a process
-with everything it started, waiting for a condition, and seeded JPEG/PNG bytes."""
+with everything it started, waiting for a condition, seeded JPEG/PNG bytes, tar bytes and copies
+of dataset folders."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -168,3 +170,25 @@ def png_bytes(seed: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.full((30, 40), seed, np.uint8)).save(buf, "PNG")
     return buf.getvalue()
+
+
+def tar_bytes(members: list[tuple[str, bytes]], fmt: int, dirs: tuple[str, ...] = ()) -> bytes:
+    """An uncompressed tar in ``tarfile`` format ``fmt`` of ``members`` (name, bytes), after the
+    directory entries ``dirs``."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tf:
+        for d in dirs:
+            ti = tarfile.TarInfo(d)
+            ti.type = tarfile.DIRTYPE
+            tf.addfile(ti)
+        for name, data in members:
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def copy_dataset(src: Path, dst: Path) -> Path:
+    """A copy of the dataset folder ``src`` at ``dst`` (for tests that alter it)."""
+    shutil.copytree(src, dst)
+    return dst
