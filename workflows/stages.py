@@ -42,6 +42,7 @@ import yaml
 
 from pipeline.atomic import atomic_write_text
 from pipeline.config import Config
+from pipeline.errors import first_line
 from pipeline.runtime import StageResult
 from pipeline.slices import slice_for
 from workflows import stageio
@@ -361,14 +362,17 @@ def _log_dataset(
     if size and d.get("channels"):
         shape = (int(d["channels"]), int(size), int(size))
     data = DatasetRef(name=cfg.data.source, digest=str(d.get("digest", "")), source=dataset_dir)
-    tracker.log_dataset(
-        rid,
-        data["name"],
-        data["digest"],
-        dataset_dir,
-        d.get("counts", {}).get("train"),
-        "evaluation" if node.kind == "evaluate" else "training",
-    )
+    try:
+        tracker.log_dataset(
+            rid,
+            data["name"],
+            data["digest"],
+            dataset_dir,
+            d.get("counts", {}).get("train"),
+            "evaluation" if node.kind == "evaluate" else "training",
+        )
+    except Exception as err:  # the run's input record only: the model and files still go
+        log.warning("tracking: stage %s: dataset input not logged: %s", node.name, first_line(err))
     return data, shape
 
 

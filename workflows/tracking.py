@@ -81,6 +81,13 @@ EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 #: Entry point shown as the source of runs and logged models.
 SOURCE_NAME = "contrastive run"
 _MAX_PARAM = 6000  # MLflow's limit on a param value
+_DATASET_ATTEMPTS = 3  # log_dataset: tries when a concurrent stage created the same dataset row
+
+
+def _duplicate_key(err: BaseException) -> bool:
+    """Whether a tracking store refused an insert on a unique key (SQLite, PostgreSQL, MySQL)."""
+    msg = str(err).lower()
+    return "unique constraint" in msg or "duplicate entry" in msg or "duplicate key" in msg
 
 
 class TrackingError(UserError, RuntimeError):
@@ -665,7 +672,17 @@ class Tracker:
             profile=json.dumps(profile),
         )
         tags = [InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)]
-        self.client.log_inputs(run_id, datasets=[DatasetInput(dataset=ds, tags=tags)])
+        for attempt in range(_DATASET_ATTEMPTS):
+            try:
+                self.client.log_inputs(run_id, datasets=[DatasetInput(dataset=ds, tags=tags)])
+                return
+            except Exception as err:
+                # Two stages that finish together both create the experiment's row for this
+                # dataset; the store's get-or-create is not atomic, so the second insert fails
+                # on the unique (experiment, name, digest) key. Again, it finds the row.
+                if attempt + 1 == _DATASET_ATTEMPTS or not _duplicate_key(err):
+                    raise
+                time.sleep(0.2 * (attempt + 1))
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         for k, v in tags.items():

@@ -34,6 +34,41 @@ def cfg():
     )
 
 
+def test_log_dataset_retries_when_a_concurrent_stage_created_the_row(db, cfg):
+    """Two stages that finish together both create the experiment's dataset row; the store
+    refuses the second insert on its unique key, and the retry finds the row. Other errors are
+    not retried."""
+    from mlflow.exceptions import MlflowException
+
+    tr = Tracker(db, "exp-dup")
+    client = MlflowClient(tracking_uri=db)
+    rid = tr.start_parent("20261203-120000-aa11bb", cfg)
+    real, calls = tr.client.log_inputs, []
+
+    def racing(run_id, datasets=None, **kw):
+        calls.append(run_id)
+        if len(calls) == 1:
+            raise MlflowException(
+                "(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, "
+                "datasets.name, datasets.digest"
+            )
+        return real(run_id, datasets=datasets, **kw)
+
+    tr.client.log_inputs = racing
+    tr.log_dataset(rid, "digits", "c" * 64, "/data/shard/out")
+    assert len(calls) == 2
+    assert [i.dataset.name for i in client.get_run(rid).inputs.dataset_inputs] == ["digits"]
+
+    def broken(run_id, datasets=None, **kw):
+        calls.append(run_id)
+        raise MlflowException("RESOURCE_DOES_NOT_EXIST: run not found")
+
+    tr.client.log_inputs, calls[:] = broken, []
+    with pytest.raises(MlflowException, match="not found"):
+        tr.log_dataset(rid, "digits", "d" * 64, "/data/shard/out")
+    assert len(calls) == 1
+
+
 def test_flatten():
     assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None}) == {
         "a.b": 1,
