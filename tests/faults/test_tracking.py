@@ -199,11 +199,20 @@ def test_sink_and_tracker_during_an_outage(server: Outage) -> None:
     assert gap is not None and "missed 47 metric point(s)" in gap and server.uri in gap
 
 
+# The CLI as a terminal starts it: with Python's Ctrl-C handler. A process started from a
+# background job of a non-interactive shell (CI launched with `&`) inherits SIGINT ignored, and
+# Python then installs no handler, so the CLI would never see the SIGINT these tests send.
+_CLI = (
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv[0] = 'contrastive'; runpy.run_module('workflows.cli', run_name='__main__')"
+)
+
+
 def _cli(*args: str) -> subprocess.Popen:
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
     env.pop("RAY_ADDRESS", None)
     return subprocess.Popen(
-        [sys.executable, "-m", "workflows.cli", *args], cwd=REPO, env=env,
+        [sys.executable, "-c", _CLI, *args], cwd=REPO, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
 
