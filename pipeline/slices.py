@@ -37,7 +37,6 @@ from pipeline.config import (
     EvaluateConfig,
     ModelConfig,
     PretrainConfig,
-    ResourcesConfig,
     TuneConfig,
     subset_fractions,
 )
@@ -115,11 +114,6 @@ class Compute(StageSlice):
     torch_threads: int | None
     use_gpu: bool
 
-    @property
-    def threads(self) -> int:
-        """Intra-op threads of one worker: ``torch_threads``, else one per whole CPU."""
-        return self.torch_threads or max(1, int(self.cpus_per_worker))
-
 
 class TrainCompute(Compute):
     """A training stage's compute: also its worker count, which splits each batch across ranks
@@ -133,10 +127,6 @@ class KnnMonitor(StageSlice):
 
     knn_k: int
     knn_temperature: float
-
-
-def _resources(cfg: Config, kind: str) -> ResourcesConfig:
-    return cfg.resources.for_stage(kind)
 
 
 # -- shard ------------------------------------------------------------------------------------
@@ -201,7 +191,9 @@ class PretrainSlice(StageSlice):
 
     @classmethod
     def of(cls, cfg: Config) -> PretrainSlice:
-        return cls(**_pretraining(cfg), resources=TrainCompute.pick(_resources(cfg, "pretrain")))
+        return cls(
+            **_pretraining(cfg), resources=TrainCompute.pick(cfg.resources.for_stage("pretrain"))
+        )
 
 
 class TuneSlice(StageSlice):
@@ -221,7 +213,9 @@ class TuneSlice(StageSlice):
     @classmethod
     def of(cls, cfg: Config) -> TuneSlice:
         return cls(
-            **_pretraining(cfg), tune=cfg.tune, resources=Compute.pick(_resources(cfg, "tune"))
+            **_pretraining(cfg),
+            tune=cfg.tune,
+            resources=Compute.pick(cfg.resources.for_stage("tune")),
         )
 
 
@@ -277,14 +271,17 @@ class SupervisedSlice(StageSlice):
             baseline_lr=cfg.finetune.baseline_lr if baseline else None,
             consistency=c if (c.baseline or not baseline) else None,
             data=DataRead.pick(cfg.data),
-            resources=TrainCompute.pick(_resources(cfg, "baseline" if baseline else "finetune")),
+            resources=TrainCompute.pick(
+                cfg.resources.for_stage("baseline" if baseline else "finetune")
+            ),
         )
 
-    def lr_for(self, fraction: float, baseline: bool) -> float:
-        """The learning rate at ``fraction`` % labels: ``finetune.lr``, or for the baseline
-        ``finetune.baseline_lr`` when set (one value or one per fraction)."""
+    def lr_for(self, fraction: float) -> float:
+        """The learning rate at ``fraction`` % labels: the baseline's ``finetune.baseline_lr``
+        when set (one value or one per fraction; a fine-tuning slice holds none), else
+        ``finetune.lr``."""
         v = self.baseline_lr
-        if not baseline or v is None:
+        if v is None:
             return self.finetune.lr
         if isinstance(v, dict):
             if fraction not in v:
@@ -332,7 +329,7 @@ class DistillSlice(StageSlice):
             distill=DistillRead.pick(d),
             crop_min_scale=crop,
             data=DataRead.pick(cfg.data),
-            resources=TrainCompute.pick(_resources(cfg, "distill")),
+            resources=TrainCompute.pick(cfg.resources.for_stage("distill")),
         )
 
 
@@ -403,7 +400,7 @@ class EvaluateSlice(StageSlice):
             header=ReportHeader.of(cfg),
             label_fractions=tuple(float(p) for p in cfg.finetune.label_fractions),
             data=DataRead.pick(cfg.data),
-            resources=Compute.pick(_resources(cfg, "evaluate")),
+            resources=Compute.pick(cfg.resources.for_stage("evaluate")),
         )
 
 

@@ -49,15 +49,13 @@ from pipeline.stages.supervised import InMemory, SupervisedPlan, fit
 __all__ = ["build_network", "plan_for", "run"]
 
 
-def plan_for(
-    cfg: SupervisedSlice, name: str, fraction: float, baseline: bool = False
-) -> SupervisedPlan:
+def plan_for(cfg: SupervisedSlice, name: str, fraction: float) -> SupervisedPlan:
     """The supervised plan of a fine-tuning run at ``fraction`` % labels, or of the baseline
     (``finetune.baseline_lr`` when set, one value or one per fraction: a network from random init
     usually wants a larger step than a pretrained one, and a larger one still on six images per
     class)."""
     f = cfg.finetune
-    lr = cfg.lr_for(fraction, baseline)
+    lr = cfg.lr_for(fraction)
     return SupervisedPlan(
         epochs=f.epochs,
         batch_size=f.batch_size,
@@ -111,7 +109,7 @@ def run(
             model,
             data,
             F.cross_entropy,
-            plan_for(cfg, name, fraction, baseline),
+            plan_for(cfg, name, fraction),
             stage.ctx,
             evaluate,
         )
@@ -119,9 +117,7 @@ def run(
         ckpt = stage.ctx.load_checkpoint()
         history = []  # resumed in the consistency phase: the supervised rows are in ckpt
         if not resumes_consistency(ckpt):
-            history = fit(
-                model, data, F.cross_entropy, plan_for(cfg, name, fraction, baseline), stage.ctx
-            )
+            history = fit(model, data, F.cross_entropy, plan_for(cfg, name, fraction), stage.ctx)
         plan = ConsistencyPlan.from_config(
             c, weight_decay=cfg.finetune.weight_decay, seed=cfg.seed, bf16=cfg.bf16, name=name
         )

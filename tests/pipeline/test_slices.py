@@ -88,10 +88,10 @@ def test_the_baseline_has_its_rate_and_the_consistency_phase_only_when_asked() -
     }
     cfg = parse_config(raw)
     ft, base = SupervisedSlice.of(cfg), SupervisedSlice.of(cfg, baseline=True)
-    assert ft.baseline_lr is None and ft.lr_for(0.1, False) == 1e-3
-    assert base.lr_for(0.1, True) == 0.1 and base.lr_for(1.0, True) == 0.03
+    assert ft.baseline_lr is None and ft.lr_for(0.1) == 1e-3
+    assert base.lr_for(0.1) == 0.1 and base.lr_for(1.0) == 0.03
     with pytest.raises(KeyError, match="no rate for label fraction 5"):
-        base.lr_for(5.0, True)
+        base.lr_for(5.0)
     assert ft.consistency is not None and ft.consistency.epochs == 2
     assert base.consistency is None
     raw["finetune"]["consistency"]["baseline"] = True  # type: ignore[index]
@@ -112,5 +112,6 @@ def test_the_key_leaves_out_what_cannot_change_the_result() -> None:
 
 def test_resources_are_the_kinds_after_its_overrides() -> None:
     cfg = load_config("demo")  # finetune: 1 CPU and 1 thread; pretraining: 2 and 2
-    assert slice_for("finetune", cfg).resources.threads == 1  # type: ignore[attr-defined]
-    assert slice_for("pretrain", cfg).resources.threads == 2  # type: ignore[attr-defined]
+    for kind, n in (("finetune", 1), ("pretrain", 2)):
+        res = slice_for(kind, cfg).resources  # type: ignore[attr-defined]
+        assert (res.cpus_per_worker, res.torch_threads) == (n, n)

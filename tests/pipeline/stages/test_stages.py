@@ -457,13 +457,13 @@ def test_baseline_lr_applies_to_the_baseline_only(cfg: Config) -> None:
 
     same = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"lr": 1e-3})})
     assert (
-        plan_for(SupervisedSlice.of(same, baseline=True), "b", 5.0, baseline=True).lr
+        plan_for(SupervisedSlice.of(same, baseline=True), "b", 5.0).lr
         == plan_for(SupervisedSlice.of(same), "f", 5.0).lr
         == 1e-3
     )
     own = load_config("smoke", ["finetune.lr=0.001", "finetune.baseline_lr=0.03"])
     assert plan_for(SupervisedSlice.of(own), "f", 5.0).lr == 1e-3
-    assert plan_for(SupervisedSlice.of(own, baseline=True), "b", 5.0, baseline=True).lr == 0.03
+    assert plan_for(SupervisedSlice.of(own, baseline=True), "b", 5.0).lr == 0.03
     with pytest.raises(ValueError, match="baseline_lr"):
         load_config("smoke", ["finetune.baseline_lr=-1"])
 
@@ -475,8 +475,8 @@ def test_baseline_lr_per_label_fraction() -> None:
         "smoke",
         ["finetune.label_fractions=[0.1, 1]", "finetune.baseline_lr={0.1: 0.1, 1: 0.03}"],
     )
-    assert plan_for(SupervisedSlice.of(c, baseline=True), "b", 0.1, baseline=True).lr == 0.1
-    assert plan_for(SupervisedSlice.of(c, baseline=True), "b", 1.0, baseline=True).lr == 0.03
+    assert plan_for(SupervisedSlice.of(c, baseline=True), "b", 0.1).lr == 0.1
+    assert plan_for(SupervisedSlice.of(c, baseline=True), "b", 1.0).lr == 0.03
     assert (
         plan_for(SupervisedSlice.of(c), "f", 0.1).lr
         == plan_for(SupervisedSlice.of(c), "f", 1.0).lr
@@ -491,9 +491,9 @@ def test_baseline_lr_per_label_fraction() -> None:
             load_config("smoke", [fr, f"finetune.baseline_lr={bad}"])
     # a rate for a fraction that does not run is ignored: the demo with one of its two fractions
     one = load_config("demo", ["finetune.label_fractions=[0.1]"])
-    assert plan_for(SupervisedSlice.of(one, baseline=True), "b", 0.1, baseline=True).lr == 0.1
+    assert plan_for(SupervisedSlice.of(one, baseline=True), "b", 0.1).lr == 0.1
     extra = load_config("smoke", [fr, "finetune.baseline_lr={0.1: 0.1, 1: 0.03, 10: 0.01}"])
-    assert plan_for(SupervisedSlice.of(extra, baseline=True), "b", 1.0, baseline=True).lr == 0.03
+    assert plan_for(SupervisedSlice.of(extra, baseline=True), "b", 1.0).lr == 0.03
 
 
 def test_distill_hard_labels_are_int64_with_minus_one_for_unlabeled() -> None:
