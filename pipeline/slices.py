@@ -198,7 +198,8 @@ class PretrainSlice(StageSlice):
 
 class TuneSlice(StageSlice):
     """The Tune search (``workflows.tune``): short pretraining trials in one process each,
-    scored by the online val kNN (so its settings are in the key here)."""
+    scored by the online val kNN (so its settings are in the key here). A trial runs with the
+    pretrain kind's resources (``resources.stages.pretrain``)."""
 
     seed: int
     augment: AugmentConfig
@@ -215,7 +216,7 @@ class TuneSlice(StageSlice):
         return cls(
             **_pretraining(cfg),
             tune=cfg.tune,
-            resources=Compute.pick(cfg.resources.for_stage("tune")),
+            resources=Compute.pick(cfg.resources.for_stage("pretrain")),
         )
 
 

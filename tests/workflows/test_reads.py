@@ -259,7 +259,9 @@ def test_every_field_reaches_exactly_its_stages(base_name, path, raw, mutated) -
         _, _, kind, f = path.split(".")
         assert other.resources.for_stage(kind) != cfg.resources.for_stage(kind)
         path_read = f"resources.{f}"
-        kinds = {kind} & keyed_readers(path_read, cfg)
+        # a Tune trial is a pretraining run: it runs with the pretrain kind's overrides
+        runs_as = {kind} | ({"tune"} if kind == "pretrain" else set())
+        kinds = runs_as & keyed_readers(path_read, cfg)
     else:
         assert _get(other, path) != _get(cfg, path), f"{path}: the test value changes nothing"
         path_read = path
